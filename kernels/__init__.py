@@ -1,0 +1,1 @@
+"""Triton kernels for DAR paged attention (installed as ``vllm_dar.kernels``)."""

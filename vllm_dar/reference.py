@@ -70,9 +70,15 @@ def reduce_queries(q: Tensor, q_proj: Tensor) -> Tensor:
     return torch.matmul(q, per_head.to(q.dtype).unsqueeze(0))
 
 
-def dar_masks(tq: int, tk: int, *, window: int, sink_tokens: int, q_offset: int, device=None):
-    """Boolean masks [Tq, Tk]: (full-width pairs, reduced-width pairs). Query i sits at position q_offset + i."""
-    t = torch.arange(q_offset, q_offset + tq, device=device).unsqueeze(1)  # [Tq, 1]
+def dar_masks(tq: int, tk: int, *, window: int, sink_tokens: int, q_offset: int | Tensor, device=None):
+    """Boolean masks [Tq, Tk]: (full-width pairs, reduced-width pairs).
+
+    Query i sits at position ``q_offset + i``, or at ``q_offset[i]`` when ``q_offset`` is a tensor of positions.
+    """
+    if isinstance(q_offset, Tensor):
+        t = q_offset.to(device).unsqueeze(1)  # [Tq, 1]
+    else:
+        t = torch.arange(q_offset, q_offset + tq, device=device).unsqueeze(1)  # [Tq, 1]
     s = torch.arange(tk, device=device).unsqueeze(0)  # [1, Tk]
     causal = s <= t
     full = causal & ((t - s < window) | (s < sink_tokens))
@@ -88,12 +94,13 @@ def dar_attention(
     window: int,
     sink_tokens: int = 0,
     scale: float | None = None,
-    q_offset: int | None = None,
+    q_offset: int | Tensor | None = None,
     return_lse: bool = False,
 ):
     """DAR attention. q: [B, H, Tq, D]; k, v: [B, J, Tk, D] (full-width, post-RoPE) -> [B, H, Tq, D].
 
-    ``q_offset`` is the position of the first query (default ``Tk - Tq``: the queries are the last tokens).
+    ``q_offset`` is the position of the first query (default ``Tk - Tq``: the queries are the last tokens), or a
+    [Tq] tensor with each query's position.
     ``proj=None`` means standard causal attention. Computes in fp32 and returns the input dtype; with
     ``return_lse`` also the natural-log sum of exponentiated scores, [B, H, Tq] fp32.
     """
@@ -103,7 +110,7 @@ def dar_attention(
     scale = d ** -0.5 if scale is None else scale
     q_offset = tk - tq if q_offset is None else q_offset
     if proj is None:
-        window, sink_tokens = tk + q_offset + tq, 0  # everything at full width
+        window, sink_tokens = 1 << 62, 0  # every causal pair at full width
     full, red = dar_masks(tq, tk, window=window, sink_tokens=sink_tokens, q_offset=q_offset, device=q.device)
 
     qf, kf, vf = q.float(), k.float(), v.float()
@@ -126,3 +133,39 @@ def dar_attention(
         out = out + torch.matmul(acc, up.unsqueeze(0))  # project up once per head
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def reconstruct_kv(k: Tensor, v: Tensor, proj: LayerProjections) -> tuple[Tensor, Tensor]:
+    """Per-KV-head keys and values that reproduce the reduced scores and values at full width.
+
+    ``(q Q_j) . (k_g K_g) = q . (k_g K_g Q_j^T)`` and ``(v_g V_g) U_j`` are linear, so reduced attention equals
+    standard attention over ``k~_j = k_g K_g Q_j^T`` and ``v~_j = v_g V_g U_j``. k, v: [B, J, T, D] -> same shapes.
+    Used by the fast Hugging Face path (one fused SDPA over [k; k~]); tests compare it with ``dar_attention``.
+    """
+    jg = k.shape[1] // proj.groups
+    kr = reduce_kv(k, proj.k_down).repeat_interleave(jg, dim=1)  # [B, J, T, rk]: each head sees its group
+    vr = reduce_kv(v, proj.v_down).repeat_interleave(jg, dim=1)  # [B, J, T, rv]
+    k_rec = torch.matmul(kr, proj.q_proj.to(k.dtype).mT.unsqueeze(0))  # [B, J, T, D]
+    v_rec = torch.matmul(vr, proj.v_up.to(v.dtype).unsqueeze(0))  # [B, J, T, D]
+    return k_rec, v_rec
+
+
+def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections | None, *, window: int,
+                       sink_tokens: int = 0, scale: float | None = None) -> Tensor:
+    """Same result as ``dar_attention`` (queries are the last Tq positions), through one fused SDPA call over
+    the concatenated keys ``[k; k~]`` with a mask that picks, per pair, the full or the reduced copy.
+    q: [B, H, Tq, D], k, v: [B, J, Tk, D] -> [B, H, Tq, D] in q's dtype (computed in fp32)."""
+    tq, tk = q.shape[2], k.shape[2]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if proj is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qf, kf, vf, is_causal=tq == tk, scale=scale, enable_gqa=True)
+        return out.to(q.dtype)
+    full, red = dar_masks(tq, tk, window=window, sink_tokens=sink_tokens, q_offset=tk - tq, device=q.device)
+    k_rec, v_rec = reconstruct_kv(kf, vf, proj.to(dtype=torch.float32, device=q.device))
+    keys = torch.cat([kf, k_rec], dim=2)  # [B, J, 2Tk, D]
+    values = torch.cat([vf, v_rec], dim=2)
+    mask = torch.cat([full, red], dim=1)  # [Tq, 2Tk]
+    out = torch.nn.functional.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=scale,
+                                                           enable_gqa=True)
+    return out.to(q.dtype)

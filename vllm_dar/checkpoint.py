@@ -1,0 +1,122 @@
+"""Read and write DAR-converted checkpoints: the source checkpoint's files, a ``dar`` section in ``config.json``,
+and the projections in ``dar/projections.safetensors`` (a subfolder that vLLM's weight loader never globs).
+
+Writes are atomic: everything goes to a temporary sibling folder renamed into place at the end, so a failed
+conversion leaves nothing half-written at OUT.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .config import DarConfig, DarConfigError, ModelShape
+from .reference import LayerProjections
+
+_FIELDS = ("q_proj", "k_down", "v_down", "v_up")
+
+
+def expected_shapes(cfg: DarConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    s, lay = cfg.shape, cfg.layer(layer)
+    j, d, g, dg = s.num_kv_heads, s.head_dim, lay.groups, lay.group_dim
+    return {"q_proj": (j, d, lay.key_rank), "k_down": (g, dg, lay.key_rank),
+            "v_down": (g, dg, lay.value_rank), "v_up": (j, lay.value_rank, d)}
+
+
+def save_projections(path: str, projections: list[LayerProjections]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, p in enumerate(projections):
+        for name in _FIELDS:
+            tensors[f"layers.{i}.{name}"] = getattr(p, name).detach().float().contiguous()
+    save_file(tensors, path, metadata={"format": "vllm-dar"})
+
+
+def load_projections(model_dir: str, cfg: DarConfig) -> list[LayerProjections]:
+    """Load and validate the projections against ``cfg`` (which was validated against the model)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(model_dir, cfg.projection_file)
+    if not os.path.isfile(path):
+        raise DarConfigError(f"dar.projection_file: {path} does not exist")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DarConfigError(f"dar.projection_file: {path} is not a readable safetensors file ({e})") from e
+    out = []
+    for i in range(cfg.shape.num_layers):
+        fields = {}
+        for name, shape in expected_shapes(cfg, i).items():
+            key = f"layers.{i}.{name}"
+            t = tensors.get(key)
+            if t is None:
+                raise DarConfigError(f"{path}: tensor {key} is missing")
+            if tuple(t.shape) != shape:
+                raise DarConfigError(f"{path}: tensor {key} has shape {tuple(t.shape)}, the model and dar "
+                                     f"section need {shape}")
+            if not torch.isfinite(t).all():
+                raise DarConfigError(f"{path}: tensor {key} has non-finite values")
+            fields[name] = t.float()
+        out.append(LayerProjections(**fields))
+    return out
+
+
+def read_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face checkpoint")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_dar(model_dir: str) -> tuple[DarConfig | None, list[LayerProjections] | None]:
+    """(config, projections) of a DAR-converted checkpoint, or (None, None) for a stock one."""
+    raw = read_config(model_dir)
+    if "dar" not in raw:
+        return None, None
+    cfg = DarConfig.from_json(raw["dar"], ModelShape.from_hf_config(raw))
+    return cfg, load_projections(model_dir, cfg)
+
+
+def write_converted(src: str, out: str, cfg: DarConfig, projections: list[LayerProjections], *,
+                    force: bool = False) -> str:
+    """Write ``src``'s files plus the DAR section and projections to ``out``, atomically."""
+    if len(projections) != cfg.shape.num_layers:
+        raise DarConfigError(f"dar: {len(projections)} projection sets for {cfg.shape.num_layers} layers")
+    for i, p in enumerate(projections):
+        for name, shape in expected_shapes(cfg, i).items():
+            if tuple(getattr(p, name).shape) != shape:
+                raise DarConfigError(f"layers.{i}.{name}: shape {tuple(getattr(p, name).shape)} != {shape}")
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise ValueError("OUT must differ from SRC: the source checkpoint is never modified")
+    raw = read_config(src)
+    raw.pop("dar", None)
+    raw["dar"] = cfg.to_json()
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    try:
+        for name in os.listdir(src):
+            if name in ("config.json", "dar") or name.startswith("."):
+                continue
+            s = os.path.join(src, name)
+            (shutil.copytree if os.path.isdir(s) else shutil.copy2)(s, os.path.join(tmp, name))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(raw, f, indent=2)
+        proj_path = os.path.join(tmp, cfg.projection_file)
+        os.makedirs(os.path.dirname(proj_path), exist_ok=True)
+        save_projections(proj_path, projections)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,132 @@
+"""``vllm-dar`` command line: a thin argparse layer over keyword-only functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_prepare_model(a) -> dict:
+    from .models import prepare_model
+
+    out = prepare_model(a.name, a.out, dtype=a.dtype, force=a.force)
+    return {"model": out, "dtype": a.dtype}
+
+
+def _cmd_convert(a) -> dict:
+    from .convert import convert
+
+    cfg = convert(a.src, a.out, window=a.window, key_rank=a.key_rank, value_rank=a.value_rank,
+                  sink_tokens=a.sink_tokens, schedule=a.schedule, method=a.method, head_sharing=a.head_sharing,
+                  kv_budget=a.kv_budget, calib_files=a.calib, calib_tokens=a.calib_tokens, context=a.context,
+                  qk_reg=a.qk_reg, force=a.force, progress=not a.quiet)
+    return {"out": a.out, "dar": cfg.describe(), "kv_fraction": round(cfg.kv_fraction(a.context), 4)}
+
+
+def _text_windows(tokenizer, a):
+    from .data import token_windows
+
+    return token_windows(tokenizer, a.text, context=a.context, max_windows=a.max_windows)
+
+
+def _cmd_eval(a) -> dict:
+    if a.engine == "vllm":
+        from .vllm_engine import vllm_perplexity
+
+        return vllm_perplexity(a.model, a.text, context=a.context, max_windows=a.max_windows, dtype=a.dtype)
+    from .evaluate import kv_report, load_for_eval, perplexity
+
+    model, tokenizer, cfg, proj = load_for_eval(a.model, a.dtype)
+    result = perplexity(model, _text_windows(tokenizer, a), cfg=cfg, projections=proj, progress=not a.quiet)
+    del result["argmax"]
+    result.update(kv_report(cfg, model.config, a.context, model.dtype))
+    result.update(model=a.model, engine="hf", context=a.context, dtype=str(model.dtype).removeprefix("torch."))
+    return result
+
+
+def _cmd_generate(a) -> dict:
+    with open(a.prompt_file) as f:
+        prompt = f.read()
+    if a.engine == "vllm":
+        from .vllm_engine import vllm_generate
+
+        return vllm_generate(a.model, prompt, max_tokens=a.max_tokens, dtype=a.dtype)
+    from .evaluate import greedy, load_for_eval
+
+    model, tokenizer, cfg, proj = load_for_eval(a.model, a.dtype)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out = greedy(model, ids, a.max_tokens, cfg=cfg, projections=proj, eos_token_id=tokenizer.eos_token_id)
+    return {"prompt_tokens": len(ids), "token_ids": out, "text": tokenizer.decode(out), "engine": "hf"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-dar", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare-model", help="build an embedded default model as a safetensors checkpoint")
+    s.add_argument("name", help="embedded model name, e.g. smollm2-135m")
+    s.add_argument("--out", required=True)
+    s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(fn=_cmd_prepare_model)
+
+    s = sub.add_parser("convert", help="write a DAR-converted checkpoint")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--window", type=int, default=64, help="full-width recent positions, current one included")
+    s.add_argument("--key-rank", type=int, default=16)
+    s.add_argument("--value-rank", type=int, default=16)
+    s.add_argument("--sink-tokens", type=int, default=4, help="first N positions kept at full width")
+    s.add_argument("--schedule", default="uniform", choices=["uniform", "pyramid", "calibrated"])
+    s.add_argument("--kv-budget", type=float, default=None,
+                   help="calibrated schedule: KV bytes as a fraction of full at --context "
+                        "(default: what the uniform setting costs)")
+    s.add_argument("--method", default="pca", choices=["pca", "qk"])
+    s.add_argument("--head-sharing", default="per_head", choices=["per_head", "joint"],
+                   help="joint: one projection across a layer's KV heads (LRKV-style)")
+    s.add_argument("--qk-reg", type=float, default=0.1, help="qk method: covariance ridge (larger -> PCA)")
+    s.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files "
+                   "(default: the calibration part of python3.11-doc's sources)")
+    s.add_argument("--calib-tokens", type=int, default=16384)
+    s.add_argument("--context", type=int, default=2048, help="calibration window and budget context")
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(fn=_cmd_convert)
+
+    for name, fn, help_ in (("eval", _cmd_eval, "perplexity of a stock or DAR-converted model"),
+                            ("generate", _cmd_generate, "greedy continuation")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("model")
+        s.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+        s.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                       help="default: the checkpoint's")
+        s.set_defaults(fn=fn)
+        if name == "eval":
+            s.add_argument("--text", nargs="+", required=True, metavar="FILE")
+            s.add_argument("--context", type=int, default=2048)
+            s.add_argument("--max-windows", type=int, default=None)
+        else:
+            s.add_argument("--prompt-file", required=True)
+            s.add_argument("--max-tokens", type=int, default=32)
+    for s in sub.choices.values():
+        s.add_argument("--json", action="store_true", help="print one JSON object")
+        s.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.fn(args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+        print(f"vllm-dar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Per-layer schedules of (window, key rank, value rank).
+
+* ``uniform``: the same setting in every layer.
+* ``pyramid``: PyramidKV's shape (arXiv 2406.02069: lower layers need more cache) applied to ranks: a linear ramp
+  from ``(1 + slope) r`` at the bottom to ``(1 - slope) r`` at the top, same total bytes as uniform.
+* ``calibrated``: choose each layer's (window, rk, rv) to minimise the summed, measured error of the layers'
+  attention outputs (after ``o_proj``) under a KV byte budget. A multiple-choice knapsack solved by its Lagrangian:
+  for a price ``lam`` per byte each layer picks ``argmin err + lam * bytes`` and ``lam`` is bisected to the budget.
+  Key and value errors are measured separately (the other side at full width) and added, which keeps the search
+  to ``windows x ranks x 2`` attention evaluations per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..reference import LayerProjections, dar_attention
+from .fit import LayerFit
+
+SCHEDULES = ("uniform", "pyramid", "calibrated")
+WINDOWS = (16, 32, 64, 128, 256, 512)
+QUERY_SAMPLES = 256
+
+
+@dataclass(frozen=True)
+class Setting:
+    window: int
+    key_rank: int
+    value_rank: int
+
+
+def pyramid(num_layers: int, *, window: int, key_rank: int, value_rank: int, max_rank: int,
+            slope: float = 0.5) -> list[Setting]:
+    """Linear rank ramp, bottom layers widest; the rounded total equals the uniform one."""
+    def ramp(r: int) -> list[int]:
+        target = r * num_layers
+        raw = [r * (1 + slope * (1 - 2 * i / max(1, num_layers - 1))) for i in range(num_layers)]
+        out = [min(max_rank, max(1, round(x))) for x in raw]
+        i = 0
+        while sum(out) != target:  # fix rounding drift, walking the layers
+            step = 1 if sum(out) < target else -1
+            k = i % num_layers if step > 0 else num_layers - 1 - i % num_layers
+            if 1 <= out[k] + step <= max_rank:
+                out[k] += step
+            i += 1
+        return out
+    return [Setting(window, k, v) for k, v in zip(ramp(key_rank), ramp(value_rank))]
+
+
+def _full(lay_fit: LayerFit) -> tuple[int, int]:
+    return lay_fit.key_k.shape[1], lay_fit.val_down.shape[1]
+
+
+def layer_errors(sample: tuple[Tensor, Tensor, Tensor], wo: Tensor, fit: LayerFit, *, windows, ranks,
+                 sink_tokens: int) -> tuple[Tensor, Tensor]:
+    """Measured output errors of one layer: (key errors [W, R], value errors [W, R]).
+
+    ``err = mean over sampled queries of ||(o_dar - o_full) W_o^T||^2``; key errors reduce keys only (values at
+    full width through identity maps), value errors the reverse. sample: q [H, T, D], k, v [J, T, D].
+    """
+    q, k, v = (x.unsqueeze(0) for x in sample)  # [1, H|J, T, D]
+    t = q.shape[2]
+    pos = torch.linspace(min(t - 1, 16), t - 1, min(QUERY_SAMPLES, t)).long().unique()  # [Tq]
+    qs = q[:, :, pos]
+    full_out = dar_attention(qs, k, v, None, window=0, q_offset=pos)  # [1, H, Tq, D]
+    dk, dv = _full(fit)
+
+    def err(proj: LayerProjections, w: int) -> float:
+        out = dar_attention(qs, k, v, proj, window=w, sink_tokens=sink_tokens, q_offset=pos)
+        diff = (out - full_out).transpose(1, 2).flatten(2) @ wo.T  # [1, Tq, hidden]
+        return float(diff.pow(2).sum(-1).mean())
+
+    ek = torch.zeros(len(windows), len(ranks))
+    ev = torch.zeros(len(windows), len(ranks))
+    for a, w in enumerate(windows):
+        for b, r in enumerate(ranks):
+            ek[a, b] = err(fit.at(min(r, dk), dv), w)
+            ev[a, b] = err(fit.at(dk, min(r, dv)), w)
+    return ek, ev
+
+
+def calibrated(errors: list[tuple[Tensor, Tensor]], *, windows, ranks, groups: int, full_per_token: int,
+               context: int, sink_tokens: int, budget: float) -> list[Setting]:
+    """Lagrangian allocation under ``budget`` (fraction of the full KV bytes at ``context``).
+
+    Bytes are counted as the cache holds them: reduced K/V for every token plus full-width window and sinks.
+    """
+    win = torch.tensor(windows, dtype=torch.float64)
+    rk = torch.tensor(ranks, dtype=torch.float64)
+    win_cost = (win + sink_tokens).clamp(max=context) * full_per_token / context  # [W] per-token elems
+    rank_cost = rk * groups  # [R]
+
+    def pick(lam: float) -> tuple[list[Setting], float]:
+        out, cost = [], 0.0
+        for ek, ev in errors:
+            kc = ek.double() + lam * rank_cost  # [W, R]
+            vc = ev.double() + lam * rank_cost
+            kbest, ki = kc.min(1)
+            vbest, vi = vc.min(1)
+            total = kbest + vbest + lam * win_cost  # [W]
+            a = int(total.argmin())
+            out.append(Setting(int(windows[a]), int(ranks[ki[a]]), int(ranks[vi[a]])))
+            cost += float(win_cost[a] + rank_cost[ki[a]] + rank_cost[vi[a]])
+        return out, cost / (len(errors) * full_per_token)
+
+    lo, hi = 0.0, 1.0
+    while pick(hi)[1] > budget:  # raise the price until the cheapest choices fit
+        hi *= 4
+        if hi > 1e30:
+            raise ValueError(f"--kv-budget {budget} is below the smallest setting this search can reach")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if pick(mid)[1] <= budget else (mid, hi)
+    return pick(hi)[0]
+
+
+def measure_all(stats, fits: list[LayerFit], *, windows, ranks, sink_tokens: int,
+                progress: bool = True) -> list[tuple[Tensor, Tensor]]:
+    out = []
+    for st, fit in tqdm(list(zip(stats, fits)), desc="measuring layer errors", unit="layer",
+                        disable=not progress):
+        with torch.no_grad():
+            out.append(layer_errors(st.sample, st.wo, fit, windows=windows, ranks=ranks,
+                                    sink_tokens=sink_tokens))
+    return out

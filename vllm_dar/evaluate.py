@@ -1,0 +1,86 @@
+"""Quality evaluation on the Hugging Face engine: perplexity and greedy generation, stock or DAR-converted.
+
+The DAR model runs through ``vllm_dar.reference`` (via ``vllm_dar.hf``); the stock model through transformers'
+own attention. ``kv_bytes_per_token`` counts what a cache holds for one sequence of ``context`` tokens, divided
+by ``context`` (the DAR layout: reduced K/V for every token plus the full-width window and sinks).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_dar
+from .config import DarConfig
+from .hf import dar_attention_enabled, load_model
+
+
+def kv_report(cfg: DarConfig | None, model_config, context: int, dtype: torch.dtype) -> dict:
+    c = model_config
+    h = c.num_attention_heads
+    d = getattr(c, "head_dim", None) or c.hidden_size // h
+    full = 2 * d * c.num_key_value_heads * c.num_hidden_layers * torch.finfo(dtype).bits // 8
+    if cfg is None:
+        return {"kv_bytes_per_token": float(full), "kv_fraction": 1.0, "full_kv_bytes_per_token": float(full)}
+    frac = cfg.kv_fraction(context)
+    return {"kv_bytes_per_token": round(full * frac, 2), "kv_fraction": round(frac, 5),
+            "full_kv_bytes_per_token": float(full)}
+
+
+def _dar_context(model, cfg, projections):
+    return dar_attention_enabled(model, cfg, projections) if cfg is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[list[int]], *, cfg: DarConfig | None = None, projections=None,
+               reference_argmax: list[torch.Tensor] | None = None, progress: bool = True) -> dict:
+    """Token-level perplexity of ``model`` over ``windows`` (each scored from its first token).
+
+    The result's ``argmax`` holds the greedy next-token choice at every position; given another model's
+    (``reference_argmax``), ``top1_agreement`` is the fraction of positions where both choose the same token
+    (teacher-forced greedy agreement).
+    """
+    nll, count, same = 0.0, 0, 0
+    argmax = []
+    with _dar_context(model, cfg, projections):
+        for i, ids in enumerate(tqdm(windows, desc="scoring", unit="window", disable=not progress)):
+            x = torch.tensor([ids])
+            logits = model(x, use_cache=False).logits[0, :-1].float()  # [T-1, V]
+            nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            count += len(ids) - 1
+            argmax.append(logits.argmax(-1))
+            if reference_argmax is not None:
+                same += int((argmax[-1] == reference_argmax[i]).sum())
+    result = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "argmax": argmax}
+    if reference_argmax is not None:
+        result["top1_agreement"] = same / count
+    return result
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids: list[int], max_tokens: int, *, cfg: DarConfig | None = None, projections=None,
+           eos_token_id: int | None = None) -> list[int]:
+    """Greedy continuation with a KV cache (the DAR reference reduces the cached full-width K/V on the fly,
+    which is the same math as caching reduced K/V)."""
+    from transformers import DynamicCache
+
+    out: list[int] = []
+    with _dar_context(model, cfg, projections):
+        cache = DynamicCache(config=model.config)
+        x = torch.tensor([prompt_ids])
+        for _ in range(max_tokens):
+            logits = model(x, past_key_values=cache, use_cache=True).logits[0, -1]
+            tok = int(logits.float().argmax())
+            out.append(tok)
+            if eos_token_id is not None and tok == eos_token_id:
+                break
+            x = torch.tensor([[tok]])
+    return out
+
+
+def load_for_eval(model_dir: str, dtype: str | None):
+    model, tokenizer = load_model(model_dir, dtype=dtype)
+    cfg, projections = load_dar(model_dir)
+    return model, tokenizer, cfg, projections

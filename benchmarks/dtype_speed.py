@@ -1,0 +1,146 @@
+"""Which dtype vLLM's CPU backend serves fastest: bfloat16 vs float32 SmolLM2-135M, one run, alternating.
+
+Each measurement is a fresh ``python`` subprocess with its own ``LLM`` (engines do not free memory well), in the
+order fp32, bf16, fp32, bf16, ... so machine noise hits both dtypes alike. In each engine, after a warm-up batch:
+
+* prefill: 8 prompts of 1024 real-text tokens (held-out python3.11-doc), ``max_tokens=1``; prompt tokens / s.
+* decode: 8 other prompts, ``max_tokens=64``, greedy, ``ignore_eos``; (generated tokens - 1 per prompt) / s over
+  the span from the first token to the last one, taken from vLLM's per-request metrics (``RequestOutput.metrics``).
+
+``max_num_batched_tokens`` holds the whole batch, so the 8 prefills run in one step and decode is a clean batch of
+8. Prefix caching is off. Reports per-dtype medians, the bf16/fp32 ratios and how often the greedy tokens agree.
+Run:
+
+    python benchmarks/dtype_speed.py --json            # 2 rounds (about 5 minutes on 2 cores)
+    python benchmarks/dtype_speed.py --quick --json    # 1 round, shorter prompts
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CHECKPOINTS = {"fp32": ("smollm2-135m-f32", "float32"), "bf16": ("smollm2-135m", "bfloat16")}  # name -> (dir, dtype)
+
+
+def measure(*, model: str, dtype: str, batch: int, prompt_len: int, decode_tokens: int, kv_gib: int) -> dict:
+    """Build one engine, warm it up, time one prefill batch and one decode batch (runs inside the subprocess)."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)  # same KV pool for both dtypes, cheap to allocate
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    from vllm_dar.data import split_files, token_windows
+
+    windows = token_windows(AutoTokenizer.from_pretrained(model), split_files()[1], context=prompt_len,
+                            max_windows=2 * batch)
+    prefill_prompts = [TokensPrompt(prompt_token_ids=w) for w in windows[:batch]]
+    decode_prompts = [TokensPrompt(prompt_token_ids=w) for w in windows[batch:]]
+    llm = LLM(model=model, dtype=dtype, max_model_len=2048, max_num_seqs=batch,
+              max_num_batched_tokens=max(2048, batch * prompt_len), enable_prefix_caching=False,
+              disable_log_stats=False, seed=0)  # log stats on: RequestOutput.metrics is None without them
+
+    def run(prompts, max_tokens):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return outs, time.perf_counter() - t0
+
+    run(prefill_prompts, 2)  # warm-up: compilation and first-touch allocations
+    outs, prefill_wall = run(prefill_prompts, 1)
+    m = [o.metrics for o in outs]
+    prefill_s = max(x.first_token_ts for x in m) - min(x.scheduled_ts for x in m)
+    outs, decode_wall = run(decode_prompts, decode_tokens)
+    m = [o.metrics for o in outs]
+    decode_s = max(x.last_token_ts for x in m) - min(x.first_token_ts for x in m)
+    generated = [list(o.outputs[0].token_ids) for o in outs]
+    return {
+        "served_dtype": str(llm.llm_engine.model_config.dtype),
+        "prefill_tok_s": batch * prompt_len / prefill_s,
+        "decode_tok_s": sum(len(g) - 1 for g in generated) / decode_s,
+        "prefill_wall_tok_s": batch * prompt_len / prefill_wall,
+        "decode_wall_tok_s": sum(len(g) - 1 for g in generated) / max(decode_wall - prefill_wall, 1e-9),
+        "tokens": generated,
+    }
+
+
+def spawn(args: argparse.Namespace, name: str) -> dict:
+    """One measurement in a fresh interpreter; the result comes back through a file (vLLM logs to stdout)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--out", out.name,
+               "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
+               "--decode-tokens", str(args.decode_tokens), "--kv-gib", str(args.kv_gib)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.json else None)
+        with open(out.name) as f:
+            return json.load(f)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Position-wise share of identical greedy tokens, and mean share before the first divergence."""
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    prefix = []
+    for ra, rb in zip(a, b):
+        n = next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), len(ra))
+        prefix.append(n / len(ra))
+    return {"identical_tokens": same / sum(len(r) for r in a), "mean_prefix_before_divergence": sum(prefix) / len(a)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models-dir", default=os.environ.get("VLLM_DAR_MODELS", "/work/models"),
+                    help="directory holding smollm2-135m and smollm2-135m-f32")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for every engine")
+    ap.add_argument("--quick", action="store_true", help="1 round, 256-token prompts, 32 decode tokens")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", choices=list(CHECKPOINTS), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        path, dtype = CHECKPOINTS[a.worker]
+        res = measure(model=os.path.join(a.models_dir, path), dtype=dtype, batch=a.batch,
+                      prompt_len=a.prompt_len, decode_tokens=a.decode_tokens, kv_gib=a.kv_gib)
+        with open(a.out, "w") as f:
+            json.dump(res, f)
+        return 0
+    if a.quick:
+        a.rounds, a.prompt_len, a.decode_tokens = 1, 256, 32
+
+    t0 = time.time()
+    runs: dict[str, list[dict]] = {name: [] for name in CHECKPOINTS}
+    for r in range(a.rounds):
+        for name in CHECKPOINTS:  # fp32 then bf16, every round
+            runs[name].append(spawn(a, name))
+            print(f"round {r} {name}: prefill {runs[name][-1]['prefill_tok_s']:.0f} tok/s, "
+                  f"decode {runs[name][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+    keys = ("prefill_tok_s", "decode_tok_s", "prefill_wall_tok_s", "decode_wall_tok_s")
+    med = {n: {k: statistics.median(x[k] for x in rs) for k in keys} for n, rs in runs.items()}
+    result = {
+        "setup": {"batch": a.batch, "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens,
+                  "rounds": a.rounds, "kv_gib": a.kv_gib, "cpu_threads": os.cpu_count()},
+        "served_dtype": {n: rs[0]["served_dtype"] for n, rs in runs.items()},
+        "median": med,
+        "per_round": {n: [{k: round(x[k], 1) for k in keys} for x in rs] for n, rs in runs.items()},
+        "ratio_bf16_over_fp32": {k: med["bf16"][k] / med["fp32"][k] for k in keys},
+        "greedy_agreement_bf16_vs_fp32": agreement(runs["bf16"][0]["tokens"], runs["fp32"][0]["tokens"]),
+        "repeatable": {n: all(x["tokens"] == rs[0]["tokens"] for x in rs) for n, rs in runs.items()},
+        "wall_s": round(time.time() - t0, 1),
+    }
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for n in CHECKPOINTS:
+            print(f"{n}: prefill {med[n]['prefill_tok_s']:.0f} tok/s, decode {med[n]['decode_tok_s']:.1f} tok/s")
+        print(f"bf16/fp32: {result['ratio_bf16_over_fp32']}\nagreement: {result['greedy_agreement_bf16_vs_fp32']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

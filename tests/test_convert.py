@@ -1,0 +1,156 @@
+"""Conversion end to end on a tiny random Llama (shape-level), plus fitting and schedule properties."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from vllm_dar.checkpoint import load_dar, load_projections, save_projections
+from vllm_dar.cli import main as cli
+from vllm_dar.config import DarConfig, DarConfigError
+from vllm_dar.convert import convert
+from vllm_dar.convert.fit import fit_layer
+from vllm_dar.convert.schedule import calibrated, pyramid
+
+from conftest import make_tiny_llama
+
+
+def run_convert(src, out, calib, **kw):
+    return convert(src, str(out), calib_files=calib, calib_tokens=512, context=128, progress=False, **kw)
+
+
+def test_convert_round_trip(tiny_llama, calib_text, tmp_path):
+    out = tmp_path / "dar"
+    cfg = run_convert(tiny_llama, out, calib_text, window=8, key_rank=4, value_rank=6, sink_tokens=2)
+    loaded, proj = load_dar(str(out))
+    assert loaded.window == (8, 8) and loaded.key_rank == (4, 4) and loaded.value_rank == (6, 6)
+    assert loaded.sink_tokens == 2 and cfg.kv_fraction(128) == loaded.kv_fraction(128)
+    assert proj[0].q_proj.shape == (2, 16, 4) and proj[0].v_up.shape == (2, 6, 16)
+    # The original weights are copied unchanged, and vLLM's top-level *.safetensors glob sees only them.
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["model.safetensors"]
+    with open(os.path.join(tiny_llama, "model.safetensors"), "rb") as a, open(out / "model.safetensors", "rb") as b:
+        assert a.read() == b.read()
+    # Write-load round trip is exact.
+    save_projections(str(tmp_path / "p.safetensors"), proj)
+    again = load_projections(str(tmp_path), DarConfig(**{**loaded.__dict__, "projection_file": "p.safetensors"}))
+    for x, y in zip(proj, again):
+        assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in ("q_proj", "k_down", "v_down", "v_up"))
+
+
+def test_cli_eval_and_generate(tiny_llama, calib_text, tmp_path, capsys):
+    out = tmp_path / "dar"
+    run_convert(tiny_llama, out, calib_text, window=4, key_rank=4, value_rank=4, method="qk",
+                head_sharing="joint")
+    assert cli(["eval", str(out), "--text", *calib_text, "--context", "64", "--max-windows", "2", "--json",
+                "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tokens"] == 126 and res["perplexity"] > 1 and 0 < res["kv_fraction"] < 1
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def fibonacci(n):")
+    assert cli(["generate", str(out), "--prompt-file", str(prompt), "--max-tokens", "5", "--json"]) == 0
+    gen = json.loads(capsys.readouterr().out)
+    assert len(gen["token_ids"]) == 5 and isinstance(gen["text"], str)
+
+
+def test_bad_settings_fail_before_work_and_leave_nothing(tiny_llama, calib_text, tmp_path):
+    out = tmp_path / "dar"
+    for kw, field in ((dict(key_rank=17), "dar.key_rank"), (dict(value_rank=0), "dar.value_rank"),
+                      (dict(window=-1), "dar.window"), (dict(method="svd"), "--method"),
+                      (dict(schedule="zigzag"), "--schedule"), (dict(kv_budget=1.5, schedule="calibrated"),
+                                                                 "--kv-budget")):
+        with pytest.raises(DarConfigError, match=field):
+            run_convert(tiny_llama, out, calib_text, **kw)
+        assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")]
+
+
+def test_existing_out_is_kept(tiny_llama, calib_text, tmp_path):
+    out = tmp_path / "dar"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(FileExistsError):
+        run_convert(tiny_llama, out, calib_text)
+    assert (out / "keep").read_text() == "x"
+
+
+def test_cli_reports_errors(tiny_llama, tmp_path, capsys):
+    assert cli(["convert", tiny_llama, str(tmp_path / "o"), "--key-rank", "99"]) == 2
+    assert "dar.key_rank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_other_llama_family(default_model, calib_text, tmp_path, arch):
+    src = make_tiny_llama(str(tmp_path / arch), default_model, arch=arch, layers=1)
+    cfg = run_convert(src, tmp_path / "dar", calib_text, window=4, key_rank=4, value_rank=4)
+    assert cfg.shape.num_layers == 1
+
+
+def test_unsupported_architecture(tmp_path, calib_text):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "g")
+    with pytest.raises(DarConfigError, match="GPT2LMHeadModel"):
+        run_convert(str(tmp_path / "g"), tmp_path / "o", calib_text)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture()
+def converted(tiny_llama, calib_text, tmp_path):
+    out = tmp_path / "dar"
+    run_convert(tiny_llama, out, calib_text, window=8, key_rank=4, value_rank=4)
+    return out
+
+
+def test_corrupt_projection_file(converted):
+    (converted / "dar" / "projections.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DarConfigError, match="not a readable safetensors"):
+        load_dar(str(converted))
+
+
+def test_missing_projection_file(converted):
+    shutil.rmtree(converted / "dar")
+    with pytest.raises(DarConfigError, match="does not exist"):
+        load_dar(str(converted))
+
+
+def test_projection_shape_mismatch(converted):
+    raw = json.loads((converted / "config.json").read_text())
+    raw["dar"]["key_rank"] = [5, 5]  # the file holds rank 4
+    (converted / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(DarConfigError, match=r"layers.0.q_proj has shape \(2, 16, 4\).*\(2, 16, 5\)"):
+        load_dar(str(converted))
+
+
+def test_pca_fit_recovers_low_rank_keys():
+    """Keys living in a 3-dim subspace are reproduced exactly at rank 3."""
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 3, generator=gen))[0]  # [8, 3]
+    k = torch.randn(500, 3, generator=gen) @ basis.T  # [N, 8]
+    q = torch.randn(500, 8, generator=gen)
+    c = lambda x: (x.T @ x / len(x)).unsqueeze(0)  # noqa: E731
+    for method in ("pca", "qk"):
+        fit = fit_layer(c(q), c(k), c(k), torch.eye(8).unsqueeze(0), head_dim=8, method=method, reg=0.0)
+        p = fit.at(3, 3)
+        scores = (q @ p.q_proj[0]) @ (k @ p.k_down[0]).T
+        torch.testing.assert_close(scores, q @ k.T, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close((k @ p.v_down[0]) @ p.v_up[0], k, atol=1e-4, rtol=1e-4)
+
+
+def test_pyramid_keeps_total_and_decreases():
+    s = pyramid(30, window=64, key_rank=16, value_rank=12, max_rank=64)
+    assert sum(x.key_rank for x in s) == 30 * 16 and sum(x.value_rank for x in s) == 30 * 12
+    assert s[0].key_rank > s[-1].key_rank
+
+
+def test_calibrated_meets_budget_and_prefers_sensitive_layers():
+    windows, ranks = (16, 64), (4, 8, 16)
+    cheap = (torch.tensor([[1.0, 0.5, 0.1], [0.9, 0.4, 0.05]]),) * 2
+    costly = (torch.tensor([[100.0, 50.0, 10.0], [90.0, 40.0, 5.0]]),) * 2
+    settings = calibrated([cheap, costly], windows=windows, ranks=ranks, groups=1, full_per_token=64,
+                          context=256, sink_tokens=0, budget=0.5)
+    cost = sum(((s.window * 64 / 256) + s.key_rank + s.value_rank) / 64 for s in settings) / 2
+    assert cost <= 0.5
+    assert settings[1].key_rank >= settings[0].key_rank

@@ -3,7 +3,7 @@
 Perplexity on held-out real text (python3.11-doc sources; calibration uses the other files), teacher-forced greedy
 agreement with the full model, and the KV bytes each setting keeps. Run:
 
-    python benchmarks/quality.py --json            # the README table (about 30 minutes on 2 cores)
+    python benchmarks/quality.py                   # the README table (about 40 minutes on 2 cores)
     python benchmarks/quality.py --rows full dar   # a subset
 """
 from __future__ import annotations
@@ -24,25 +24,30 @@ from vllm_dar.hf import model_shape
 # name -> (description, plan kwargs). Every DAR row keeps <= ~30% of the full KV bytes at context 2048.
 ROWS = {
     "full": ("full attention (stock)", None),
-    "dar-plain": ("DAR w=64 r=16/16, PCA, no sinks (the plain recipe)",
+    "dar-plain": ("DAR w=64 r=16/16 per head, PCA, no sinks (the plain recipe)",
                   dict(window=64, key_rank=16, value_rank=16, sink_tokens=0)),
-    "uniform-plain": ("uniform w=0 r=16/16, PCA, no sinks",
+    "uniform-plain": ("uniform w=0 r=16/16 per head, PCA, no sinks",
                       dict(window=0, key_rank=16, value_rank=16, sink_tokens=0)),
-    "dar": ("DAR w=64 r=16/16, PCA, 4 sinks", dict(window=64, key_rank=16, value_rank=16, sink_tokens=4)),
-    "uniform": ("uniform w=0 r=16/16, PCA, 4 sinks", dict(window=0, key_rank=16, value_rank=16, sink_tokens=4)),
-    "thin-keys": ("DAR w=64 r_k=8 r_v=24, PCA, 4 sinks",
+    "dar": ("DAR w=64 r=16/16 per head, PCA, 4 sinks", dict(window=64, key_rank=16, value_rank=16, sink_tokens=4)),
+    "uniform": ("uniform w=0 r=16/16 per head, PCA, 4 sinks",
+                dict(window=0, key_rank=16, value_rank=16, sink_tokens=4)),
+    "thin-keys": ("DAR w=64 r_k=8 r_v=24 per head, PCA, 4 sinks",
                   dict(window=64, key_rank=8, value_rank=24, sink_tokens=4)),
-    "qk": ("DAR w=64 r=16/16, qk (query-aware keys, o_proj-aware values), 4 sinks",
+    "qk": ("DAR w=64 r=16/16 per head, qk (query-aware keys, o_proj-aware values), 4 sinks",
            dict(window=64, key_rank=16, value_rank=16, sink_tokens=4, method="qk")),
-    "joint": ("DAR w=64 r=48/48 joint across KV heads (LRKV-style), PCA, 4 sinks",
-              dict(window=64, key_rank=48, value_rank=48, sink_tokens=4, head_sharing="joint")),
-    "pyramid": ("pyramid ranks (same bytes as dar), PCA, 4 sinks",
+    "pyramid": ("pyramid ranks per head (same bytes as dar), PCA, 4 sinks",
                 dict(window=64, key_rank=16, value_rank=16, sink_tokens=4, schedule="pyramid")),
-    "calibrated": ("calibrated windows+ranks, same bytes as dar, PCA, 4 sinks",
+    "calibrated": ("calibrated windows+ranks per head (same bytes as dar), PCA, 4 sinks",
                    dict(window=64, key_rank=16, value_rank=16, sink_tokens=4, schedule="calibrated")),
-    "calibrated-joint": ("calibrated windows+ranks, same bytes as dar, PCA joint, 4 sinks",
+    "joint": ("DAR w=64 r=48/48 joint across the 3 KV heads (LRKV-style), PCA, 4 sinks",
+              dict(window=64, key_rank=48, value_rank=48, sink_tokens=4, head_sharing="joint")),
+    "joint-w128": ("DAR w=128 r=42/42 joint, PCA, 4 sinks",
+                   dict(window=128, key_rank=42, value_rank=42, sink_tokens=4, head_sharing="joint")),
+    "uniform-joint": ("uniform w=0 r=54/54 joint (same bytes as dar), PCA, 4 sinks",
+                      dict(window=0, key_rank=54, value_rank=54, sink_tokens=4, head_sharing="joint")),
+    "calibrated-joint": ("calibrated windows+ranks, joint (same bytes as dar), PCA, 4 sinks",
                          dict(window=64, key_rank=48, value_rank=48, sink_tokens=4, schedule="calibrated",
-                              head_sharing="joint", kv_budget=None)),
+                              head_sharing="joint")),
 }
 
 
@@ -51,8 +56,8 @@ def main() -> int:
     ap.add_argument("--model", default=os.environ.get("VLLM_DAR_MODEL", "models/smollm2-135m-f32"))
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--eval-windows", type=int, default=8)
-    ap.add_argument("--calib-tokens", type=int, default=16 * 2048)
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--calib-tokens", type=int, default=8 * 2048)
     ap.add_argument("--kv-budget", type=float, default=None,
                     help="budget for the calibrated rows (default: what the 'dar' row costs)")
     ap.add_argument("--json", action="store_true")

@@ -154,3 +154,16 @@ def test_calibrated_meets_budget_and_prefers_sensitive_layers():
     cost = sum(((s.window * 64 / 256) + s.key_rank + s.value_rank) / 64 for s in settings) / 2
     assert cost <= 0.5
     assert settings[1].key_rank >= settings[0].key_rank
+
+
+def test_layerwise_fit_lowers_the_output_error():
+    from vllm_dar.convert.fit import refine_layer
+    from test_reference import qkv, random_proj
+
+    q, k, v = qkv(1, 4, 2, 64, 8)
+    wo = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    proj = random_proj(2, 8, 2, 2)
+    new, first, last = refine_layer(proj, (q[0], k[0], v[0]), wo, window=8, sink_tokens=1, steps=60,
+                                    queries=32, lr=1e-2)
+    assert last < 0.7 * first
+    assert new.q_proj.shape == proj.q_proj.shape and not new.q_proj.requires_grad

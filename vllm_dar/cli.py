@@ -19,7 +19,7 @@ def _cmd_convert(a) -> dict:
     cfg = convert(a.src, a.out, window=a.window, key_rank=a.key_rank, value_rank=a.value_rank,
                   sink_tokens=a.sink_tokens, schedule=a.schedule, method=a.method, head_sharing=a.head_sharing,
                   kv_budget=a.kv_budget, calib_files=a.calib, calib_tokens=a.calib_tokens, context=a.context,
-                  qk_reg=a.qk_reg, force=a.force, progress=not a.quiet)
+                  qk_reg=a.qk_reg, fit_steps=a.fit_steps, force=a.force, progress=not a.quiet)
     return {"out": a.out, "dar": cfg.describe(), "kv_fraction": round(cfg.kv_fraction(a.context), 4)}
 
 
@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-budget", type=float, default=None,
                    help="calibrated schedule: KV bytes as a fraction of full at --context "
                         "(default: what the uniform setting costs)")
-    s.add_argument("--method", default="pca", choices=["pca", "qk"])
+    s.add_argument("--method", default="pca", choices=["pca", "qk", "fit"],
+                   help="pca: PCA of keys/values; qk: query-aware keys, o_proj-aware values; "
+                        "fit: PCA then layer-wise fitting to each layer's attention output")
+    s.add_argument("--fit-steps", type=int, default=200, help="fit method: optimiser steps per layer")
     s.add_argument("--head-sharing", default="per_head", choices=["per_head", "joint"],
                    help="joint: one projection across a layer's KV heads (LRKV-style)")
     s.add_argument("--qk-reg", type=float, default=0.1, help="qk method: covariance ridge (larger -> PCA)")

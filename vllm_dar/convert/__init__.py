@@ -14,8 +14,8 @@ from ..config import DarConfig, DarConfigError, ModelShape
 from ..data import split_files, token_windows
 from ..hf import load_model
 from .calibrate import LayerStats, calibrate
-from .fit import METHODS, LayerFit, fit_layer
-from .schedule import SCHEDULES, WINDOWS, Setting, calibrated, measure_all, pyramid
+from .fit import METHODS, LayerFit, fit_layer, refine_layer
+from .schedule import RANK_FRACTIONS, SCHEDULES, WINDOWS, Setting, calibrated, measure_all, pyramid
 
 __all__ = ["convert", "calibrate_model", "plan", "METHODS", "SCHEDULES"]
 
@@ -46,6 +46,7 @@ def plan(
     kv_budget: float | None = None,
     context: int = 2048,
     qk_reg: float = 0.1,
+    fit_steps: int = 200,
     progress: bool = True,
 ) -> tuple[DarConfig, list]:
     """Fit and schedule projections from calibration ``stats``. Returns (config, per-layer projections)."""
@@ -67,8 +68,7 @@ def plan(
                            max_rank=base.group_dim)
     else:
         budget = kv_budget if kv_budget is not None else base.kv_fraction(context)
-        ranks = sorted({max(1, round(base.group_dim * f)) for f in
-                        (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 3 / 4)})
+        ranks = sorted({max(1, round(base.group_dim * f)) for f in RANK_FRACTIONS})
         errors = measure_all(stats, fits, windows=WINDOWS, ranks=ranks, sink_tokens=sink_tokens,
                              progress=progress)
         full_per_token = 2 * shape.head_dim * shape.num_kv_heads
@@ -80,7 +80,24 @@ def plan(
                     sink_tokens=sink_tokens, head_sharing=head_sharing, method=method,
                     extra={"schedule": schedule})
     projections = [f.at(s.key_rank, s.value_rank) for f, s in zip(fits, settings)]
+    if method == "fit":
+        projections = _refine(projections, stats, settings, sink_tokens=sink_tokens, steps=fit_steps,
+                              progress=progress)
     return cfg, projections
+
+
+def _refine(projections, stats, settings, *, sink_tokens: int, steps: int, progress: bool):
+    from tqdm import tqdm
+
+    out = []
+    bar = tqdm(list(zip(projections, stats, settings)), desc="fitting layers", unit="layer", disable=not progress)
+    for proj, st, s in bar:
+        with torch.enable_grad():
+            new, first, last = refine_layer(proj, st.sample, st.wo, window=s.window, sink_tokens=sink_tokens,
+                                            steps=steps)
+        bar.set_postfix(rel_err=f"{first:.3f}->{last:.3f}")
+        out.append(new)
+    return out
 
 
 def convert(
@@ -99,6 +116,7 @@ def convert(
     calib_tokens: int = 16384,
     context: int = 2048,
     qk_reg: float = 0.1,
+    fit_steps: int = 200,
     force: bool = False,
     progress: bool = True,
 ) -> DarConfig:
@@ -123,7 +141,7 @@ def convert(
         cfg, projections = plan(shape, stats, window=window, key_rank=key_rank, value_rank=value_rank,
                                 sink_tokens=sink_tokens, schedule=schedule, method=method,
                                 head_sharing=head_sharing, kv_budget=kv_budget, context=context,
-                                qk_reg=qk_reg, progress=progress)
+                                qk_reg=qk_reg, fit_steps=fit_steps, progress=progress)
     record.update(cfg.extra, seconds=round(time.time() - t0, 1), kv_fraction_at_context=round(
         cfg.kv_fraction(context), 4))
     cfg = DarConfig(**{**cfg.__dict__, "extra": record})

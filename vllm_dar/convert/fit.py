@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..reference import LayerProjections
 
-METHODS = ("pca", "qk")
+METHODS = ("pca", "qk", "fit")  # fit: pca, then layer-wise output fitting (refine_layer)
 
 
 def _sym_pow(c: Tensor, power: float, ridge: float = 0.0) -> Tensor:
@@ -60,6 +60,7 @@ def fit_layer(
     """
     if method not in METHODS:
         raise ValueError(f"--method: {method!r} is not one of {METHODS}")
+    method = "pca" if method == "fit" else method  # fit starts from PCA, refined per layer after scheduling
     g, dg, _ = ck.shape
     jg = dg // head_dim  # KV heads per group
     key_q, key_k, val_down, val_up = [], [], [], []
@@ -104,3 +105,42 @@ class LayerFit:
         up = up.permute(0, 2, 1, 3).reshape(j, value_rank, d)  # [J, rv, D]
         return LayerProjections(q_proj=q.contiguous(), k_down=self.key_k[:, :, :key_rank].contiguous(),
                                 v_down=self.val_down[:, :, :value_rank].contiguous(), v_up=up.contiguous())
+
+
+def refine_layer(proj: LayerProjections, sample: tuple[Tensor, Tensor, Tensor], wo: Tensor, *, window: int,
+                 sink_tokens: int, steps: int = 200, queries: int = 128, lr: float = 3e-3,
+                 seed: int = 0) -> tuple[LayerProjections, float, float]:
+    """Layer-wise fitting (``--method fit``): start from closed-form projections and minimise, with Adam, the
+    error of this layer's DAR attention output after ``o_proj`` against its full attention output, on cached
+    calibration activations (no backward pass through the model).
+
+    sample: q [H, T, D], k, v [J, T, D] post-RoPE; wo: [hidden, H*D]. Each step draws ``queries`` positions
+    past the window (where reduction acts). Returns (projections, first loss, last loss), losses relative to the
+    mean squared norm of the full output.
+    """
+    from ..reference import dar_attention
+
+    q, k, v = (x.unsqueeze(0) for x in sample)  # [1, H|J, T, D]
+    t = q.shape[2]
+    lo = min(t - 1, max(window, sink_tokens) + 1)
+    gen = torch.Generator().manual_seed(seed)
+    params = [p.detach().clone().requires_grad_(True) for p in (proj.q_proj, proj.k_down, proj.v_down, proj.v_up)]
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.no_grad():
+        all_pos = torch.arange(lo, t)
+        full_out = dar_attention(q[:, :, all_pos], k, v, None, window=0, q_offset=all_pos)  # [1, H, N, D]
+        target = full_out.transpose(1, 2).flatten(2) @ wo.T  # [1, N, hidden]
+        norm = float(target.pow(2).sum(-1).mean())
+    first = last = float("nan")
+    for step in range(steps):
+        idx = torch.randint(0, len(all_pos), (min(queries, len(all_pos)),), generator=gen)
+        pos = all_pos[idx]
+        out = dar_attention(q[:, :, pos], k, v, LayerProjections(*params), window=window,
+                            sink_tokens=sink_tokens, q_offset=pos)  # [1, H, Nq, D]
+        loss = ((out.transpose(1, 2).flatten(2) @ wo.T - target[:, idx]).pow(2).sum(-1).mean()) / norm
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        last = float(loss.detach())
+        first = last if step == 0 else first
+    return LayerProjections(*(p.detach() for p in params)), first, last

@@ -21,8 +21,9 @@ from ..reference import LayerProjections, dar_attention
 from .fit import LayerFit
 
 SCHEDULES = ("uniform", "pyramid", "calibrated")
-WINDOWS = (16, 32, 64, 128, 256, 512)
-QUERY_SAMPLES = 256
+WINDOWS = (32, 64, 128, 256, 512)
+RANK_FRACTIONS = (1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2)  # of the projection input width
+QUERY_SAMPLES = 128
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,79 @@
+"""Engine-test helpers: DAR-converted models (built once per session) and a vLLM engine per subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens: int, engine: dict | None = None,
+               plugins: bool = True, timeout: float = 1200) -> list[list[dict]]:
+    """Generate greedily with a real vLLM engine in a fresh process. Returns, per run, per prompt,
+    {"tokens": [...], "cached": num_cached_tokens}. ``plugins=False`` sets VLLM_PLUGINS="" (stock vLLM)."""
+    job, out = tmp_path / f"job{len(os.listdir(tmp_path))}.json", tmp_path / "out.json"
+    job.write_text(json.dumps({"model": model, "engine": engine or {}, "max_tokens": max_tokens, "runs": runs}))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    if not plugins:
+        env["VLLM_PLUGINS"] = ""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_job.py"), str(job), str(out)], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise EngineFailed(proc.stdout[-4000:] + proc.stderr[-8000:])
+    return json.loads(out.read_text())["runs"]
+
+
+class EngineFailed(RuntimeError):
+    """The engine process exited with an error; the message holds the tail of its output."""
+
+
+def _convert(default_model, tmp_path_factory, name, **kw) -> str:
+    from vllm_dar.convert import convert
+
+    out = str(tmp_path_factory.mktemp(name) / "model")
+    convert(default_model, out, calib_tokens=2048, progress=False, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dar_smol(default_model, tmp_path_factory) -> str:
+    """SmolLM2-135M converted with window 64, ranks 16/16, 4 sinks (VLLM_DAR_TEST_DAR_MODEL: reuse one)."""
+    reuse = os.environ.get("VLLM_DAR_TEST_DAR_MODEL")
+    if reuse:
+        return reuse
+    return _convert(default_model, tmp_path_factory, "dar_smol", window=64, key_rank=16, value_rank=16,
+                    sink_tokens=4)
+
+
+@pytest.fixture(scope="session")
+def dar_smol_pyramid(default_model, tmp_path_factory) -> str:
+    """Per-layer ranks (pyramid schedule) and windows (32/64/96, set after conversion: the fit does not depend
+    on the window), joint head sharing: several window and far cache groups."""
+    reuse = os.environ.get("VLLM_DAR_TEST_PYRAMID_MODEL")
+    if reuse:
+        return reuse
+    out = _convert(default_model, tmp_path_factory, "dar_pyr", window=48, key_rank=24, value_rank=16,
+                   sink_tokens=4, schedule="pyramid", head_sharing="joint")
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["dar"]["window"] = [(32, 64, 96)[i % 3] for i in range(len(cfg["dar"]["window"]))]
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def doc_tokens(default_model) -> list[int]:
+    """~2K tokens of held-out documentation text (real text: greedy continuations are not degenerate)."""
+    from transformers import AutoTokenizer
+
+    from vllm_dar.data import split_files, token_windows
+
+    tok = AutoTokenizer.from_pretrained(default_model)
+    windows = token_windows(tok, split_files()[1][:20], context=1024, max_windows=2)
+    return windows[0] + windows[1]

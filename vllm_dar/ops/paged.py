@@ -1,0 +1,138 @@
+"""DAR attention over paged caches, in plain vectorised PyTorch (the CPU path; correctness first).
+
+Two caches per DAR layer, both in our own layout ``[num_blocks, heads, block_size, k_width + v_width]``
+(key in the first ``k_width`` features of a slot, value after it):
+
+* the **window cache** holds full-width K/V (``J`` heads, ``D + D``) of the sink tokens and of the recent
+  window; its block table may still list blocks the scheduler freed, so only those positions are ever read;
+* the **far cache** holds reduced K/V (``G`` projection groups, ``rk + rv``) of every token.
+
+A query at position ``t`` sees ``s <= t`` at full width when ``t - s < window`` or ``s < sink_tokens``, and at
+reduced width otherwise; one softmax runs over both sets (``vllm_dar.reference.dar_attention``, which the
+tests compare this with). Shapes: ``T`` tokens, ``H`` query heads, ``J`` KV heads, ``G`` groups, ``D`` head_dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vllm_dar.reference import LayerProjections
+
+
+@dataclass(frozen=True)
+class PagedProjections:
+    """One layer's projections, expanded per query head and cast to the compute dtype (fp32)."""
+
+    q_proj: Tensor  # [H, D, rk]: query head h -> reduced key space of its group
+    k_down: Tensor  # [G, Dg, rk]
+    v_down: Tensor  # [G, Dg, rv]
+    v_up: Tensor    # [H, rv, D]: reduced values of h's group -> values of h
+    head_group: Tensor  # [H] long: projection group of each query head
+
+    @classmethod
+    def from_layer(cls, p: LayerProjections, num_heads: int) -> PagedProjections:
+        j, g = p.num_kv_heads, p.groups
+        rep = num_heads // j
+        kv_head = torch.arange(num_heads) // rep  # [H]
+        return cls(q_proj=p.q_proj.float()[kv_head].contiguous(), k_down=p.k_down.float().contiguous(),
+                   v_down=p.v_down.float().contiguous(), v_up=p.v_up.float()[kv_head].contiguous(),
+                   head_group=kv_head // (j // g))
+
+
+def reduce_tokens(x: Tensor, down: Tensor) -> Tensor:
+    """x: [T, J, D], down: [G, Dg, r] -> [T, G, r] (the KV heads of a group concatenated, then projected)."""
+    t = x.shape[0]
+    g = down.shape[0]
+    xg = x.reshape(t, g, -1)  # [T, G, Dg]: heads of one group are adjacent
+    return torch.einsum("tgi,gir->tgr", xg.to(down.dtype), down)
+
+
+def write_slots(cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
+    """Store k [T, Hc, kw] and v [T, Hc, vw] at flat slots [T] (block * block_size + offset; < 0: skip).
+
+    cache: [num_blocks, Hc, block_size, kw + vw].
+    """
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    block_size = cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size  # [T]
+    kw = k.shape[-1]
+    cache[blocks, :, offsets, :kw] = k.to(cache.dtype)
+    cache[blocks, :, offsets, kw:] = v.to(cache.dtype)
+
+
+def gather_positions(cache: Tensor, block_row: Tensor, positions: Tensor) -> Tensor:
+    """Slots of ``positions`` [S] through one request's block table row -> [S, Hc, C]."""
+    block_size = cache.shape[2]
+    blocks = block_row[positions // block_size]  # [S]
+    return cache[blocks, :, positions % block_size, :]
+
+
+def full_width_positions(seq_len: int, first_query: int, window: int, sink_tokens: int) -> Tensor:
+    """Positions any query of the chunk may see at full width: sinks, then the window of the first query
+    through the last token. Sorted, distinct, never outside what the window cache retains."""
+    lo = max(0, first_query - window + 1)
+    sinks = torch.arange(min(sink_tokens, lo))
+    return torch.cat([sinks, torch.arange(lo, seq_len)])
+
+
+def request_attention(q: Tensor, q_pos: Tensor, window_cache: Tensor, window_row: Tensor, far_cache: Tensor,
+                      far_row: Tensor, seq_len: int, proj: PagedProjections, *, window: int, sink_tokens: int,
+                      scale: float) -> Tensor:
+    """DAR attention for one request. q: [Tq, H, D] at positions q_pos [Tq] -> [Tq, H, D] fp32."""
+    h, d = q.shape[1:]
+    qf = q.float().transpose(0, 1)  # [H, Tq, D]
+    t = q_pos.unsqueeze(1)  # [Tq, 1]
+
+    full_pos = full_width_positions(seq_len, int(q_pos[0]), window, sink_tokens)  # [Sf]
+    kv = gather_positions(window_cache, window_row, full_pos).float()  # [Sf, J, 2D]
+    rep = h // kv.shape[1]
+    k_full = kv[..., :d].transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, Sf, D]
+    v_full = kv[..., d:].transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, Sf, D]
+    s = full_pos.unsqueeze(0)  # [1, Sf]
+    full_ok = (s <= t) & ((t - s < window) | (s < sink_tokens))  # [Tq, Sf]
+    scores_full = (qf @ k_full.transpose(1, 2) * scale).masked_fill(~full_ok, float("-inf"))  # [H, Tq, Sf]
+
+    red_end = max(sink_tokens, seq_len - window)  # the last query reduces positions < seq_len - window
+    red_pos = torch.arange(sink_tokens, red_end)  # [Sr]
+    if red_pos.numel() == 0:
+        probs = torch.softmax(scores_full, dim=-1)
+        return (probs @ v_full).transpose(0, 1)  # [Tq, H, D]
+
+    rk = proj.k_down.shape[-1]
+    red = gather_positions(far_cache, far_row, red_pos).float()  # [Sr, G, rk + rv]
+    k_red = red[..., :rk].transpose(0, 1)[proj.head_group]  # [H, Sr, rk]
+    v_red = red[..., rk:].transpose(0, 1)[proj.head_group]  # [H, Sr, rv]
+    q_red = qf @ proj.q_proj  # [H, Tq, rk]
+    sr = red_pos.unsqueeze(0)  # [1, Sr]
+    red_ok = (t - sr >= window) & (sr >= sink_tokens)  # [Tq, Sr]: causal is implied by t - s >= window >= 0
+    scores_red = (q_red @ k_red.transpose(1, 2) * scale).masked_fill(~red_ok, float("-inf"))  # [H, Tq, Sr]
+
+    probs = torch.softmax(torch.cat([scores_full, scores_red], dim=-1), dim=-1)  # [H, Tq, Sf + Sr]
+    sf = full_pos.numel()
+    out = probs[..., :sf] @ v_full  # [H, Tq, D]
+    out = out + (probs[..., sf:] @ v_red) @ proj.v_up  # accumulate at reduced width, project up once
+    return out.transpose(0, 1)  # [Tq, H, D]
+
+
+def dar_paged_attention(query: Tensor, output: Tensor, *, window_cache: Tensor, window_table: Tensor,
+                        far_cache: Tensor, far_table: Tensor, query_start_loc: list[int], seq_lens: list[int],
+                        proj: PagedProjections, window: int, sink_tokens: int, scale: float) -> None:
+    """DAR attention for a batch of requests (prefill chunks, decodes, or both), into ``output``.
+
+    query: [T, H, D]; output: [T, H, D]; window_table / far_table: [R, max_blocks] block ids;
+    query_start_loc: R + 1 offsets into the T tokens; seq_lens: R (cached + new tokens per request).
+    Each request's queries are its last ``q_len`` positions.
+    """
+    for r in range(len(seq_lens)):
+        a, b = query_start_loc[r], query_start_loc[r + 1]
+        if b == a:
+            continue
+        seq_len = seq_lens[r]
+        q_pos = torch.arange(seq_len - (b - a), seq_len)  # [Tq]
+        out = request_attention(query[a:b], q_pos, window_cache, window_table[r], far_cache, far_table[r],
+                                seq_len, proj, window=window, sink_tokens=sink_tokens, scale=scale)
+        output[a:b] = out.to(output.dtype)

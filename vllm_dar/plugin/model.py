@@ -1,0 +1,97 @@
+"""The served model's DAR state: config and projections loaded once per process, settings checked at start-up.
+
+Every refusal names the setting and the value, and happens while the model is built (before any KV cache is
+allocated), so an unsupported launch fails at start-up rather than serving wrong tokens.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+from vllm_dar.checkpoint import load_dar
+from vllm_dar.config import DarConfig, DarConfigError
+from vllm_dar.reference import LayerProjections
+
+logger = logging.getLogger("vllm.vllm_dar")  # under "vllm": shown by vLLM's own log handler
+
+
+@dataclass(frozen=True)
+class DarModel:
+    cfg: DarConfig
+    projections: tuple[LayerProjections, ...]
+
+
+def served_dar_model(model_config) -> DarModel | None:
+    """The served model's DAR state, or None for a model without a ``dar`` section (served as stock)."""
+    if getattr(model_config.hf_config, "dar", None) is None:
+        return None
+    if not os.path.isfile(os.path.join(model_config.model, "config.json")):
+        raise DarConfigError(f"vllm-dar: model {model_config.model!r} has a dar section but is not a local "
+                             "directory; the projections are read from the model directory: download it first")
+    return dar_model(model_config.model)
+
+
+@functools.lru_cache(maxsize=4)
+def dar_model(model_dir: str) -> DarModel | None:
+    """The DAR config and projections of the checkpoint at ``model_dir`` (validated), or None without ``dar``."""
+    cfg, projections = load_dar(model_dir)
+    if cfg is None:
+        return None
+    return DarModel(cfg, tuple(projections))
+
+
+def check_engine(vllm_config) -> None:
+    """Refuse engine settings the DAR path does not implement (raises DarConfigError)."""
+    cache, parallel = vllm_config.cache_config, vllm_config.parallel_config
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    checks = [
+        (cache.cache_dtype != "auto",
+         f"kv_cache_dtype={cache.cache_dtype!r}: the DAR backend stores K/V in the model dtype only; use 'auto'"),
+        (tp != 1, f"tensor_parallel_size={tp}: DAR projections are not sharded yet; use 1"),
+        (pp != 1, f"pipeline_parallel_size={pp}: not supported by the DAR backend; use 1"),
+        (vllm_config.speculative_config is not None, "speculative decoding is not supported by the DAR backend"),
+        (getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False),
+         "disable_hybrid_kv_cache_manager=True: DAR needs the hybrid KV cache manager (window + far caches)"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise DarConfigError(f"vllm-dar: {message}")
+
+
+def check_layer(impl, model: DarModel, layer_index: int) -> None:
+    """Refuse attention features the DAR path does not implement, for one layer (raises DarConfigError)."""
+    shape = model.cfg.shape
+    ours = (impl.num_heads, impl.num_kv_heads, impl.head_size)
+    theirs = (shape.num_heads, shape.num_kv_heads, shape.head_dim)
+    checks = [
+        (impl.attn_type != "decoder", f"attention type {impl.attn_type!r}: only decoder attention"),
+        (impl.sliding_window != -1, f"model sliding window {impl.sliding_window}: not combined with DAR"),
+        (impl.alibi_slopes is not None, "ALiBi: not supported"),
+        (bool(impl.logits_soft_cap), f"logits_soft_cap={impl.logits_soft_cap}: not supported"),
+        (impl.sinks is not None, "learned attention sinks: not supported"),
+        (ours != theirs, f"heads/kv_heads/head_size {ours} differ from the dar section's {theirs}"),
+        (not 0 <= layer_index < shape.num_layers,
+         f"layer index {layer_index} outside the dar section's {shape.num_layers} layers"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise DarConfigError(f"vllm-dar: layer {layer_index}: {message}")
+
+
+_logged: set[str] = set()
+
+
+def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int) -> None:
+    """One line per process: layers, windows, ranks, and KV bytes per token against full attention."""
+    if model_dir in _logged:
+        return
+    _logged.add(model_dir)
+    cfg, s = model.cfg, model.cfg.shape
+    full = 2 * s.head_dim * s.num_kv_heads * s.num_layers * dtype_bytes
+    dar = cfg.kv_elems(context) * dtype_bytes / context
+    reduced_only = sum(cfg.layer(i).reduced_elems() for i in range(s.num_layers)) * dtype_bytes
+    logger.info("vllm-dar: DAR backend for %s (%s); KV bytes/token at %d context: %.0f vs %d full (%.3fx); "
+                "far cache alone %d bytes/token", model_dir, cfg.describe(), context, dar, full, dar / full,
+                reduced_only)

@@ -1,18 +1,19 @@
 """Which dtype vLLM's CPU backend serves fastest: bfloat16 vs float32 SmolLM2-135M, one run, alternating.
 
-Each measurement is a fresh ``python`` subprocess with its own ``LLM`` (engines do not free memory well), in the
-order fp32, bf16, fp32, bf16, ... so machine noise hits both dtypes alike. In each engine, after a warm-up batch:
+Each measurement is a fresh ``python`` subprocess with its own ``LLM`` (engines free memory badly), in the
+order fp32, bf16, fp32, bf16, ... so machine noise hits both dtypes alike. After a warm-up each engine runs:
 
 * prefill: 8 prompts of 1024 real-text tokens (held-out python3.11-doc), ``max_tokens=1``; prompt tokens / s.
-* decode: 8 other prompts, ``max_tokens=64``, greedy, ``ignore_eos``; (generated tokens - 1 per prompt) / s over
-  the span from the first token to the last one, taken from vLLM's per-request metrics (``RequestOutput.metrics``).
+* decode: 8 other prompts, ``max_tokens=64``, greedy, ``ignore_eos``; batch / (time per decode step), the
+  step time from vLLM's per-request metrics (``RequestOutput.metrics``) of the last request to finish prefill.
 
-``max_num_batched_tokens`` holds the whole batch, so the 8 prefills run in one step and decode is a clean batch of
-8. Prefix caching is off. Reports per-dtype medians, the bf16/fp32 ratios and how often the greedy tokens agree.
-Run:
+``max_num_batched_tokens`` holds the whole batch. The engine core starts on the first request before the
+other 7 arrive, so prefill runs as 1 + 7 requests and the first request is a step ahead; timing decode on the
+last-prefilled request sees only steps where all 8 (in its last step 7) decode. Prefix caching is off.
+Reports per-dtype medians, the bf16/fp32 ratios and how often the greedy tokens of the two dtypes agree. Run:
 
-    python benchmarks/dtype_speed.py --json            # 2 rounds (about 5 minutes on 2 cores)
-    python benchmarks/dtype_speed.py --quick --json    # 1 round, shorter prompts
+    python benchmarks/dtype_speed.py --json          # 2 rounds: 10-20 min on 2 cores (~1 min compile/engine)
+    python benchmarks/dtype_speed.py --quick --json  # 1 round, shorter prompts
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ import sys
 import tempfile
 import time
 
-CHECKPOINTS = {"fp32": ("smollm2-135m-f32", "float32"), "bf16": ("smollm2-135m", "bfloat16")}  # name -> (dir, dtype)
+# name -> (checkpoint directory under --models-dir, dtype to serve it in); fp32 first in every round
+CHECKPOINTS = {"fp32": ("smollm2-135m-f32", "float32"), "bf16": ("smollm2-135m", "bfloat16")}
 
 
 def measure(*, model: str, dtype: str, batch: int, prompt_len: int, decode_tokens: int, kv_gib: int) -> dict:
-    """Build one engine, warm it up, time one prefill batch and one decode batch (runs inside the subprocess)."""
+    """Build one engine, warm it up, time a prefill batch and a decode batch (runs in the subprocess)."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)  # same KV pool for both dtypes, cheap to allocate
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams, TokensPrompt
@@ -53,18 +55,17 @@ def measure(*, model: str, dtype: str, batch: int, prompt_len: int, decode_token
     run(prefill_prompts, 2)  # warm-up: compilation and first-touch allocations
     outs, prefill_wall = run(prefill_prompts, 1)
     m = [o.metrics for o in outs]
-    prefill_s = max(x.first_token_ts for x in m) - min(x.scheduled_ts for x in m)
+    prefill_s = max(x.first_token_ts for x in m) - min(x.scheduled_ts for x in m)  # engine-core clock
     outs, decode_wall = run(decode_prompts, decode_tokens)
-    m = [o.metrics for o in outs]
-    decode_s = max(x.last_token_ts for x in m) - min(x.first_token_ts for x in m)
-    generated = [list(o.outputs[0].token_ids) for o in outs]
+    last = max(outs, key=lambda o: o.metrics.first_token_ts)  # its decode steps are full-batch steps
+    step_s = (last.metrics.last_token_ts - last.metrics.first_token_ts) / (len(last.outputs[0].token_ids) - 1)
     return {
         "served_dtype": str(llm.llm_engine.model_config.dtype),
         "prefill_tok_s": batch * prompt_len / prefill_s,
-        "decode_tok_s": sum(len(g) - 1 for g in generated) / decode_s,
-        "prefill_wall_tok_s": batch * prompt_len / prefill_wall,
-        "decode_wall_tok_s": sum(len(g) - 1 for g in generated) / max(decode_wall - prefill_wall, 1e-9),
-        "tokens": generated,
+        "decode_tok_s": batch / step_s,
+        "prefill_wall_s": prefill_wall,
+        "decode_wall_s": decode_wall,
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
     }
 
 
@@ -86,7 +87,8 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     for ra, rb in zip(a, b):
         n = next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), len(ra))
         prefix.append(n / len(ra))
-    return {"identical_tokens": same / sum(len(r) for r in a), "mean_prefix_before_divergence": sum(prefix) / len(a)}
+    return {"identical_tokens": same / sum(len(r) for r in a),
+            "mean_prefix_before_divergence": sum(prefix) / len(a)}
 
 
 def main() -> int:
@@ -116,11 +118,11 @@ def main() -> int:
     t0 = time.time()
     runs: dict[str, list[dict]] = {name: [] for name in CHECKPOINTS}
     for r in range(a.rounds):
-        for name in CHECKPOINTS:  # fp32 then bf16, every round
+        for name in CHECKPOINTS:
             runs[name].append(spawn(a, name))
             print(f"round {r} {name}: prefill {runs[name][-1]['prefill_tok_s']:.0f} tok/s, "
                   f"decode {runs[name][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
-    keys = ("prefill_tok_s", "decode_tok_s", "prefill_wall_tok_s", "decode_wall_tok_s")
+    keys = ("prefill_tok_s", "decode_tok_s", "prefill_wall_s", "decode_wall_s")
     med = {n: {k: statistics.median(x[k] for x in rs) for k in keys} for n, rs in runs.items()}
     result = {
         "setup": {"batch": a.batch, "prompt_len": a.prompt_len, "decode_tokens": a.decode_tokens,
@@ -128,7 +130,7 @@ def main() -> int:
         "served_dtype": {n: rs[0]["served_dtype"] for n, rs in runs.items()},
         "median": med,
         "per_round": {n: [{k: round(x[k], 1) for k in keys} for x in rs] for n, rs in runs.items()},
-        "ratio_bf16_over_fp32": {k: med["bf16"][k] / med["fp32"][k] for k in keys},
+        "ratio_bf16_over_fp32": {k: med["bf16"][k] / med["fp32"][k] for k in keys[:2]},
         "greedy_agreement_bf16_vs_fp32": agreement(runs["bf16"][0]["tokens"], runs["fp32"][0]["tokens"]),
         "repeatable": {n: all(x["tokens"] == rs[0]["tokens"] for x in rs) for n, rs in runs.items()},
         "wall_s": round(time.time() - t0, 1),
@@ -137,8 +139,10 @@ def main() -> int:
         print(json.dumps(result, indent=2))
     else:
         for n in CHECKPOINTS:
-            print(f"{n}: prefill {med[n]['prefill_tok_s']:.0f} tok/s, decode {med[n]['decode_tok_s']:.1f} tok/s")
-        print(f"bf16/fp32: {result['ratio_bf16_over_fp32']}\nagreement: {result['greedy_agreement_bf16_vs_fp32']}")
+            print(f"{n}: prefill {med[n]['prefill_tok_s']:.0f} tok/s, "
+                  f"decode {med[n]['decode_tok_s']:.1f} tok/s")
+        print(f"bf16/fp32: {result['ratio_bf16_over_fp32']}")
+        print(f"agreement: {result['greedy_agreement_bf16_vs_fp32']}")
     return 0
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..reference import LayerProjections, dar_attention
+from ..reference import dar_masks, reconstruct_kv
 from .fit import LayerFit
 
 SCHEDULES = ("uniform", "pyramid", "calibrated")
@@ -60,26 +60,38 @@ def layer_errors(sample: tuple[Tensor, Tensor, Tensor], wo: Tensor, fit: LayerFi
     """Measured output errors of one layer: (key errors [W, R], value errors [W, R]).
 
     ``err = mean over sampled queries of ||(o_dar - o_full) W_o^T||^2``; key errors reduce keys only (values at
-    full width through identity maps), value errors the reverse. sample: q [H, T, D], k, v [J, T, D].
+    full width), value errors values only (then the softmax is the full one for every window and rank).
+    Reduced scores and values go through ``reconstruct_kv`` (same math as ``dar_attention``, which the tests
+    check), so each (window, rank) costs one softmax. sample: q [H, T, D], k, v [J, T, D].
     """
     q, k, v = (x.unsqueeze(0) for x in sample)  # [1, H|J, T, D]
-    t = q.shape[2]
+    h, j, t, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    rep = h // j
     pos = torch.linspace(min(t - 1, 16), t - 1, min(QUERY_SAMPLES, t)).long().unique()  # [Tq]
-    qs = q[:, :, pos]
-    full_out = dar_attention(qs, k, v, None, window=0, q_offset=pos)  # [1, H, Tq, D]
-    dk, dv = _full(fit)
+    qs = q[:, :, pos] * d ** -0.5  # [1, H, Tq, D], scale folded in
+    s_full = qs @ k.repeat_interleave(rep, 1).mT  # [1, H, Tq, T]
+    vf = v.repeat_interleave(rep, 1)  # [1, H, T, D]
+    causal = dar_masks(len(pos), t, window=1 << 62, sink_tokens=0, q_offset=pos)[0]
+    p_full = torch.softmax(s_full.masked_fill(~causal, float("-inf")), -1)  # [1, H, Tq, T]
+    full_out = p_full @ vf
+    dk, dv = fit.key_k.shape[1], fit.val_down.shape[1]
 
-    def err(proj: LayerProjections, w: int) -> float:
-        out = dar_attention(qs, k, v, proj, window=w, sink_tokens=sink_tokens, q_offset=pos)
+    def err(out: Tensor) -> float:
         diff = (out - full_out).transpose(1, 2).flatten(2) @ wo.T  # [1, Tq, hidden]
         return float(diff.pow(2).sum(-1).mean())
 
     ek = torch.zeros(len(windows), len(ranks))
     ev = torch.zeros(len(windows), len(ranks))
+    recon = [reconstruct_kv(k, v, fit.at(min(r, dk), min(r, dv))) for r in ranks]  # per rank: k~, v~ [1,J,T,D]
+    s_red = [qs @ kr.repeat_interleave(rep, 1).mT for kr, _ in recon]  # [1, H, Tq, T] each
     for a, w in enumerate(windows):
-        for b, r in enumerate(ranks):
-            ek[a, b] = err(fit.at(min(r, dk), dv), w)
-            ev[a, b] = err(fit.at(dk, min(r, dv)), w)
+        full, red = dar_masks(len(pos), t, window=w, sink_tokens=sink_tokens, q_offset=pos)
+        p_win = p_full.masked_fill(~full, 0.0)
+        p_red = p_full.masked_fill(~red, 0.0)
+        for b, (sr, (_, vr)) in enumerate(zip(s_red, recon)):
+            scores = torch.where(full, s_full, torch.where(red, sr, float("-inf")))
+            ek[a, b] = err(torch.softmax(scores, -1) @ vf)
+            ev[a, b] = err(p_win @ vf + p_red @ vr.repeat_interleave(rep, 1))
     return ek, ev
 
 

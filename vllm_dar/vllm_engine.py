@@ -1,0 +1,71 @@
+"""``--engine vllm`` for ``vllm-dar eval`` and ``generate``: the same measurements through the real vLLM engine.
+
+Perplexity comes from vLLM's prompt log-probabilities (``prompt_logprobs=0``: the log-probability of each actual
+prompt token). vLLM spawns worker processes, so callers must run under an ``if __name__ == "__main__":`` guard
+(the ``vllm-dar`` console script does).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from .checkpoint import read_config
+from .data import token_windows
+
+DEFAULT_KV_SPACE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE when unset: vLLM's CPU memory share check refuses defaults here
+
+
+def _require_backend(model: str) -> None:
+    """A DAR model needs vllm-dar's attention backend; refuse clearly while it cannot serve one."""
+    if "dar" not in read_config(model):
+        return
+    from importlib.util import find_spec
+
+    if find_spec("vllm_dar.plugin.backend") is None:
+        raise RuntimeError(
+            f"{model} is DAR-converted: --engine vllm needs vllm-dar's attention backend, which this version does "
+            "not ship yet; use --engine hf (the reference)"
+        )
+
+
+def _llm(model: str, *, max_model_len: int, dtype: str | None):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_SPACE_GIB)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for our JSON
+    from vllm import LLM
+
+    # vLLM's CPU platform downcasts fp32 checkpoints to bf16 under "auto": default to the checkpoint's dtype.
+    raw = read_config(model)
+    dtype = dtype or raw.get("dtype") or raw.get("torch_dtype") or "auto"
+    return LLM(model=model, dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=0.5, seed=0)
+
+
+def vllm_perplexity(model: str, text: list[str], *, context: int, max_windows: int | None,
+                    dtype: str | None) -> dict:
+    _require_backend(model)
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams, TokensPrompt
+
+    windows = token_windows(AutoTokenizer.from_pretrained(model), text, context=context, max_windows=max_windows)
+    llm = _llm(model, max_model_len=context + 1, dtype=dtype)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
+    nll, count = 0.0, 0
+    for w, out in zip(windows, outs):
+        for tok, lp in zip(w[1:], out.prompt_logprobs[1:]):  # position 0 has no prediction
+            nll -= lp[tok].logprob
+            count += 1
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "engine": "vllm",
+            "model": model, "context": context}
+
+
+def vllm_generate(model: str, prompt: str, *, max_tokens: int, dtype: str | None) -> dict:
+    _require_backend(model)
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams, TokensPrompt
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    llm = _llm(model, max_model_len=len(ids) + max_tokens + 1, dtype=dtype)
+    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                       use_tqdm=False)[0].outputs[0]
+    return {"prompt_tokens": len(ids), "token_ids": list(out.token_ids), "text": out.text, "engine": "vllm"}

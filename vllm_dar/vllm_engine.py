@@ -1,6 +1,7 @@
 """``--engine vllm`` for ``vllm-dar eval`` and ``generate``: the same measurements through the real vLLM engine.
 
-Perplexity comes from vLLM's prompt log-probabilities (``prompt_logprobs=0``: the log-probability of each actual
+A DAR-converted model is served by vllm-dar's attention backend (``vllm_dar.plugin``), which the package registers
+with vLLM through its entry point. Perplexity comes from vLLM's prompt log-probabilities (``prompt_logprobs=0``: the log-probability of each actual
 prompt token). vLLM spawns worker processes, so callers must run under an ``if __name__ == "__main__":`` guard
 (the ``vllm-dar`` console script does).
 """
@@ -13,19 +14,6 @@ from .checkpoint import read_config
 from .data import token_windows
 
 DEFAULT_KV_SPACE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE when unset: vLLM's CPU memory share check refuses defaults here
-
-
-def _require_backend(model: str) -> None:
-    """A DAR model needs vllm-dar's attention backend; refuse clearly while it cannot serve one."""
-    if "dar" not in read_config(model):
-        return
-    from importlib.util import find_spec
-
-    if find_spec("vllm_dar.plugin.backend") is None:
-        raise RuntimeError(
-            f"{model} is DAR-converted: --engine vllm needs vllm-dar's attention backend, which this version does "
-            "not ship yet; use --engine hf (the reference)"
-        )
 
 
 def _llm(model: str, *, max_model_len: int, dtype: str | None):
@@ -41,7 +29,6 @@ def _llm(model: str, *, max_model_len: int, dtype: str | None):
 
 def vllm_perplexity(model: str, text: list[str], *, context: int, max_windows: int | None,
                     dtype: str | None) -> dict:
-    _require_backend(model)
     from transformers import AutoTokenizer
     from vllm import SamplingParams, TokensPrompt
 
@@ -59,7 +46,6 @@ def vllm_perplexity(model: str, text: list[str], *, context: int, max_windows: i
 
 
 def vllm_generate(model: str, prompt: str, *, max_tokens: int, dtype: str | None) -> dict:
-    _require_backend(model)
     from transformers import AutoTokenizer
     from vllm import SamplingParams, TokensPrompt
 

@@ -1,12 +1,13 @@
 """The DAR backend inside a real vLLM engine (CPU), against the Hugging Face reference engine, in fp32.
 
-Every engine runs in its own process (``conftest.run_engine``). Greedy decoding must match token for token:
+Every engine runs in its own process (``helpers.run_engine``). Greedy decoding must match token for token:
 both sides compute attention in fp32, so only summation order differs.
 """
 from __future__ import annotations
 
 import pytest
-from conftest import EngineFailed, run_engine
+
+from .helpers import EngineFailed, run_engine
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 24
@@ -68,5 +69,6 @@ def test_per_layer_windows_and_joint_sharing(dar_smol_pyramid, doc_tokens, tmp_p
 
 
 def test_fp8_kv_cache_refused(dar_smol, tmp_path):
-    with pytest.raises(EngineFailed, match="kv_cache_dtype='fp8'"):
+    refusal = "kv_cache_dtype='fp8': the DAR backend stores K/V in the model dtype only"
+    with pytest.raises(EngineFailed, match=refusal):
         run_engine(tmp_path, dar_smol, [[[1, 2, 3]]], max_tokens=1, engine={"kv_cache_dtype": "fp8"})

@@ -24,6 +24,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
@@ -65,8 +66,6 @@ class DarWindowManager(SlidingWindowManager):
         sink_blocks = min(kv_cache_spec.sink_blocks, len(computed[0]))
         if sink_blocks == 0:
             return computed, hit_length
-        from vllm.v1.core.kv_cache_utils import resolve_block_hashes
-
         hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size, kv_cache_spec.block_size,
                                       supports_fine_grained_hash_lookup=cls.supports_fine_grained_hash_lookup,
                                       alignment_tokens=alignment_tokens)

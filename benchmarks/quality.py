@@ -61,7 +61,12 @@ def main() -> int:
     ap.add_argument("--kv-budget", type=float, default=None,
                     help="budget for the calibrated rows (default: what the 'dar' row costs)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--render", metavar="JSON", help="print the markdown table of a saved --json result and exit")
     a = ap.parse_args()
+    if a.render:
+        with open(a.render) as f:
+            print(markdown(json.load(f)))
+        return 0
     torch.set_num_threads(os.cpu_count() or 1)
 
     t0 = time.time()
@@ -114,6 +119,16 @@ def main() -> int:
             print(f"{r['row']:18} {r['perplexity']:8.3f} {r['delta_vs_full']:+8.1%} {r['kv_fraction']:6.1%} "
                   f"{r['top1_agreement']:6.1%}  {r['setting']}")
     return 0
+
+
+def markdown(out: dict) -> str:
+    lines = [f"Held-out text: {out['eval_tokens']} tokens at context {out['context']}; calibration "
+             f"{out['calib_tokens']} tokens from other files. Full model perplexity {out['full_perplexity']}.", "",
+             "| row | setting | perplexity | vs full | KV bytes | top-1 agreement |", "|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['row']} | {r['setting']} | {r['perplexity']:.2f} | {r['delta_vs_full']:+.1%} | "
+                     f"{r['kv_fraction']:.1%} | {r['top1_agreement']:.1%} |")
+    return "\n".join(lines)
 
 
 def plan_fraction(shape, context: int) -> float:

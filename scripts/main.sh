@@ -13,7 +13,7 @@ WINDOWS=${WINDOWS:-4}
 # Held-out text: the evaluation part of python3.11-doc's sources (never used for calibration).
 mapfile -t TEXT < <(python -c "from vllm_dar.data import split_files; print('\n'.join(split_files()[1]))")
 
-vllm-dar convert "$SRC" "$OUT" --force --window 64 --key-rank 16 --value-rank 16 --sink-tokens 4 \
+vllm-dar convert "$SRC" "$OUT" --force --window 64 --key-rank 48 --value-rank 48 --head-sharing joint --sink-tokens 4 \
   --schedule calibrated ${DAR_ARGS:-}
 vllm-dar eval "$SRC" --text "${TEXT[@]}" --max-windows "$WINDOWS" --json --quiet | tee /tmp/vllm-dar-full.json
 vllm-dar eval "$OUT" --text "${TEXT[@]}" --max-windows "$WINDOWS" --json --quiet | tee /tmp/vllm-dar-dar.json

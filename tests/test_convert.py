@@ -167,3 +167,18 @@ def test_layerwise_fit_lowers_the_output_error():
                                     queries=32, lr=1e-2)
     assert last < 0.7 * first
     assert new.q_proj.shape == proj.q_proj.shape and not new.q_proj.requires_grad
+
+
+def test_capture_hooks_always_come_off(tiny_llama):
+    from vllm_dar.hf import _STATE, attention_modules, capture, load_model
+
+    model, _ = load_model(tiny_llama, dtype="float32")
+    before = model.config._attn_implementation
+    seen = []
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(model, lambda i, q, k, v: seen.append((i, tuple(k.shape)))):
+            model(torch.tensor([[1, 2, 3]]))
+            raise RuntimeError("boom")
+    assert seen == [(0, (1, 2, 3, 16)), (1, (1, 2, 3, 16))]  # post-RoPE keys of both layers were seen
+    assert model.config._attn_implementation == before
+    assert not any(hasattr(m, _STATE) for m in attention_modules(model))

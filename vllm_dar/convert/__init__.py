@@ -17,7 +17,7 @@ from .calibrate import LayerStats, calibrate
 from .fit import METHODS, LayerFit, fit_layer, refine_layer
 from .schedule import RANK_FRACTIONS, SCHEDULES, WINDOWS, Setting, calibrated, measure_all, pyramid
 
-__all__ = ["convert", "calibrate_model", "plan", "METHODS", "SCHEDULES"]
+__all__ = ["METHODS", "SCHEDULES", "calibrate_model", "convert", "plan"]
 
 
 def calibrate_model(src: str, *, calib_files: list[str] | None, calib_tokens: int, context: int,

@@ -52,7 +52,7 @@ def _block_diag(blocks: Tensor) -> Tensor:
 
 def fit_layer(
     cq: Tensor, ck: Tensor, cv: Tensor, wo_metric: Tensor, *, head_dim: int, method: str, reg: float = 0.1
-) -> "LayerFit":
+) -> LayerFit:
     """Fit one layer's ordered bases.
 
     cq: [J, D, D] query covariance per KV head (summed over its query heads); ck, cv: [G, Dg, Dg] group key and

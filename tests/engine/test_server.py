@@ -1,0 +1,90 @@
+"""`vllm serve` on a DAR checkpoint, driven by the official ``openai`` client (real server, real model, fp32).
+
+One server per module. Completions must match the Hugging Face DAR reference token for token on a prompt longer
+than the window; chat must answer, and streaming must concatenate to the non-streaming answer.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_patches import _free_port, _stop, _wait_ready  # tests/ is on sys.path (rootdir-relative imports)
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+MAX_TOKENS = 16
+PROMPT_TOKENS = 200  # > the window (64): the far cache is in play
+CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+
+class Server:
+    def __init__(self, model: str, port: int, log: Path):
+        from openai import OpenAI
+
+        self.model, self.log = model, log
+        self.client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def server(dar_smol, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    port = _free_port()
+    cmd = [str(BIN / "vllm"), "serve", dar_smol, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", "1024", "--gpu-memory-utilization", "0.5"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
+        except (AssertionError, TimeoutError) as e:
+            pytest.fail(f"{e}\n--- server log (tail) ---\n{log.read_text()[-6000:]}")
+        yield Server(dar_smol, port, log)
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def long_prompt(dar_smol) -> list[int]:
+    """The first PROMPT_TOKENS tokens of a held-out documentation file."""
+    from transformers import AutoTokenizer
+
+    from vllm_dar.data import split_files
+
+    with open(split_files()[1][0], encoding="utf-8") as f:
+        ids = AutoTokenizer.from_pretrained(dar_smol)(f.read(), add_special_tokens=False)["input_ids"]
+    assert len(ids) >= PROMPT_TOKENS
+    return ids[:PROMPT_TOKENS]
+
+
+def test_completion_matches_hf_reference(server, long_prompt):
+    from vllm_dar.evaluate import greedy, load_for_eval
+
+    # Token ids in and out: no tokenizer round trip on either side. ignore_eos: the reference never stops.
+    out = server.client.completions.create(model=server.model, prompt=long_prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
+    choice = out.choices[0]
+    assert choice.text.strip()
+    model, _, cfg, projections = load_for_eval(server.model, "float32")
+    expected = greedy(model, long_prompt, MAX_TOKENS, cfg=cfg, projections=projections)
+    assert choice.token_ids == expected
+
+
+def _chat(server, **kw):
+    return server.client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=MAX_TOKENS,
+                                                 temperature=0, **kw)
+
+
+def test_chat_answers(server):
+    answer = _chat(server).choices[0].message.content
+    assert answer and answer.strip()
+
+
+def test_chat_stream_equals_non_streaming(server):
+    whole = _chat(server).choices[0].message.content
+    chunks = [c.choices[0].delta.content or "" for c in _chat(server, stream=True) if c.choices]
+    assert len(chunks) > 1
+    assert "".join(chunks) == whole

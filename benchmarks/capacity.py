@@ -1,0 +1,136 @@
+"""KV capacity and real 4K-request concurrency of a stock vs a DAR model at the same fixed KV memory.
+
+Each model runs in a fresh ``python`` subprocess with ``VLLM_CPU_KVCACHE_SPACE=--kv-gib`` (fixed, because automatic
+sizing on CPU is noisy) and ``LLM(max_model_len=4096+64, gpu_memory_utilization=0.5, dtype="float32",
+enable_prefix_caching=False, disable_log_stats=False)`` with vLLM's default scheduler settings (or
+``--max-num-batched-tokens``). Two figures per model:
+
+* ``kv_capacity_tokens``: vLLM's own capacity, ``llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens``,
+  which the engine core sends back to the frontend; it is the number behind the "CPU KV cache size: N tokens"
+  log line (max concurrency for ``max_model_len`` x ``max_model_len``, a worst-case admission bound).
+* ``max_concurrent``: how many ``--prompt-len``-token requests actually run at once. ``--requests`` random-token
+  prompts are submitted together; each request's interval is [``scheduled_ts``, ``last_token_ts``] from vLLM's
+  per-request metrics (``RequestOutput.metrics``, engine-core clock) and the figure is the maximum overlap of
+  those intervals. Requests are admitted about one per step (a prompt fills the token budget), so a request must
+  outlive ``--requests`` steps for the overlap to be limited by the KV cache, not by ``max_tokens``: hence
+  ``--max-tokens 32`` (``ignore_eos``). A preempted request keeps its first ``scheduled_ts``, so its interval
+  overstates; ``preemptions`` says whether that happened.
+
+The DAR checkpoint (uniform per-head window 64, ranks 16/16, 4 sinks) is made with (~2-3 min)::
+
+    vllm-dar convert models/smollm2-135m-f32 models/smollm2-135m-dar --window 64 --key-rank 16 \\
+        --value-rank 16 --sink-tokens 4 --calib-tokens 2048
+
+Run (a few minutes per model on 2 cores; ``--quick``: 1024-token prompts, 8 requests)::
+
+    python benchmarks/capacity.py --json [--stock DIR] [--dar DIR] [--kv-gib 1] [--max-num-batched-tokens N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_MODEL_LEN = 4096 + 64
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """Largest number of [start, end] intervals covering one instant; an end at t frees its slot before a start."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])  # -1 sorts before +1
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_tokens: int,
+            max_num_batched_tokens: int | None) -> dict:
+    """Build one engine, read its KV capacity, run the concurrent batch (runs in the subprocess)."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
+    import random
+
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    extra = {} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}
+    llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.5, dtype="float32",
+              enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
+    config = llm.llm_engine.vllm_config
+    rng = random.Random(0)
+    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 40000) for _ in range(prompt_len)])
+               for _ in range(requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    m = [o.metrics for o in outs]
+    return {
+        "kv_capacity_tokens": config.cache_config.kv_cache_size_tokens,
+        "kv_max_concurrency_logged": config.cache_config.kv_cache_max_concurrency,
+        "num_blocks": config.cache_config.num_gpu_blocks,
+        "block_size": config.cache_config.block_size,
+        "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+        "max_concurrent": max_overlap([(x.scheduled_ts, x.last_token_ts) for x in m]),
+        "preemptions": sum(x.num_preemptions for x in m),
+        "engine_s": max(x.last_token_ts for x in m) - min(x.scheduled_ts for x in m),
+    }
+
+
+def spawn(args: argparse.Namespace, model: str) -> dict:
+    """One engine in a fresh interpreter; the result comes back through a file (vLLM logs to stdout)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, "--out", out.name,
+               "--kv-gib", str(args.kv_gib), "--requests", str(args.requests),
+               "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens)]
+        if args.max_num_batched_tokens is not None:
+            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.json else None)
+        with open(out.name) as f:
+            return json.load(f)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stock", default=os.path.join(REPO, "models/smollm2-135m-f32"))
+    p.add_argument("--dar", default=os.path.join(REPO, "models/smollm2-135m-dar"))
+    p.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (integer GiB) for both models")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=32, help="must exceed --requests - 1 (see docstring)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM's")
+    p.add_argument("--quick", action="store_true", help="1024-token prompts, 8 requests")
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.prompt_len, args.requests = 1024, 8
+    if args.prompt_len + args.max_tokens > MAX_MODEL_LEN:
+        p.error(f"--prompt-len + --max-tokens = {args.prompt_len + args.max_tokens} > max_model_len {MAX_MODEL_LEN}")
+    if args.worker:
+        result = measure(model=args.worker, kv_gib=args.kv_gib, requests=args.requests,
+                         prompt_len=args.prompt_len, max_tokens=args.max_tokens,
+                         max_num_batched_tokens=args.max_num_batched_tokens)
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+        return
+    models = {"stock": spawn(args, args.stock), "dar": spawn(args, args.dar)}
+    keys = ("kv_capacity_tokens", "max_concurrent")
+    result = {
+        "settings": {k: getattr(args, k) for k in ("stock", "dar", "kv_gib", "requests", "prompt_len",
+                                                    "max_tokens", "max_num_batched_tokens")},
+        **models,
+        "ratio": {k: models["dar"][k] / models["stock"][k] for k in keys},
+    }
+    if not args.json:
+        for name, r in models.items():
+            print(f"{name:5s} kv_capacity_tokens={r['kv_capacity_tokens']:,} "
+                  f"max_concurrent_{args.prompt_len}={r['max_concurrent']} preemptions={r['preemptions']}")
+        print("ratio dar/stock:", {k: round(v, 3) for k, v in result["ratio"].items()})
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

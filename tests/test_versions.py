@@ -40,26 +40,17 @@ def test_register_refuses_an_unsupported_vllm(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.99.0\n")
     env = {k: v for k, v in os.environ.items() if k != SKIP_ENV}
-    code = "import vllm_dar; vllm_dar.register()"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "PYTHONPATH": str(tmp_path)},
-    )
+
+    def register(**extra_env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "import vllm_dar; vllm_dar.register()"], check=False,
+                              capture_output=True, text=True, timeout=120,
+                              env={**env, "PYTHONPATH": str(tmp_path), **extra_env})
+
+    out = register()
     assert out.returncode != 0
     assert "RuntimeError" in out.stderr and "'0.99.0'" in out.stderr
 
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "PYTHONPATH": str(tmp_path), SKIP_ENV: "1"},
-    )
+    out = register(**{SKIP_ENV: "1"})
     assert out.returncode == 0, out.stderr
 
 

@@ -19,15 +19,19 @@ def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
-def test_vllm_perplexity_matches_reference(default_model):
-    text = split_files()[1][:3]
-    common = ["eval", default_model, "--text", *text, "--context", "256", "--max-windows", "2", "--json",
-              "--quiet", "--dtype", "float32"]
-    hf = run_cli(*common)
-    vl = run_cli(*common, "--engine", "vllm")
+def eval_both_engines(*args: str) -> tuple[dict, dict]:
+    """``vllm-dar eval ARGS --json`` on the hf and the vllm engine: (hf result, vllm result)."""
+    hf = run_cli("eval", *args, "--json", "--quiet")
+    vl = run_cli("eval", *args, "--json", "--quiet", "--engine", "vllm")
     assert hf.returncode == 0, hf.stderr[-2000:]
     assert vl.returncode == 0, vl.stderr[-2000:]
-    a, b = json.loads(hf.stdout), json.loads(vl.stdout.strip().splitlines()[-1])
+    return json.loads(hf.stdout), json.loads(vl.stdout.strip().splitlines()[-1])
+
+
+def test_vllm_perplexity_matches_reference(default_model):
+    text = split_files()[1][:3]
+    a, b = eval_both_engines(default_model, "--text", *text, "--context", "256", "--max-windows", "2",
+                             "--dtype", "float32")
     assert a["tokens"] == b["tokens"] == 510
     assert b["perplexity"] == pytest.approx(a["perplexity"], rel=5e-3)
 
@@ -39,11 +43,6 @@ def test_vllm_dar_perplexity_matches_reference(default_model, tmp_path):
     convert(default_model, out, window=64, key_rank=48, value_rank=48, head_sharing="joint", sink_tokens=4,
             calib_tokens=1024, context=512, progress=False)
     text = split_files()[1][:3]
-    common = ["eval", out, "--text", *text, "--context", "512", "--max-windows", "2", "--json", "--quiet"]
-    hf = run_cli(*common)
-    vl = run_cli(*common, "--engine", "vllm")
-    assert hf.returncode == 0, hf.stderr[-2000:]
-    assert vl.returncode == 0, vl.stderr[-2000:]
-    a, b = json.loads(hf.stdout), json.loads(vl.stdout.strip().splitlines()[-1])
+    a, b = eval_both_engines(out, "--text", *text, "--context", "512", "--max-windows", "2")
     assert a["tokens"] == b["tokens"] == 1022
     assert b["perplexity"] == pytest.approx(a["perplexity"], rel=5e-3)  # the issue's acceptance: within 0.5%

@@ -92,8 +92,6 @@ def write_converted(src: str, out: str, cfg: DarConfig, projections: list[LayerP
         for name, shape in expected_shapes(cfg, i).items():
             if tuple(getattr(p, name).shape) != shape:
                 raise DarConfigError(f"layers.{i}.{name}: shape {tuple(getattr(p, name).shape)} != {shape}")
-    if os.path.exists(out) and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
     if os.path.abspath(src) == os.path.abspath(out):
         raise ValueError("OUT must differ from SRC: the source checkpoint is never modified")
     raw = read_config(src)

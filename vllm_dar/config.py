@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 FORMAT_VERSION = 1
 PROJECTION_FILE = "dar/projections.safetensors"  # in a subfolder: vLLM's loader globs only the top level
@@ -196,6 +196,3 @@ class DarConfig:
                 f"value rank {span(self.value_rank)}, {self.sink_tokens} sink tokens, {self.head_sharing}, "
                 f"method {self.method}")
 
-
-def shape_dict(shape: ModelShape) -> dict:
-    return asdict(shape)

@@ -4,7 +4,7 @@ on). The capture goes through ``vllm_dar.hf.capture``, whose context always remo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -75,11 +75,3 @@ def calibrate(model, windows: list[list[int]], *, sink_tokens: int, progress: bo
         st.wo = wo.float()
     return stats
 
-
-@dataclass
-class CalibrationRecord:
-    """What the conversion records about its calibration in ``dar.extra``."""
-
-    files: list[str] = field(default_factory=list)
-    windows: int = 0
-    context: int = 0

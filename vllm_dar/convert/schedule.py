@@ -51,10 +51,6 @@ def pyramid(num_layers: int, *, window: int, key_rank: int, value_rank: int, max
     return [Setting(window, k, v) for k, v in zip(ramp(key_rank), ramp(value_rank))]
 
 
-def _full(lay_fit: LayerFit) -> tuple[int, int]:
-    return lay_fit.key_k.shape[1], lay_fit.val_down.shape[1]
-
-
 def layer_errors(sample: tuple[Tensor, Tensor, Tensor], wo: Tensor, fit: LayerFit, *, windows, ranks,
                  sink_tokens: int) -> tuple[Tensor, Tensor]:
     """Measured output errors of one layer: (key errors [W, R], value errors [W, R]).

@@ -1,0 +1,128 @@
+"""The fast CPU DAR op (vllm_dar.ops.batched) against the dense reference, on shuffled paged layouts.
+
+Each request's blocks come shuffled from a shared pool; block 0 is the null block. Every slot the contract says
+is not valid at attention time is NaN: window-cache slots outside the sinks and the history window (and the
+current chunk, whose K/V come fresh), far-cache slots at or past ``seq_len``, and all unused blocks.
+Tolerances: fp32 1e-5 (same math, different summation order). bf16: the op reads bf16 caches and writes bf16;
+the reference computes in fp32 from the same bf16 inputs, so the gap is bf16 rounding of the stored reduced
+K/V and of the output (2^-8 relative each): 2e-2.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from vllm_dar.ops import batched, paged
+from vllm_dar.ops.batched import dar_paged_attention_batched
+from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
+from vllm_dar.reference import LayerProjections, dar_attention
+
+H, J, D, RK, RV = 6, 3, 16, 5, 7
+WBS, FBS, NBLOCKS = 8, 16, 256
+SCALE = 0.3
+
+
+def random_projections(joint: bool) -> LayerProjections:
+    g = 1 if joint else J
+    dg = D * J // g
+    return LayerProjections(q_proj=torch.randn(J, D, RK) / D ** 0.5, k_down=torch.randn(g, dg, RK) / dg ** 0.5,
+                            v_down=torch.randn(g, dg, RV) / dg ** 0.5, v_up=torch.randn(J, RV, D) / RV ** 0.5)
+
+
+def take_blocks(free: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
+    n = -(-num_tokens // block_size)
+    ids, free[:] = free[:n], free[n:]
+    return torch.tensor(ids)
+
+
+def build_batch(reqs, window: int, sinks: int, joint: bool, dtype: torch.dtype):
+    """Paged caches, fresh K/V and queries for requests [(seq_len, q_len)], plus the reference output."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    proj = random_projections(joint)
+    wcache = torch.full((NBLOCKS, J, WBS, 2 * D), float("nan"), dtype=dtype)
+    fcache = torch.full((NBLOCKS, proj.groups, FBS, RK + RV), float("nan"), dtype=dtype)
+    wtable = torch.zeros(len(reqs), 64, dtype=torch.int32)  # int32 like vLLM's block tables
+    ftable = torch.zeros(len(reqs), 64, dtype=torch.int32)
+    wfree = (torch.randperm(NBLOCKS - 1, generator=gen) + 1).tolist()  # block 0: the null block
+    ffree = (torch.randperm(NBLOCKS - 1, generator=gen) + 1).tolist()
+    qs, ks, vs, refs, qsl = [], [], [], [], [0]
+    for r, (seq_len, q_len) in enumerate(reqs):
+        k, v = torch.randn(seq_len, J, D).to(dtype), torch.randn(seq_len, J, D).to(dtype)
+        q = torch.randn(q_len, H, D).to(dtype)
+        wrow, frow = take_blocks(wfree, seq_len, WBS), take_blocks(ffree, seq_len, FBS)
+        wtable[r, : len(wrow)], ftable[r, : len(frow)] = wrow.int(), frow.int()
+        pos = torch.arange(seq_len)
+        c0 = seq_len - q_len
+        kept = (pos < min(sinks, c0)) | ((pos > c0 - max(window, 1)) & (pos < c0))  # the contract's window cache
+        write_slots(wcache, torch.where(kept, wrow[pos // WBS] * WBS + pos % WBS, -1), k, v)
+        write_slots(fcache, frow[pos // FBS] * FBS + pos % FBS, reduce_tokens(k.float(), proj.k_down),
+                    reduce_tokens(v.float(), proj.v_down))
+        ref = dar_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], proj,
+                            window=window, sink_tokens=sinks, scale=SCALE)
+        qs.append(q)
+        ks.append(k[c0:])
+        vs.append(v[c0:])
+        refs.append(ref[0].transpose(0, 1))
+        qsl.append(qsl[-1] + q_len)
+    args = dict(window_cache=wcache, window_table=wtable, far_cache=fcache, far_table=ftable, query_start_loc=qsl,
+                seq_lens=[s for s, _ in reqs], proj=PagedProjections.from_layer(proj, H), window=window,
+                sink_tokens=sinks, scale=SCALE)
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs), args, torch.cat(refs)
+
+
+# (name, [(seq_len, q_len)], window, sinks, joint)
+SCENARIOS = [
+    ("small_decode", [(5, 1), (40, 1), (1, 1)], 8, 2, False),
+    ("decode_batch_blocks", [(17, 1), (64, 1), (100, 1), (3, 1), (33, 1)], 16, 4, False),
+    ("mixed", [(70, 70), (33, 1), (90, 17), (120, 1)], 16, 4, False),
+    ("large_prefill_joint", [(300, 300)], 32, 4, True),
+    ("extend_long_history", [(400, 90), (380, 1)], 24, 4, False),
+    ("window_zero", [(30, 5), (20, 1), (3, 1)], 0, 3, False),
+    ("window_zero_no_sinks", [(10, 1), (12, 6)], 0, 0, True),
+    ("window_one", [(12, 1), (12, 5)], 1, 0, False),
+    ("no_sinks", [(50, 50), (51, 1)], 8, 0, True),
+    ("window_larger_than_history", [(20, 1), (30, 10), (5, 5)], 64, 4, False),
+    ("chunk_starts_in_sinks", [(6, 4), (10, 9), (40, 38)], 2, 4, False),
+]
+IDS = [s[0] for s in SCENARIOS]
+
+
+@pytest.fixture(params=[None, 1 << 9], ids=["one_tile", "small_tiles"])
+def tile_elems(request, monkeypatch):
+    """Run prefill chunks as one query tile and as many small ones (the tiling must not change results)."""
+    if request.param is not None:
+        monkeypatch.setattr(batched, "_TILE_ELEMS", request.param)
+
+
+@pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS, ids=IDS)
+def test_batched_matches_reference_fp32(name, reqs, window, sinks, joint, tile_elems):
+    query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.float32)
+    out = torch.full_like(query, float("nan"))
+    dar_paged_attention_batched(query, key, value, out, **args)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS[:4] + SCENARIOS[5:6], ids=IDS[:4] + IDS[5:6])
+def test_batched_matches_reference_bf16(name, reqs, window, sinks, joint):
+    query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.bfloat16)
+    out = torch.full_like(query, float("nan"))
+    dar_paged_attention_batched(query, key, value, out, **args)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def _loop_takes_fresh_kv() -> bool:
+    return "key" in inspect.signature(paged.dar_paged_attention).parameters
+
+
+@pytest.mark.skipif(not _loop_takes_fresh_kv(), reason="vllm_dar.ops.paged not yet on the fresh-K/V contract")
+@pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS, ids=IDS)
+def test_batched_matches_loop_op(name, reqs, window, sinks, joint):
+    query, key, value, args, _ = build_batch(reqs, window, sinks, joint, torch.float32)
+    fast, loop = torch.empty_like(query), torch.empty_like(query)
+    dar_paged_attention_batched(query, key, value, fast, **args)
+    paged.dar_paged_attention(query, key, value, loop, **args)
+    torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)

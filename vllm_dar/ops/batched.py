@@ -1,0 +1,228 @@
+"""Fast CPU DAR attention over paged caches: batched decode, query-tiled prefill (same contract as
+``vllm_dar.ops.paged.dar_paged_attention``, tested equal to it and to ``vllm_dar.reference.dar_attention``).
+
+Layout and semantics: see ``vllm_dar.ops.paged``. Shapes: ``R`` requests, ``H`` query heads, ``J`` KV heads,
+``G`` projection groups, ``hpg = H / G`` query heads per group, ``rep = H / J``, ``D`` head_dim, ``rk``/``rv``
+ranks, ``nb`` gathered blocks, ``B`` block size, ``S`` sink tokens, ``w`` window.
+
+Decode (every request with one scheduled token) is one vectorised pass over the batch, no per-request loop:
+
+* far part: the far blocks of all requests in one ``index_select`` (``[R, nb, G, B, rk + rv]``, a memcpy of whole
+  blocks, the only read of the history), scores at reduced width ``(q Q_h) . k~`` as one batched matmul in the
+  gathered layout (no permute of the history), values accumulated at width ``rv`` and projected up once per head;
+  GQA through a ``[G, hpg]`` view of the heads, K/V never expanded per query head;
+* full part: sinks + window history (``S + w - 1`` slots per request, gathered by slot), plus the fresh token;
+* one softmax over both parts through a shared max (no concatenation of the score tensors).
+
+Prefill / extend chunks loop over requests (compute-bound): one gather of the request's reduced history and full
+window, then query tiles sized so the score tile stays under ``_TILE_ELEMS`` elements (a 4K chunk never builds an
+``[H, T, T]`` tensor), each tile one softmax over [sinks + band of full keys; reduced prefix].
+
+Numbers: see the "Profile" section at the end of this docstring (filled in from ``benchmarks/attention_cpu.py``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vllm_dar.ops.paged import PagedProjections
+
+_TILE_ELEMS = 1 << 22  # score elements per prefill query tile (16 MB fp32)
+_NEG_INF = float("-inf")
+
+
+def dar_paged_attention_batched(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
+                                window_table: Tensor, far_cache: Tensor, far_table: Tensor,
+                                query_start_loc: list[int], seq_lens: list[int], proj: PagedProjections,
+                                window: int, sink_tokens: int, scale: float) -> None:
+    """DAR attention for a batch (decodes and prefill chunks in any order), into ``output``.
+
+    query: [T, H, D]; key, value: [T, J, D] (fresh, post-RoPE, same token order); output: [T, H, D];
+    window_cache [nbw, J, Bw, 2D] + window_table [R, *]; far_cache [nbf, G, Bf, rk + rv] + far_table [R, *];
+    query_start_loc: R + 1 offsets; seq_lens: R. Computes in fp32, writes ``output.dtype``.
+    """
+    dec, pre = [], []
+    for r in range(len(seq_lens)):
+        n = query_start_loc[r + 1] - query_start_loc[r]
+        if n == 1:
+            dec.append(r)
+        elif n > 1:
+            pre.append(r)
+    kw = dict(proj=proj, window=window, sink_tokens=sink_tokens, scale=scale)
+    if dec:
+        rows = torch.tensor(dec)
+        tok = torch.tensor([query_start_loc[r] for r in dec])
+        lens = [seq_lens[r] for r in dec]
+        out = decode_attention(query[tok], key[tok], value[tok], window_cache, window_table[rows], far_cache,
+                               far_table[rows], lens, **kw)
+        output[tok] = out.to(output.dtype)
+    for r in pre:
+        a, b = query_start_loc[r], query_start_loc[r + 1]
+        output[a:b] = chunk_attention(query[a:b], key[a:b], value[a:b], window_cache, window_table[r], far_cache,
+                                      far_table[r], seq_lens[r], **kw).to(output.dtype)
+
+
+def _gather_far_blocks(far_cache: Tensor, far_table: Tensor, lens: Tensor, n_red: Tensor, nb: int) -> Tensor:
+    """Whole far blocks [R, nb, G, Bf, C] of every request; blocks a request does not need are redirected to
+    its first block (finite data, masked later) so the null block and freed blocks are never read."""
+    bf = far_cache.shape[2]
+    table = far_table[:, :nb].long()  # [R, nb]
+    used = torch.arange(nb).unsqueeze(0) * bf < n_red.unsqueeze(1)  # [R, nb]
+    table = torch.where(used, table, table[:, :1])
+    return far_cache.index_select(0, table.reshape(-1)).view(table.shape[0], nb, *far_cache.shape[1:])
+
+
+def _far_scores(q: Tensor, proj: PagedProjections, far_cache: Tensor, far_table: Tensor, lens: Tensor,
+                window: int, sink_tokens: int, scale: float):
+    """Reduced-width scores of decode queries q [R, H, D] over positions [S, len - w).
+
+    Returns (scores [R, nb, G, hpg, Bf] masked with -inf, values [R, nb, G, Bf, rv]) or None when no request
+    has a reduced position.
+    """
+    r_n, h, _ = q.shape
+    g, bf = far_cache.shape[1], far_cache.shape[2]
+    rk = proj.k_down.shape[-1]
+    n_red = (lens - window).clamp(min=0)  # [R]: positions < n_red are reduced (if >= S)
+    max_red = int(n_red.max())
+    if max_red <= sink_tokens:
+        return None
+    nb = -(-max_red // bf)
+    kv = _gather_far_blocks(far_cache, far_table, lens, n_red, nb).float()  # [R, nb, G, Bf, C]
+    pos = torch.arange(nb * bf).view(1, nb, 1, 1, bf)  # [1, nb, 1, 1, Bf]
+    ok = (pos >= sink_tokens) & (pos < n_red.view(-1, 1, 1, 1, 1))  # [R, nb, 1, 1, Bf]
+    vals = kv[..., rk:]  # [R, nb, G, Bf, rv]
+    # Slots past a request's length inside its last block may hold anything (NaN): 0 * NaN would leak.
+    vals = vals.masked_fill(~ok.transpose(-1, -2), 0.0)
+    qr = torch.bmm(q.transpose(0, 1), proj.q_proj).transpose(0, 1)  # [R, H, rk]
+    qr = (qr * scale).reshape(r_n, 1, g, h // g, rk)  # [R, 1, G, hpg, rk]
+    scores = torch.matmul(qr, kv[..., :rk].transpose(-1, -2))  # [R, nb, G, hpg, Bf]
+    return scores.masked_fill_(~ok, _NEG_INF), vals
+
+
+def _window_slots(lens: Tensor, window: int, sink_tokens: int) -> tuple[Tensor, Tensor]:
+    """History positions a decode query at t = len - 1 sees at full width from the window cache.
+
+    Returns (positions [R, S + w - 1] clamped to >= 0, valid [R, S + w - 1]): sink slots p < min(S, t - w + 1),
+    then window slots t - w + 1 + k (k < w - 1), valid when >= 0. The fresh token itself is not among them.
+    """
+    t = (lens - 1).unsqueeze(1)  # [R, 1]
+    sinks = torch.arange(sink_tokens).unsqueeze(0)  # [1, S]
+    hist = t - window + 1 + torch.arange(max(window - 1, 0)).unsqueeze(0)  # [R, w - 1]
+    pos = torch.cat([sinks.expand(t.shape[0], -1), hist], dim=1)  # [R, P]
+    valid = torch.cat([sinks < t - window + 1, hist >= 0], dim=1)
+    valid[:, :sink_tokens] &= sinks < t  # sinks inside the current chunk are not in the cache
+    return pos.clamp(min=0), valid
+
+
+def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, window_cache: Tensor, window_table: Tensor,
+                     far_cache: Tensor, far_table: Tensor, lens: list[int], *, proj: PagedProjections, window: int,
+                     sink_tokens: int, scale: float) -> Tensor:
+    """One query per request. q: [R, H, D]; k_new, v_new: [R, J, D]; tables [R, *]; lens: R -> [R, H, D] fp32."""
+    r_n, h, d = q.shape
+    j = k_new.shape[1]
+    rep = h // j
+    lens_t = torch.tensor(lens)
+    qf = q.float()  # [R, H, D]
+
+    # Full width: sinks + window history from the cache, then the fresh token.
+    pos, valid = _window_slots(lens_t, window, sink_tokens)  # [R, P]
+    bw = window_cache.shape[2]
+    blocks = torch.gather(window_table.long(), 1, pos // bw)  # [R, P]
+    kvw = window_cache[blocks, :, pos % bw, :].float()  # [R, P, J, 2D]
+    kvw = kvw.masked_fill_(~valid.view(r_n, -1, 1, 1), 0.0)
+    qj = qf.view(r_n, j, rep, d)  # [R, J, rep, D]
+    s_win = torch.matmul(qj, kvw[..., :d].permute(0, 2, 3, 1)) * scale  # [R, J, rep, P]
+    s_win = s_win.masked_fill_(~valid.view(r_n, 1, 1, -1), _NEG_INF)
+    t = lens_t - 1
+    cur_full = (t < sink_tokens) | (window >= 1)  # [R]: the token itself at full width
+    s_cur = (qj * k_new.float().unsqueeze(2)).sum(-1) * scale  # [R, J, rep]
+    s_cur = s_cur.masked_fill_(~cur_full.view(r_n, 1, 1), _NEG_INF)
+
+    far = _far_scores(qf, proj, far_cache, far_table, lens_t, window, sink_tokens, scale)
+    m = torch.maximum(s_win.amax(-1), s_cur) if s_win.shape[-1] else s_cur  # [R, J, rep]
+    if far is not None:
+        s_far, v_far = far
+        m = torch.maximum(m, s_far.amax(dim=(1, 4)).view(r_n, j, rep))
+    e_win = torch.exp(s_win - m.unsqueeze(-1))  # [R, J, rep, P]
+    e_cur = torch.exp(s_cur - m)  # [R, J, rep]
+    denom = e_win.sum(-1) + e_cur  # [R, J, rep]
+    acc = torch.matmul(e_win, kvw[..., d:].transpose(1, 2)) + e_cur.unsqueeze(-1) * v_new.float().unsqueeze(2)
+    if far is not None:
+        g = s_far.shape[2]
+        e_far = torch.exp(s_far - m.view(r_n, 1, g, h // g, 1))  # [R, nb, G, hpg, Bf]
+        denom = denom + e_far.sum(dim=(1, 4)).view(r_n, j, rep)
+        acc_r = torch.matmul(e_far, v_far).sum(1).view(r_n, h, -1)  # [R, H, rv]: reduced width
+        up = torch.bmm(acc_r.transpose(0, 1), proj.v_up).transpose(0, 1)  # [R, H, D]: once per head
+        acc = acc + up.view(r_n, j, rep, d)
+    return (acc / denom.unsqueeze(-1)).view(r_n, h, d)
+
+
+def _history(window_cache: Tensor, window_row: Tensor, far_cache: Tensor, far_row: Tensor, c0: int, n_red: int,
+             window: int, sink_tokens: int, rk: int):
+    """One request's history: full-width K/V [Ph, J, D] x2 at positions ``hist_pos`` [Ph] (sinks, then the window
+    of the first query, all < c0), and reduced K/V [G, n_red - S, rk | rv] of positions [S, n_red)."""
+    d = window_cache.shape[-1] // 2
+    lo = max(0, c0 - max(window, 1) + 1)
+    hist_pos = torch.cat([torch.arange(min(sink_tokens, lo)), torch.arange(lo, c0)])  # [Ph]
+    bw = window_cache.shape[2]
+    kvw = window_cache[window_row[hist_pos // bw].long(), :, hist_pos % bw, :].float()  # [Ph, J, 2D]
+    k_red = v_red = None
+    if n_red > sink_tokens:
+        bf = far_cache.shape[2]
+        nb = -(-n_red // bf)
+        kv = far_cache.index_select(0, far_row[:nb].long())  # [nb, G, Bf, C]
+        kv = kv.transpose(0, 1).reshape(kv.shape[1], nb * bf, -1)[:, sink_tokens:n_red].float()  # [G, Nr, C]
+        k_red, v_red = kv[..., :rk], kv[..., rk:]
+    return kvw[..., :d], kvw[..., d:], hist_pos, k_red, v_red
+
+
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, window_cache: Tensor, window_row: Tensor, far_cache: Tensor,
+                    far_row: Tensor, seq_len: int, *, proj: PagedProjections, window: int, sink_tokens: int,
+                    scale: float) -> Tensor:
+    """One request's chunk of Tq > 1 queries at positions [seq_len - Tq, seq_len). q: [Tq, H, D];
+    k, v: [Tq, J, D] -> [Tq, H, D] fp32, by query tiles."""
+    tq, h, d = q.shape
+    j = k.shape[1]
+    rk = proj.k_down.shape[-1]
+    c0 = seq_len - tq
+    n_red = max(0, seq_len - window)
+    k_h, v_h, hist_pos, k_red, v_red = _history(window_cache, window_row, far_cache, far_row, c0, n_red, window,
+                                                sink_tokens, rk)
+    k_full = torch.cat([k_h, k.float()]).transpose(0, 1)  # [J, Pf, D]: sinks, window history, chunk
+    v_full = torch.cat([v_h, v.float()]).transpose(0, 1)  # [J, Pf, D]
+    pos_full = torch.cat([hist_pos, torch.arange(c0, seq_len)])  # [Pf] ascending
+    n_sink = int(torch.searchsorted(pos_full, sink_tokens))  # positions < S lead pos_full (history or chunk)
+    qh = (q.float() * scale).transpose(0, 1)  # [H, Tq, D]
+    qr = torch.bmm(qh, proj.q_proj) if k_red is not None else None  # [H, Tq, rk]
+    g = proj.k_down.shape[0]
+    out = torch.empty(tq, h, d)
+    n_hist_red = k_red.shape[1] if k_red is not None else 0
+    tile = max(16, min(tq, _TILE_ELEMS // (h * (n_hist_red + window + n_sink + min(tq, 256)))))
+    for i0 in range(0, tq, tile):
+        i1 = min(tq, i0 + tile)
+        t = torch.arange(c0 + i0, c0 + i1).unsqueeze(1)  # [Qt, 1]
+        # Full keys: the sinks plus the band [t0 - w + 1, t1 - 1] (indices into the ascending pos_full).
+        b0 = int(torch.searchsorted(pos_full, c0 + i0 - window + 1))
+        b1 = len(hist_pos) + i1
+        sel = torch.cat([torch.arange(n_sink), torch.arange(max(b0, n_sink), b1)])  # [Pt]
+        sp = pos_full[sel].unsqueeze(0)  # [1, Pt]
+        ok_f = (sp <= t) & ((t - sp < window) | (sp < sink_tokens))  # [Qt, Pt]
+        s_f = torch.matmul(qh[:, i0:i1].reshape(j, -1, d), k_full[:, sel].transpose(1, 2))  # [J, rep*Qt, Pt]
+        s_f = s_f.view(h, i1 - i0, -1).masked_fill_(~ok_f, _NEG_INF)
+        n_r = 0
+        if k_red is not None:
+            n_r = max(0, min(k_red.shape[1], c0 + i1 - window - sink_tokens))  # reduced keys the tile can see
+        if n_r == 0:
+            p = torch.softmax(s_f, dim=-1)
+            o = torch.matmul(p.view(j, -1, p.shape[-1]), v_full[:, sel]).view(h, i1 - i0, d)
+        else:
+            sr = torch.arange(sink_tokens, sink_tokens + n_r).unsqueeze(0)  # [1, Nt]
+            s_r = torch.matmul(qr[:, i0:i1].reshape(g, -1, rk), k_red[:, :n_r].transpose(1, 2))  # [G, hpg*Qt, Nt]
+            s_r = s_r.view(h, i1 - i0, n_r).masked_fill_(t - sr < window, _NEG_INF)
+            p = torch.softmax(torch.cat([s_f, s_r], dim=-1), dim=-1)  # [H, Qt, Pt + Nt]
+            pf, pr = p[..., : s_f.shape[-1]], p[..., s_f.shape[-1]:]
+            o = torch.matmul(pf.reshape(j, -1, pf.shape[-1]), v_full[:, sel]).view(h, i1 - i0, d)
+            acc = torch.matmul(pr.reshape(g, -1, n_r), v_red[:, :n_r]).view(h, i1 - i0, -1)  # [H, Qt, rv]
+            o = o + torch.bmm(acc, proj.v_up)
+        out[i0:i1] = o.transpose(0, 1)
+    return out

@@ -23,6 +23,19 @@ def _cmd_convert(a) -> dict:
     return {"out": a.out, "dar": cfg.describe(), "kv_fraction": round(cfg.kv_fraction(a.context), 4)}
 
 
+def _cmd_heal(a) -> dict:
+    import torch
+
+    from .heal import HealSettings, heal
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    settings = HealSettings(context=a.context, max_tokens=a.max_tokens, max_minutes=a.max_minutes, lr=a.lr,
+                            kl_weight=a.kl_weight, lm_weight=a.lm_weight, seed=a.seed, save_every=a.save_every)
+    return heal(a.dar_dir, a.out, settings=settings, resume=a.resume, force=a.force, calib_files=a.calib,
+                progress=not a.quiet)
+
+
 def _text_windows(tokenizer, a):
     from .data import token_windows
 
@@ -94,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--context", type=int, default=2048, help="calibration window and budget context")
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.set_defaults(fn=_cmd_convert)
+
+    s = sub.add_parser("heal", help="distil the full model into a DAR-converted one (trains the projections)")
+    s.add_argument("dar_dir", help="a DAR-converted checkpoint (vllm-dar convert)")
+    s.add_argument("out")
+    s.add_argument("--max-tokens", type=int, default=None, help="training token budget")
+    s.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of the training loop")
+    s.add_argument("--context", type=int, default=1024, help="tokens per training sequence")
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(full model || DAR model)")
+    s.add_argument("--lm-weight", type=float, default=0.0, help="weight of the DAR model's LM loss")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--save-every", type=int, default=10, help="steps between OUT/heal_state.pt saves")
+    s.add_argument("--calib", nargs="+", metavar="FILE", help="training text (default: the calibration part "
+                   "of python3.11-doc's sources)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--resume", action="store_true", help="continue the run saved in OUT")
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.set_defaults(fn=_cmd_heal)
 
     for name, fn, help_ in (("eval", _cmd_eval, "perplexity of a stock or DAR-converted model"),
                             ("generate", _cmd_generate, "greedy continuation")):

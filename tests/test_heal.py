@@ -1,0 +1,99 @@
+"""Healing fine-tune on a tiny random Llama: the loss falls, resume continues the same run, the output is an
+ordinary DAR-converted checkpoint with changed projections, bad input fails clearly."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vllm_dar.checkpoint import load_dar
+from vllm_dar.cli import main as cli
+from vllm_dar.config import DarConfigError
+from vllm_dar.convert import convert
+from vllm_dar.heal import STATE_FILE, HealSettings, distill_loss, heal, heal_projections
+from vllm_dar.hf import load_model
+
+CTX = 64
+
+
+@pytest.fixture(scope="module")
+def dar_tiny(tiny_llama, calib_text, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("heal") / "dar")
+    convert(tiny_llama, out, window=8, key_rank=2, value_rank=2, sink_tokens=1, calib_files=calib_text,
+            calib_tokens=256, context=CTX, progress=False)
+    return out
+
+
+def settings(**kw) -> HealSettings:
+    return HealSettings(**{"context": CTX, "max_tokens": 4 * CTX, "lr": 1e-2, "warmup_steps": 1,
+                           "save_every": 1, "data_tokens": 8 * CTX, **kw})
+
+
+def projections_equal(a, b) -> bool:
+    return all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b)
+               for f in ("q_proj", "k_down", "v_down", "v_up"))
+
+
+def test_loss_decreases(dar_tiny, calib_text):
+    from vllm_dar.data import token_windows
+
+    model, tok = load_model(dar_tiny, dtype="float32")
+    cfg, proj = load_dar(dar_tiny)
+    windows = token_windows(tok, calib_text, context=CTX, max_windows=2)
+    probe = torch.tensor([windows[0]])  # [1, T]: the same batch before and after training
+    with torch.no_grad():
+        before, _ = distill_loss(model, probe, cfg, proj)
+    healed, state, finished = heal_projections(model, cfg, proj, windows, settings(max_tokens=12 * CTX),
+                                               progress=False)
+    with torch.no_grad():
+        after, _ = distill_loss(model, probe, cfg, healed)
+    assert finished and state["step"] == 12 and state["tokens"] == 12 * CTX
+    assert float(after) < 0.7 * float(before), (float(before), float(after))
+    assert not any(p.requires_grad for p in model.parameters())  # model weights stay frozen
+
+
+def test_resume_continues_the_same_run(dar_tiny, calib_text, tmp_path):
+    straight = tmp_path / "straight"
+    heal(dar_tiny, str(straight), settings=settings(), calib_files=calib_text, progress=False)
+    parted = tmp_path / "parted"
+    first = heal(dar_tiny, str(parted), settings=settings(), calib_files=calib_text, progress=False,
+                 on_step=lambda m: m["step"] == 2)  # stop after step 2, as a crash would after its save
+    assert not first["finished"] and first["steps"] == 2
+    assert os.listdir(parted) == [STATE_FILE]  # nothing but the run state until the run finishes
+    second = heal(dar_tiny, str(parted), settings=settings(), calib_files=calib_text, progress=False,
+                  resume=True)
+    assert second["finished"] and second["steps"] == 4 and second["tokens"] == 4 * CTX
+    # Same data order, Adam moments and learning-rate schedule: the parted run ends where the straight one does.
+    assert projections_equal(load_dar(str(straight))[1], load_dar(str(parted))[1])
+
+
+def test_output_is_a_dar_checkpoint_with_new_projections(dar_tiny, calib_text, tmp_path, capsys):
+    out = tmp_path / "healed"
+    assert cli(["heal", dar_tiny, str(out), "--context", str(CTX), "--max-tokens", str(3 * CTX), "--lr", "1e-2",
+                "--calib", *calib_text, "--quiet", "--json"]) == 0
+    cfg, proj = load_dar(str(out))  # validates the dar section and every tensor's shape
+    src_cfg, src_proj = load_dar(dar_tiny)
+    assert cfg.window == src_cfg.window and cfg.key_rank == src_cfg.key_rank and cfg.method == "pca+heal"
+    assert cfg.extra["heal"]["tokens"] == 3 * CTX
+    assert not projections_equal(proj, src_proj)
+    # Model weights are the source's, byte for byte; the run state sits where vLLM never looks.
+    with open(os.path.join(dar_tiny, "model.safetensors"), "rb") as a, open(out / "model.safetensors", "rb") as b:
+        assert a.read() == b.read()
+    assert sorted(os.listdir(out / "dar")) == ["heal_state.pt", "projections.safetensors"]
+    assert not [f for f in os.listdir(out) if f.endswith(".pt")]
+
+
+def test_bad_input_fails_clearly(tiny_llama, dar_tiny, tmp_path, capsys):
+    with pytest.raises(DarConfigError, match="no dar section"):
+        heal(tiny_llama, str(tmp_path / "a"), settings=settings())
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FileExistsError, match="--resume"):
+        heal(dar_tiny, str(tmp_path / "b"), settings=settings())
+    with pytest.raises(FileNotFoundError, match="no heal_state.pt"):
+        heal(dar_tiny, str(tmp_path / "b"), settings=settings(), resume=True)
+    with pytest.raises(DarConfigError, match="--max-tokens/--max-minutes"):
+        HealSettings(context=CTX)
+    assert cli(["heal", dar_tiny, str(tmp_path / "b"), "--max-tokens", "4096"]) == 2
+    assert "exists" in capsys.readouterr().err

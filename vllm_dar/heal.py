@@ -1,0 +1,274 @@
+"""Healing fine-tune: distil the full model into its DAR-converted self, training the DAR projections only.
+
+Teacher: the same model with standard attention. Student: the model with DAR attention (``vllm_dar.hf``'s
+attention interface) whose projections are ``nn.Parameter``s, so gradients reach them through the reference
+attention while every model weight stays frozen. Loss: ``kl_weight * KL(teacher || student)`` on the next-token
+distributions, plus ``lm_weight *`` the student's LM loss (default 0: the student aims at the full model, not at
+the training text, so "vs full" keeps measuring what DAR loses rather than domain adaptation).
+
+Why projections only (by default): they are all a converted checkpoint adds, so the healed checkpoint keeps the
+source weights byte for byte, serves with nothing new, and still equals the stock model inside the window; they
+are small (0.4M parameters per-head at r=16/16 on SmolLM2-135M), so a few tens of thousands of tokens fit them
+without over-fitting the training text. (Adapters on q/k/v/o would have to be merged into the weights, changing
+the checkpoint's weights and the full-width attention too: not built.)
+
+Text: the calibration split of ``vllm_dar.data`` only (held-out files are never seen). Bounded by tokens and/or
+wall time; the learning rate warms up, then follows a cosine to 10% over the budget. The run state (projections,
+Adam moments, step, tokens, seconds, data cursor) is saved to ``OUT/heal_state.pt`` every ``save_every`` steps and
+on Ctrl-C; ``resume`` continues from it. The result is an ordinary DAR-converted checkpoint (``write_converted``),
+with the final state moved to ``OUT/dar/heal_state.pt`` (vLLM never reads that folder).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import load_dar, write_converted
+from .config import DarConfig, DarConfigError
+from .hf import dar_attention_enabled
+from .reference import LayerProjections
+
+STATE_FILE = "heal_state.pt"
+FINAL_STATE = os.path.join("dar", STATE_FILE)
+_FIELDS = ("q_proj", "k_down", "v_down", "v_up")
+_RUN_FIELDS = ("context", "lr", "warmup_steps", "kl_weight", "lm_weight", "seed", "data_tokens")  # fixed by resume
+
+
+@dataclass(frozen=True)
+class HealSettings:
+    """Hyper-parameters and bounds of one healing run (errors name the CLI flag)."""
+
+    context: int = 1024            # tokens per training sequence
+    max_tokens: int | None = None  # stop before exceeding this many training tokens
+    max_minutes: float | None = None  # stop when the next step would pass this wall time
+    lr: float = 1e-3
+    warmup_steps: int = 5
+    kl_weight: float = 1.0
+    lm_weight: float = 0.0
+    seed: int = 0
+    save_every: int = 10           # steps between state saves
+    data_tokens: int = 1 << 20     # calibration-split tokens to cycle through (shuffled windows)
+
+    def __post_init__(self):
+        if self.max_tokens is None and self.max_minutes is None:
+            raise DarConfigError("--max-tokens/--max-minutes: give at least one bound")
+        if self.max_tokens is not None and self.max_tokens < self.context:
+            raise DarConfigError(f"--max-tokens: {self.max_tokens} is less than one --context ({self.context})")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise DarConfigError(f"--max-minutes: {self.max_minutes} must be > 0")
+        for name in ("context", "save_every", "data_tokens"):
+            if getattr(self, name) < 1:
+                raise DarConfigError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be >= 1")
+        if not self.lr > 0:
+            raise DarConfigError(f"--lr: {self.lr} must be > 0")
+        if self.kl_weight < 0 or self.lm_weight < 0 or self.kl_weight + self.lm_weight == 0:
+            raise DarConfigError(f"--kl-weight/--lm-weight: {self.kl_weight}/{self.lm_weight} must be >= 0, "
+                                 "not both 0")
+
+    def progress(self, tokens: int, seconds: float) -> float:
+        """Fraction of the budget used: the larger of the token and the time fraction."""
+        fr = [tokens / self.max_tokens] if self.max_tokens else []
+        fr += [seconds / (60 * self.max_minutes)] if self.max_minutes else []
+        return min(1.0, max(fr))
+
+    def lr_at(self, step: int, tokens: int, seconds: float) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps)
+        return self.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * self.progress(tokens, seconds))))
+
+
+class TrainableProjections(nn.Module):
+    """Every layer's projections as parameters; ``layers()`` gives ``LayerProjections`` views on them, which the
+    attention interface uses as is (so Adam's in-place updates reach the next forward)."""
+
+    def __init__(self, projections: list[LayerProjections]):
+        super().__init__()
+        for f in _FIELDS:
+            setattr(self, f, nn.ParameterList([nn.Parameter(getattr(p, f).detach().float().clone())
+                                               for p in projections]))
+
+    def layers(self) -> list[LayerProjections]:
+        return [LayerProjections(*(getattr(self, f)[i] for f in _FIELDS)) for i in range(len(self.q_proj))]
+
+    def frozen(self) -> list[LayerProjections]:
+        return [LayerProjections(*(t.detach().clone() for t in (p.q_proj, p.k_down, p.v_down, p.v_up)))
+                for p in self.layers()]
+
+
+def first_affected(cfg: DarConfig) -> int:
+    """First position whose attention has a reduced-width pair in some layer (earlier logits equal the full
+    model's, so the loss skips them)."""
+    return min(cfg.window) + cfg.sink_tokens
+
+
+def distill_loss(model, ids: Tensor, cfg: DarConfig, layers: list[LayerProjections], *, kl_weight: float = 1.0,
+                 lm_weight: float = 0.0) -> tuple[Tensor, dict]:
+    """Loss on one batch of token ids [B, T]: KL(teacher || student) per position (+ LM loss), averaged over
+    the positions DAR affects. Returns (loss, {"kl": ..., "lm": ...})."""
+    start = min(first_affected(cfg), ids.shape[1] - 2)
+    with torch.no_grad():
+        t_hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, start:]  # [B, N, hidden]
+        t_logp = F.log_softmax(model.lm_head(t_hidden).float(), -1).flatten(0, 1)  # [B*N, V]
+    with dar_attention_enabled(model, cfg, layers):
+        s_hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, start:]
+    s_logits = model.lm_head(s_hidden).float()  # [B, N, V]
+    s_logp = F.log_softmax(s_logits, -1).flatten(0, 1)  # [B*N, V]
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+    lm = F.cross_entropy(s_logits[:, :-1].flatten(0, 1), ids[:, start + 1:].flatten())
+    loss = kl_weight * kl + (lm_weight * lm if lm_weight else 0.0)
+    return loss, {"kl": float(kl.detach()), "lm": float(lm.detach())}
+
+
+def new_state(params: TrainableProjections, opt: torch.optim.Optimizer, settings: HealSettings, source: dict):
+    return {"format": 1, "step": 0, "tokens": 0, "seconds": 0.0, "history": [], "source": source,
+            "run": {k: getattr(settings, k) for k in _RUN_FIELDS}, "params": params.state_dict(),
+            "optim": opt.state_dict()}
+
+
+def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections], windows: list[list[int]],
+                     settings: HealSettings, *, state: dict | None = None, save: Callable[[dict], None] | None = None,
+                     progress: bool = True, on_step: Callable[[dict], bool | None] | None = None):
+    """The training loop on in-memory objects. ``windows``: token id lists of ``settings.context`` tokens,
+    visited in a seeded shuffled order (cycled). ``state``: a saved state to continue from. ``save(state)`` is
+    called every ``save_every`` steps, at the end and on Ctrl-C; ``on_step(metrics)`` returning True stops early.
+    Returns (projections, state, finished)."""
+    from tqdm import tqdm
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = TrainableProjections(projections)
+    opt = torch.optim.Adam(params.parameters(), lr=settings.lr)
+    if state is None:
+        state = new_state(params, opt, settings, source={})
+    params.load_state_dict(state["params"])
+    opt.load_state_dict(state["optim"])
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed))
+    bar = tqdm(total=settings.max_tokens, initial=state["tokens"], unit="tok", unit_scale=True, desc="healing",
+               disable=not progress, dynamic_ncols=True)
+    finished, last_step = False, 0.0
+
+    def snapshot():
+        state.update(params=params.state_dict(), optim=opt.state_dict())
+        if save is not None:
+            save(state)
+    try:
+        while True:
+            if settings.max_tokens is not None and state["tokens"] + settings.context > settings.max_tokens:
+                finished = True
+            if settings.max_minutes is not None and state["seconds"] + last_step > 60 * settings.max_minutes:
+                finished = True
+            if finished:
+                break
+            t0 = time.time()
+            lr = settings.lr_at(state["step"], state["tokens"], state["seconds"])
+            for g in opt.param_groups:
+                g["lr"] = lr
+            ids = torch.tensor([windows[int(order[state["step"] % len(windows)])]])  # [1, T]
+            with torch.enable_grad():
+                loss, m = distill_loss(model, ids, cfg, params.layers(), kl_weight=settings.kl_weight,
+                                       lm_weight=settings.lm_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            last_step = time.time() - t0
+            state["step"] += 1
+            state["tokens"] += ids.numel()
+            state["seconds"] += last_step
+            m.update(step=state["step"], tokens=state["tokens"], seconds=round(state["seconds"], 1), lr=lr)
+            state["history"].append({k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()})
+            bar.update(ids.numel())
+            bar.set_postfix(kl=f"{m['kl']:.4f}", lr=f"{lr:.1e}", min=f"{state['seconds'] / 60:.1f}")
+            if state["step"] % settings.save_every == 0:
+                snapshot()
+            if on_step is not None and on_step(m):
+                break
+    except KeyboardInterrupt:
+        snapshot()
+        raise
+    finally:
+        bar.close()
+    state["done"] = finished
+    snapshot()
+    return params.frozen(), state, finished
+
+
+def _state_path(out: str) -> str | None:
+    for rel in (STATE_FILE, FINAL_STATE):
+        if os.path.isfile(os.path.join(out, rel)):
+            return os.path.join(out, rel)
+    return None
+
+
+def _save_state(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-save keeps the previous state
+
+
+def _check_resume(state: dict, settings: HealSettings, source: dict, out: str) -> None:
+    for k in _RUN_FIELDS:
+        if state["run"][k] != getattr(settings, k):
+            raise DarConfigError(f"--{k.replace('_', '-')}: {getattr(settings, k)!r} differs from the run being "
+                                 f"resumed in {out} ({state['run'][k]!r})")
+    if state["source"]["dar"] != source["dar"]:
+        raise DarConfigError(f"--resume: {out} was healing a different DAR checkpoint "
+                             f"({state['source']['dar_dir']})")
+
+
+def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False, force: bool = False,
+         calib_files: list[str] | None = None, progress: bool = True,
+         on_step: Callable[[dict], bool | None] | None = None) -> dict:
+    """Heal the DAR-converted checkpoint ``dar_dir`` into ``out`` (an ordinary DAR-converted checkpoint).
+
+    Returns a summary; ``finished`` is False when ``on_step`` stopped the run early (then ``out`` holds only the
+    run state, and ``resume=True`` continues it)."""
+    from .data import split_files, token_windows
+    from .hf import load_model
+
+    cfg, projections = load_dar(dar_dir)
+    if cfg is None:
+        raise DarConfigError(f"{dar_dir}: config.json has no dar section; convert it first (vllm-dar convert)")
+    if os.path.abspath(out) == os.path.abspath(dar_dir):
+        raise ValueError("OUT must differ from DAR_DIR: the source checkpoint is never modified")
+    source = {"dar_dir": os.path.abspath(dar_dir), "dar": cfg.to_json()}
+    state = None
+    if resume:
+        path = _state_path(out)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")
+        state = torch.load(path, weights_only=False)
+        _check_resume(state, settings, source, out)
+    elif os.path.exists(out):
+        if not force:
+            raise FileExistsError(f"{out} exists; pass --resume to continue its healing run or --force to replace it")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    model, tokenizer = load_model(dar_dir, dtype="float32")
+    files = calib_files or split_files()[0]  # the calibration split only: held-out text is never trained on
+    windows = token_windows(tokenizer, files, context=settings.context, max_tokens=settings.data_tokens)
+    live = os.path.join(out, STATE_FILE)
+    t0 = time.time()
+    healed, state, finished = heal_projections(
+        model, cfg, projections, windows, settings, state=state, progress=progress, on_step=on_step,
+        save=lambda s: _save_state(live, {**s, "source": source}))
+    summary = {"out": out, "finished": finished, "steps": state["step"], "tokens": state["tokens"],
+               "minutes": round(state["seconds"] / 60, 2), "wall_minutes_this_run": round((time.time() - t0) / 60, 2),
+               "kl_first": state["history"][0]["kl"] if state["history"] else None,
+               "kl_last": state["history"][-1]["kl"] if state["history"] else None}
+    if not finished:
+        return summary
+    record = {k: v for k, v in summary.items() if k not in ("out", "finished", "wall_minutes_this_run")}
+    record.update(settings={k: v for k, v in asdict(settings).items()}, source=source["dar_dir"],
+                  train_windows=len(windows))
+    healed_cfg = DarConfig(**{**cfg.__dict__, "method": f"{cfg.method}+heal",
+                              "extra": {**cfg.extra, "heal": record}})
+    write_converted(dar_dir, out, healed_cfg, healed, force=True)  # replaces out (and its live state) atomically
+    _save_state(os.path.join(out, FINAL_STATE), {**state, "source": source})
+    return summary

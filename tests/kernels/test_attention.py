@@ -1,0 +1,88 @@
+"""Triton DAR paged attention (``dar_paged_attention_triton``) against the dense reference, in the interpreter.
+
+Batches come from ``layout.build_batch``: shuffled block tables, block 0 a NaN null block, every slot outside the
+contract NaN. Tolerances: fp32 1e-5 (same math, other summation order and exp2 for exp); bf16 2e-2, because the
+output is rounded to bf16 (half an ulp is 2^-9 relative) and the far cache stores the reduced K/V rounded to bf16
+while the reference reduces the bf16 K/V in fp32 and never rounds them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need triton (its interpreter runs them on the CPU)")
+
+from vllm_dar.ops import triton_ops  # noqa: E402
+from vllm_dar.ops.triton_ops import dar_paged_attention_triton  # noqa: E402
+
+from .layout import Shape, build_batch  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+SCALE = 0.3
+
+# name: (requests [(seq_len, q_len)], shape (H, J, D, rk, rv[, joint]), window, sinks, block table dtype)
+SCENARIOS = {
+    "single_decode": ([(37, 1)], Shape(3, 3, 16, 16, 16), 8, 2, torch.int64),  # GQA 1
+    "mixed_batch": ([(70, 70), (33, 1), (25, 0), (90, 17), (5, 1)], Shape(9, 3, 16, 8, 8), 16, 4, torch.int32),
+    "long_history": ([(600, 1), (300, 3)], Shape(8, 1, 16, 32, 16), 32, 4, torch.int64),  # GQA 8, far splits
+    "window_larger_than_history": ([(20, 1), (12, 12), (40, 3)], Shape(6, 2, 16, 16, 32), 64, 0, torch.int32),
+    "window_zero": ([(30, 5), (9, 1)], Shape(8, 1, 16, 16, 16), 0, 3, torch.int64),
+    "window_one": ([(25, 4)], Shape(3, 3, 16, 8, 16), 1, 0, torch.int32),
+    "joint_chunk_past_window": ([(130, 40), (51, 1)], Shape(9, 3, 16, 16, 16, joint=True), 16, 2, torch.int64),
+    "odd_sizes": ([(45, 1), (33, 6)], Shape(4, 2, 24, 12, 20), 8, 1, torch.int32),  # D, ranks not powers of 2
+}
+
+
+def run(batch, *, window: int, sinks: int) -> torch.Tensor:
+    out = torch.full_like(batch.query, float("nan"))
+    dar_paged_attention_triton(batch.query, batch.key, batch.value, out,
+                               **batch.kwargs(window=window, sink_tokens=sinks, scale=SCALE))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_matches_reference(name, dtype):
+    reqs, shape, window, sinks, table_dtype = SCENARIOS[name]
+    batch = build_batch(reqs, shape, window=window, sinks=sinks, dtype=dtype, table_dtype=table_dtype)
+    out = run(batch, window=window, sinks=sinks)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), batch.reference.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_far_splits_agree(splits):
+    """Any number of far splits gives the same softmax (the log-sum-exp merge is exact up to rounding)."""
+    reqs, shape, window, sinks, table_dtype = SCENARIOS["long_history"]
+    b = build_batch(reqs, shape, window=window, sinks=sinks, table_dtype=table_dtype)
+    out = torch.full_like(b.query, float("nan"))
+    triton_ops._launch(b.query, b.key, b.value, out, b.window_cache, b.window_table, b.far_cache, b.far_table,
+                       b.query_start_loc, b.seq_lens, b.proj, window, sinks, SCALE, splits=splits)
+    torch.testing.assert_close(out, b.reference, rtol=1e-5, atol=1e-5)
+
+
+def test_large_block_ids():
+    """Block ids above 2^24 with int32 tables: block * block stride passes 2^31 elements, so an offset kept in
+    int32 reads the wrong slot (or crashes). The caches are ~4.3 GB of virtual memory each, touched only at the
+    blocks in use."""
+    reqs, shape = [(40, 1), (20, 4)], Shape(3, 1, 16, 16, 16)
+    b = build_batch(reqs, shape, window=8, sinks=2, dtype=torch.bfloat16, window_block=4, far_block=4,
+                    table_dtype=torch.int32, first_block=1 << 24)
+    for cache, table in ((b.far_cache, b.far_table), (b.window_cache, b.window_table)):
+        assert cache.stride(0) * int(table[table > 0].min()) >= 1 << 31
+    out = run(b, window=8, sinks=2)
+    torch.testing.assert_close(out.float(), b.reference.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_padding_tokens_untouched():
+    """Tokens after query_start_loc[-1] (CUDA-graph padding) belong to no request: their output is not written."""
+    reqs, shape, window, sinks, table_dtype = SCENARIOS["single_decode"]
+    b = build_batch(reqs + [(12, 1)], shape, window=window, sinks=sinks, table_dtype=table_dtype)
+    pad = 3
+    query = torch.cat([b.query, torch.randn(pad, *b.query.shape[1:])])
+    key = torch.cat([b.key, torch.randn(pad, *b.key.shape[1:])])
+    value = torch.cat([b.value, torch.randn(pad, *b.value.shape[1:])])
+    out = torch.full_like(query, 7.0)
+    dar_paged_attention_triton(query, key, value, out, **b.kwargs(window=window, sink_tokens=sinks, scale=SCALE))
+    torch.testing.assert_close(out[:-pad], b.reference, rtol=1e-5, atol=1e-5)
+    assert bool((out[-pad:] == 7.0).all())

@@ -1,0 +1,193 @@
+"""Launchers for the Triton DAR kernels (``vllm_dar.kernels``): cache write and paged attention.
+
+Same contract as ``vllm_dar.ops.paged`` (layouts, what each cache holds, semantics); the tests in
+``tests/kernels`` compare both launchers with ``vllm_dar.reference`` under ``TRITON_INTERPRET=1``.
+
+Bytes moved per decode step
+---------------------------
+Per layer and sequence at context ``L`` (tokens incl. the new one), ``b`` bytes per cache element, ``J`` KV heads,
+``D`` head_dim, ``G`` projection groups, ranks ``rk``/``rv``, window ``w``, ``S`` sinks:
+
+* full attention reads ``2 J D L b`` (every K and V at full width);
+* DAR reads ``G (rk + rv) (L - w - S) b`` (far, reduced) ``+ 2 J D (w - 1 + S) b`` (window history and sinks)
+  ``+ 2 J D b`` (the fresh token), plus per step, shared by the whole batch, the fp32 projections
+  ``4 H D (rk + rv)`` (``Q_h``, ``U_h``) ``+ 4 J D (rk + rv)`` (``K_g``, ``V_g`` in the cache write);
+* both write the new token (``2 J D b``; DAR also ``G (rk + rv) b``) and DAR's kernels move a little fp32 scratch
+  (``q Q_h`` and the split partials, ``~4 H (rk + splits (rv + 2))`` bytes twice), both negligible at long ``L``.
+
+Default model (SmolLM2-135M: 30 layers, H=9, J=3, D=64, fp16 cache) at ``L = 4096``, ``w = 64``, ``S = 0``,
+ranks 16/16 per head (G = 3), per sequence and step over all layers:
+full attention 94,371,840 B (94.4 MB); DAR 24,698,880 B (24.7 MB) of K/V, i.e. **3.82x fewer bytes**, the
+speed-up a memory-bound decode kernel can reach at large batch. The projections add 2,949,120 B per step for the
+whole batch, so at batch 1 the bound is 94.4 / 27.6 = 3.41x. (``decode_bytes`` computes these; a test checks them.)
+
+Launch plan (no Python loop over requests; every grid is a function of tensor shapes only)
+------------------------------------------------------------------------------------------
+1. ``dar_query_project_kernel``, grid ``(cdiv(T, 16), H)``: ``q Q_h`` once per (token, head).
+2. ``dar_far_kernel``, grid ``(T // BLOCK_M + R, G, splits)``: query tiles x projection groups x key splits.
+3. ``dar_full_kernel``, grid ``(T // BLOCK_M + R, J)``: query tiles x KV heads; merges the splits, writes output.
+A query tile is ``BLOCK_M`` tokens of one request times all query heads sharing the group (2.) or KV head (3.):
+``ROWS = BLOCK_M * next_pow2(heads)``, at least 16 rows (``tl.dot``'s minimum on GPUs), 64 when the batch holds
+a prefill chunk (more queries per K/V load). Request r's tiles start at ``qsl[r] // BLOCK_M + r``, so
+``T // BLOCK_M + R`` programs cover any batch; surplus programs exit at once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from vllm_dar.kernels.dar_attention import dar_far_kernel, dar_full_kernel, dar_query_project_kernel
+from vllm_dar.kernels.dar_cache import dar_write_kv_kernel
+from vllm_dar.ops.paged import PagedProjections
+
+LOG2E = 1.4426950408889634
+BLOCK_N = 64  # keys per inner step: a window of 64 is one or two steps; 64 x rank tiles fit any GPU
+BLOCK_T = 16  # tokens per query-projection program
+DECODE_ROWS, PREFILL_ROWS = 16, 64  # rows (token x head) per attention program
+MIN_KEYS_PER_SPLIT = 256  # below this, another split costs more (scratch, merge) than the parallelism it adds
+MAX_SPLITS = 16
+SCRATCH_BYTES = 64 << 20  # cap on the fp32 split partials
+
+
+def _pad(n: int, floor: int = 16) -> int:
+    """Power-of-two tile width >= n; 16 at least for dimensions that enter ``tl.dot``."""
+    return max(floor, triton.next_power_of_2(n))
+
+
+def write_kv_triton(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
+                    far_slots: Tensor, proj: PagedProjections) -> None:
+    """Store the scheduled tokens' K/V: full width into the window cache, ``k_g K_g | v_g V_g`` into the far cache.
+
+    key, value: [T, J, D] post-RoPE; window_slots, far_slots: [T] flat slots (< 0 or in null block 0: skipped);
+    window_cache: [nbw, J, Bw, 2D]; far_cache: [nbf, G, Bf, rk + rv]. Grid ``(T, G)``: one program per token and
+    projection group reads the group's K/V once and writes both caches.
+    """
+    t = window_slots.shape[0]
+    j, d = key.shape[1:]
+    g, dg, rk = proj.k_down.shape
+    rv = proj.v_down.shape[-1]
+    assert window_cache.shape[1] == j and window_cache.shape[3] == 2 * d, "window cache is [nb, J, Bw, 2D]"
+    assert far_cache.shape[1] == g and far_cache.shape[3] == rk + rv, "far cache is [nb, G, Bf, rk + rv]"
+    assert dg == j // g * d and far_slots.shape[0] == t and key.shape[0] >= t and value.shape == key.shape
+    assert key.stride(-1) == value.stride(-1) == window_cache.stride(-1) == far_cache.stride(-1) == 1
+    assert proj.k_down.is_contiguous() and proj.v_down.is_contiguous()
+    if t == 0:
+        return
+    dar_write_kv_kernel[(t, g)](
+        key_ptr=key, value_ptr=value, window_cache_ptr=window_cache, window_slots_ptr=window_slots,
+        far_cache_ptr=far_cache, far_slots_ptr=far_slots, k_down_ptr=proj.k_down, v_down_ptr=proj.v_down,
+        stride_kt=key.stride(0), stride_kj=key.stride(1), stride_vt=value.stride(0), stride_vj=value.stride(1),
+        stride_wb=window_cache.stride(0), stride_wj=window_cache.stride(1), stride_ws=window_cache.stride(2),
+        stride_fb=far_cache.stride(0), stride_fg=far_cache.stride(1), stride_fs=far_cache.stride(2),
+        HEAD_DIM=d, HEADS=j // g, DG_PAD=_pad(dg, 1), KEY_RANK=rk, VALUE_RANK=rv, RK_PAD=_pad(rk, 1),
+        RV_PAD=_pad(rv, 1), WINDOW_BLOCK=window_cache.shape[2], FAR_BLOCK=far_cache.shape[2])
+
+
+def num_splits(far_capacity: int, tokens: int, heads: int, rv_pad: int) -> int:
+    """Key splits of the far pass: enough to spread a long history over the GPU, never more than the history
+    (the block table's capacity, a shape, so the choice is static under CUDA graphs) or the scratch cap."""
+    by_keys = min(MAX_SPLITS, triton.cdiv(far_capacity, MIN_KEYS_PER_SPLIT))
+    by_scratch = SCRATCH_BYTES // max(1, tokens * heads * (rv_pad + 2) * 4)
+    return max(1, min(by_keys, by_scratch))
+
+
+def _rows_plan(heads: int, rows: int) -> tuple[int, int]:
+    """(HEADS_PAD, BLOCK_M) for programs holding all ``heads`` of a group or KV head."""
+    heads_pad = triton.next_power_of_2(heads)
+    return heads_pad, max(1, rows // heads_pad)
+
+
+def _check(query, key, value, output, window_cache, window_table, far_cache, far_table, proj) -> None:
+    t, h, d = query.shape
+    j, g = key.shape[1], far_cache.shape[1]
+    rk, rv = proj.k_down.shape[-1], proj.v_down.shape[-1]
+    assert key.shape == value.shape == (t, j, d) and output.shape == query.shape, "query/output [T,H,D], kv [T,J,D]"
+    assert h % j == 0 and j % g == 0, f"heads {h} must be a multiple of KV heads {j}, KV heads of groups {g}"
+    assert window_cache.shape[1] == j and window_cache.shape[3] == 2 * d, "window cache is [nb, J, Bw, 2D]"
+    assert far_cache.shape[3] == rk + rv, "far cache is [nb, G, Bf, rk + rv]"
+    assert proj.q_proj.shape == (h, d, rk) and proj.v_up.shape == (h, rv, d), "q_proj [H,D,rk], v_up [H,rv,D]"
+    assert proj.q_proj.dtype == proj.v_up.dtype == torch.float32
+    assert proj.q_proj.is_contiguous() and proj.v_up.is_contiguous()
+    for x in (query, key, value, output, window_cache, far_cache, window_table, far_table):
+        assert x.stride(-1) == 1, "innermost dimension must be contiguous"
+
+
+def dar_paged_attention_triton(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
+                               window_table: Tensor, far_cache: Tensor, far_table: Tensor,
+                               query_start_loc: list[int] | Tensor, seq_lens: list[int] | Tensor,
+                               proj: PagedProjections, window: int, sink_tokens: int, scale: float) -> None:
+    """DAR attention for a batch (decodes and prefill/extend chunks in any order), into ``output``.
+
+    query: [T, H, D]; key, value: [T, J, D] (fresh, post-RoPE); output: [T, H, D]; window_cache [nbw, J, Bw, 2D]
+    + window_table [R, *]; far_cache [nbf, G, Bf, rk + rv] + far_table [R, *]; query_start_loc: R + 1 offsets;
+    seq_lens: R. Heads of a group must be contiguous (``head_group[h] == h // (H / G)``, as ``PagedProjections``
+    builds it). Computes in fp32, writes ``output.dtype``.
+    """
+    _check(query, key, value, output, window_cache, window_table, far_cache, far_table, proj)
+    _launch(query, key, value, output, window_cache, window_table, far_cache, far_table, query_start_loc,
+            seq_lens, proj, window, sink_tokens, scale, splits=None)
+
+
+def _launch(query, key, value, output, window_cache, window_table, far_cache, far_table, query_start_loc,
+            seq_lens, proj, window, sink_tokens, scale, *, splits: int | None) -> None:
+    t, h, d = query.shape
+    j, g = key.shape[1], far_cache.shape[1]
+    rk, rv = proj.k_down.shape[-1], proj.v_down.shape[-1]
+    dev = query.device
+    qsl = torch.as_tensor(query_start_loc, dtype=torch.int32, device=dev)  # [R + 1]
+    lens = torch.as_tensor(seq_lens, dtype=torch.int32, device=dev)  # [R]
+    r = lens.shape[0]
+    if t == 0 or r == 0:
+        return
+    d_pad, rk_pad, rv_pad = _pad(d), _pad(rk), _pad(rv)
+    rows = DECODE_ROWS if t <= r else PREFILL_ROWS  # decode-only batches: one token per request
+    splits = splits or num_splits(far_table.shape[1] * far_cache.shape[2], t, h, rv_pad)
+    qk_scale = scale * LOG2E
+
+    q_red = torch.empty(t, h, rk_pad, dtype=torch.float32, device=dev)  # [T, H, RK_PAD]
+    dar_query_project_kernel[(triton.cdiv(t, BLOCK_T), h)](
+        query_ptr=query, q_proj_ptr=proj.q_proj, q_red_ptr=q_red, num_tokens=t, qk_scale=qk_scale,
+        stride_qt=query.stride(0), stride_qh=query.stride(1), stride_rt=q_red.stride(0), stride_rh=q_red.stride(1),
+        HEAD_DIM=d, D_PAD=d_pad, KEY_RANK=rk, RK_PAD=rk_pad, BLOCK_T=BLOCK_T)
+
+    part_max = torch.empty(splits, t, h, dtype=torch.float32, device=dev)  # [S, T, H]
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty(splits, t, h, rv_pad, dtype=torch.float32, device=dev)  # [S, T, H, RV_PAD]
+    hp_pad, bm = _rows_plan(h // g, rows)
+    dar_far_kernel[(t // bm + r, g, splits)](
+        q_red_ptr=q_red, far_cache_ptr=far_cache, far_table_ptr=far_table, part_max_ptr=part_max,
+        part_sum_ptr=part_sum, part_acc_ptr=part_acc, query_start_loc_ptr=qsl, seq_lens_ptr=lens, num_reqs=r,
+        num_splits=splits, window=window, sink_tokens=sink_tokens,
+        stride_rt=q_red.stride(0), stride_rh=q_red.stride(1),
+        stride_fb=far_cache.stride(0), stride_fg=far_cache.stride(1), stride_fs=far_cache.stride(2),
+        stride_ftr=far_table.stride(0), stride_ps=part_max.stride(0), stride_pt=part_max.stride(1),
+        stride_as=part_acc.stride(0), stride_at=part_acc.stride(1), stride_ah=part_acc.stride(2),
+        KEY_RANK=rk, VALUE_RANK=rv, RK_PAD=rk_pad, RV_PAD=rv_pad, HEADS=h // g, HEADS_PAD=hp_pad, BLOCK_M=bm,
+        FAR_BLOCK=far_cache.shape[2], BLOCK_N=BLOCK_N)
+
+    hp_pad, bm = _rows_plan(h // j, rows)
+    dar_full_kernel[(t // bm + r, j)](
+        query_ptr=query, key_ptr=key, value_ptr=value, output_ptr=output, window_cache_ptr=window_cache,
+        window_table_ptr=window_table, v_up_ptr=proj.v_up, part_max_ptr=part_max, part_sum_ptr=part_sum,
+        part_acc_ptr=part_acc, query_start_loc_ptr=qsl, seq_lens_ptr=lens, num_reqs=r, num_splits=splits,
+        window=window, sink_tokens=sink_tokens, qk_scale=qk_scale,
+        stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=output.stride(0),
+        stride_oh=output.stride(1), stride_kt=key.stride(0), stride_kj=key.stride(1), stride_vt=value.stride(0),
+        stride_vj=value.stride(1), stride_wb=window_cache.stride(0), stride_wj=window_cache.stride(1),
+        stride_ws=window_cache.stride(2), stride_wtr=window_table.stride(0), stride_ps=part_max.stride(0),
+        stride_pt=part_max.stride(1), stride_as=part_acc.stride(0), stride_at=part_acc.stride(1),
+        stride_ah=part_acc.stride(2), HEAD_DIM=d, D_PAD=d_pad, VALUE_RANK=rv, RV_PAD=rv_pad, HEADS=h // j,
+        HEADS_PAD=hp_pad, BLOCK_M=bm, WINDOW_BLOCK=window_cache.shape[2], BLOCK_N=BLOCK_N)
+
+
+def decode_bytes(seq_len: int, *, num_heads: int, num_kv_heads: int, head_dim: int, groups: int, key_rank: int,
+                 value_rank: int, window: int, sink_tokens: int, itemsize: int) -> dict[str, int]:
+    """Bytes one decode step moves per layer (formula in the module docstring): ``full`` (K/V of full
+    attention), ``dar`` (DAR's K/V, per sequence) and ``projections`` (fp32 maps, once per step and layer)."""
+    jd = num_kv_heads * head_dim
+    r = key_rank + value_rank
+    far = groups * r * max(0, seq_len - window - sink_tokens) * itemsize
+    window_part = 2 * jd * (min(seq_len, window + sink_tokens) - 1) * itemsize
+    return {"full": 2 * jd * seq_len * itemsize, "dar": far + window_part + 2 * jd * itemsize,
+            "projections": 4 * (num_heads * head_dim * r + jd * r)}

@@ -5,6 +5,12 @@ agreement with the full model, and the KV bytes each setting keeps. Run:
 
     python benchmarks/quality.py                   # the README table (about 40 minutes on 2 cores)
     python benchmarks/quality.py --rows full dar   # a subset
+    python benchmarks/quality.py --rows heal --threads 1 --json --merge benchmarks/results/quality.json
+
+Learned rows: ``fit``-suffixed rows refine a row's projections layer-wise (``--method fit``); ``heal`` rows start
+from a row's conversion and run ``vllm_dar.heal`` (distillation from the full model, projections only) within
+``--heal-minutes``/``--heal-tokens``; both keep the bytes of the row they start from and record their cost.
+``--merge`` puts the rows into an existing results JSON (same model and held-out text), replacing same-named rows.
 """
 from __future__ import annotations
 
@@ -48,18 +54,32 @@ ROWS = {
     "calibrated-joint": ("calibrated windows+ranks, joint (same bytes as dar), PCA, 4 sinks",
                          dict(window=64, key_rank=48, value_rank=48, sink_tokens=4, schedule="calibrated",
                               head_sharing="joint")),
+    "fit": ("DAR w=64 r=16/16 per head, PCA + layer-wise fit (--method fit), 4 sinks; starts from dar",
+            dict(window=64, key_rank=16, value_rank=16, sink_tokens=4, method="fit")),
+    "calibrated-joint-fit": ("calibrated-joint + layer-wise fit (--method fit); starts from calibrated-joint",
+                             dict(window=64, key_rank=48, value_rank=48, sink_tokens=4, schedule="calibrated",
+                                  head_sharing="joint", method="fit")),
 }
+# Healed rows: name -> the row whose conversion they start from (same schedule, so the same KV bytes).
+HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform"}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.environ.get("VLLM_DAR_MODEL", "models/smollm2-135m-f32"))
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *HEAL_ROWS],
+                    help="default: every row except the (slow) heal rows")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--calib-tokens", type=int, default=8 * 2048)
     ap.add_argument("--kv-budget", type=float, default=None,
                     help="budget for the calibrated rows (default: what the 'dar' row costs)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--heal-minutes", type=float, default=30.0, help="wall-time budget of each heal row")
+    ap.add_argument("--heal-tokens", type=int, default=None, help="training-token budget of each heal row")
+    ap.add_argument("--heal-context", type=int, default=1024)
+    ap.add_argument("--heal-lr", type=float, default=1e-3)
+    ap.add_argument("--merge", metavar="JSON", help="merge the rows into this results file (rewritten in place)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--render", metavar="JSON", help="print the markdown table of a saved --json result and exit")
     a = ap.parse_args()
@@ -67,7 +87,7 @@ def main() -> int:
         with open(a.render) as f:
             print(markdown(json.load(f)))
         return 0
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(a.threads)
 
     t0 = time.time()
     cache = {}
@@ -87,8 +107,10 @@ def main() -> int:
     full = perplexity(model, windows)
     results = []
     for name in a.rows:
-        desc, kw = ROWS[name]
+        start = HEAL_ROWS.get(name)
+        desc, kw = ROWS[start or name]
         t = time.time()
+        cost = None
         if kw is None:
             res, frac = full, 1.0
         else:
@@ -97,12 +119,21 @@ def main() -> int:
                 kw["kv_budget"] = a.kv_budget or plan_fraction(shape, a.context)
             _, stats, _ = stats_for(kw["sink_tokens"])
             cfg, proj = plan(shape, stats, context=a.context, **kw)
+            cost = {"calib_tokens": a.calib_tokens, "convert_minutes": round((time.time() - t) / 60, 2)}
+            if start is not None:
+                desc = f"{start} healed: {desc}; projections trained, KL to the full model"
+                proj, heal_cost = heal_rows(model, tok, cfg, proj, a)
+                cost.update(heal_cost, starts_from=start)
+            elif kw.get("method") == "fit":
+                cost["starts_from"] = name.removesuffix("-fit") if name != "fit" else "dar"
             frac = cfg.kv_fraction(a.context)
             res = perplexity(model, windows, cfg=cfg, projections=proj, reference_argmax=full["argmax"])
         row = {"row": name, "setting": desc, "perplexity": round(res["perplexity"], 3),
                "delta_vs_full": round(res["perplexity"] / full["perplexity"] - 1, 4),
                "kv_fraction": round(frac, 4), "top1_agreement": round(res.get("top1_agreement", 1.0), 4),
                "seconds": round(time.time() - t, 1)}
+        if cost is not None and (start is not None or kw.get("method") == "fit"):
+            row["cost"] = cost
         if kw is not None:
             row["windows"] = sorted(set(cfg.window)) if len(set(cfg.window)) <= 6 else [min(cfg.window),
                                                                                          max(cfg.window)]
@@ -111,6 +142,9 @@ def main() -> int:
     out = {"model": a.model, "context": a.context, "eval_tokens": full["tokens"],
            "calib_tokens": a.calib_tokens, "full_perplexity": round(full["perplexity"], 3), "rows": results,
            "seconds": round(time.time() - t0, 1)}
+    out["threads"] = a.threads
+    if a.merge:
+        out = merge(a.merge, out)
     if a.json:
         print(json.dumps(out, indent=1))
     else:
@@ -121,6 +155,50 @@ def main() -> int:
     return 0
 
 
+def heal_rows(model, tok, cfg, proj, a) -> tuple[list, dict]:
+    """Heal ``proj`` within the row budget; returns (healed projections, cost)."""
+    from vllm_dar.heal import HealSettings, heal_projections
+
+    settings = HealSettings(context=a.heal_context, max_tokens=a.heal_tokens, max_minutes=a.heal_minutes,
+                            lr=a.heal_lr)
+    train = token_windows(tok, split_files()[0], context=settings.context, max_tokens=settings.data_tokens)
+    loads = []
+    t = time.time()
+    healed, state, _ = heal_projections(model, cfg, proj, train, settings,
+                                        on_step=lambda m: loads.append(os.getloadavg()[0]))
+    hist = state["history"]
+    return healed, {"heal_minutes": round(state["seconds"] / 60, 2), "heal_wall_minutes": round(
+        (time.time() - t) / 60, 2), "train_tokens": state["tokens"], "steps": state["step"],
+        "heal_context": settings.context, "lr": settings.lr, "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
+        "kl_last10": round(sum(h["kl"] for h in hist[-10:]) / len(hist[-10:]), 5),
+        "threads": a.threads, "load_avg_1min": round(sum(loads) / len(loads), 2)}
+
+
+def merge(path: str, out: dict) -> dict:
+    """Merge ``out``'s rows into the results file at ``path`` under a lock (several runs may finish together)."""
+    import fcntl
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), "vllm-dar-quality-merge.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(path) as f:
+            old = json.load(f)
+        for k in ("model", "context", "eval_tokens", "calib_tokens"):
+            if os.path.basename(str(old[k])) != os.path.basename(str(out[k])):
+                raise SystemExit(f"--merge: {k} {out[k]!r} differs from {path}'s {old[k]!r}")
+        if abs(old["full_perplexity"] - out["full_perplexity"]) > 0.01:
+            raise SystemExit(f"--merge: full perplexity {out['full_perplexity']} != {old['full_perplexity']}")
+        new = {r["row"]: r for r in out["rows"]}
+        rows = [new.pop(r["row"], r) for r in old["rows"]] + list(new.values())
+        merged = {**old, "rows": rows}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(merged, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    return merged
+
+
 def markdown(out: dict) -> str:
     lines = [f"Held-out text: {out['eval_tokens']} tokens at context {out['context']}; calibration "
              f"{out['calib_tokens']} tokens from other files. Full model perplexity {out['full_perplexity']}.", "",
@@ -128,6 +206,16 @@ def markdown(out: dict) -> str:
     for r in out["rows"]:
         lines.append(f"| {r['row']} | {r['setting']} | {r['perplexity']:.2f} | {r['delta_vs_full']:+.1%} | "
                      f"{r['kv_fraction']:.1%} | {r['top1_agreement']:.1%} |")
+    costs = [r for r in out["rows"] if "cost" in r]
+    if costs:
+        lines += ["", "| row | starts from | minutes on this machine | calibration tokens | training tokens |",
+                  "|---|---|---|---|---|"]
+        for r in costs:
+            c = r["cost"]
+            minutes = c["convert_minutes"] + c.get("heal_wall_minutes", 0)
+            load = f" (load {c['load_avg_1min']}, {c['threads']} thread(s))" if "load_avg_1min" in c else ""
+            lines.append(f"| {r['row']} | {c['starts_from']} | {minutes:.1f}{load} | {c['calib_tokens']} | "
+                         f"{c.get('train_tokens', 0)} |")
     return "\n".join(lines)
 
 

@@ -22,31 +22,86 @@ def test_register_is_lazy_and_idempotent():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _manager(cls, spec):
+def _manager(cls, spec, *, caching=False, alignment=None):
     from vllm.v1.core.block_pool import BlockPool
 
-    pool = BlockPool(num_gpu_blocks=32, enable_caching=False, hash_block_size=spec.block_size)
-    return cls(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0,
-               scheduler_block_size=spec.block_size), pool
+    pool = BlockPool(num_gpu_blocks=64, enable_caching=caching, hash_block_size=spec.block_size)
+    return cls(spec, block_pool=pool, enable_caching=caching, kv_cache_group_id=0,
+               scheduler_block_size=alignment or spec.block_size)
 
 
-def test_window_manager_keeps_sink_blocks():
+KW = {"block_size": 4, "num_kv_heads": 1, "head_size": 8, "dtype": torch.float32, "sliding_window": 6}
+
+
+def _real(manager, request="r") -> list[bool]:
+    return [not b.is_null for b in manager.req_to_blocks[request]]
+
+
+def _step(manager, num_tokens: int, processed: int, prefill_end: int) -> None:
+    """What vLLM's allocate_slots does for one step of one request."""
+    manager.remove_skipped_blocks("r", processed)
+    manager.get_num_blocks_to_allocate("r", num_tokens, [], processed, processed, num_tokens,
+                                       prefill_end=prefill_end)
+    manager.allocate_new_blocks("r", num_tokens, num_tokens)
+
+
+def test_window_manager_allocates_sinks_and_tail_only():
+    """A 40-token chunk (window 6, 3 sinks, blocks of 4): real blocks for the sinks (block 0) and the 5 positions
+    the next step reads (35..39: blocks 8, 9); the stock sliding-window manager takes all 10."""
     from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
     from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
     from vllm_dar.plugin.spec import DarWindowManager, DarWindowSpec
 
-    kw = {"block_size": 4, "num_kv_heads": 1, "head_size": 8, "dtype": torch.float32, "sliding_window": 6}
-    spec = DarWindowSpec(sink_tokens=3, **kw)
-    manager, _ = _manager(DarWindowManager, spec)
-    stock, _ = _manager(SlidingWindowManager, SlidingWindowSpec(**kw))
-    for m in (manager, stock):
-        m.allocate_new_blocks("r", 40, 40)  # 10 blocks
-        m.remove_skipped_blocks("r", 40)  # positions < 35 leave the window: blocks 0..7
-    kept = [not b.is_null for b in manager.req_to_blocks["r"]]
-    assert kept == [True] + [False] * 7 + [True, True]  # block 0 holds the 3 sink tokens
-    assert [not b.is_null for b in stock.req_to_blocks["r"]] == [False] * 8 + [True, True]
-    # The admission bound counts the sink block.
-    stock_bound = SlidingWindowSpec(**kw).max_admission_blocks_per_request(16, 1000)
-    assert spec.max_admission_blocks_per_request(16, 1000) == stock_bound + 1
-    assert DarWindowSpec(sink_tokens=0, **kw).max_admission_blocks_per_request(16, 1000) == stock_bound
+    spec = DarWindowSpec(sink_tokens=3, **KW)
+    manager, stock = _manager(DarWindowManager, spec), _manager(SlidingWindowManager, SlidingWindowSpec(**KW))
+    _step(manager, 40, 0, 40)
+    stock.allocate_new_blocks("r", 40, 40)
+    assert _real(manager) == [True] + [False] * 7 + [True, True]
+    assert _real(stock) == [True] * 10
+    assert manager.block_pool.get_num_free_blocks() == 63 - 3
+
+
+def test_window_manager_decode_holds_a_bounded_tail():
+    """Decoding from 40 to 80 tokens: every position the next query sees at full width (sinks and the last
+    w - 1) sits in a real block, and the request never holds more than the admission bound."""
+    from vllm_dar.plugin.spec import DarWindowManager, DarWindowSpec
+
+    spec = DarWindowSpec(sink_tokens=3, **KW)
+    manager = _manager(DarWindowManager, spec)
+    bound = spec.max_admission_blocks_per_request(max_in_flight_tokens=4096, max_model_len=10_000)
+    assert bound == 1 + 3 * 3  # sinks + 3 tails of cdiv(5, 4) + 1 blocks: independent of the chunk size
+    _step(manager, 40, 0, 40)
+    for n in range(41, 81):
+        _step(manager, n, n - 1, 40)
+        real = _real(manager)
+        assert sum(real) <= bound
+        needed = {p // 4 for p in range(n - 5, n)} | {0}
+        assert all(real[i] for i in needed), (n, real)
+    # Admission of the same request's full sequence reserves a small, chunk-independent number of blocks.
+    assert manager.get_num_blocks_to_allocate("q", 4000, [], 0, 0, 4000, apply_admission_cap=True,
+                                              prefill_end=4000) <= bound
+
+
+def test_window_manager_keeps_the_replay_tail_for_prefix_caching():
+    """With prefix caching (hit alignment 8), a 40-token prompt also keeps the window before its last hit
+    boundary (32: positions 27..31, blocks 6 and 7), so the same prompt again finds it in the cache."""
+    from vllm_dar.plugin.spec import DarWindowManager, DarWindowSpec
+
+    spec = DarWindowSpec(sink_tokens=3, **KW)
+    manager = _manager(DarWindowManager, spec, caching=True, alignment=8)
+    _step(manager, 40, 0, 40)
+    assert _real(manager) == [True] + [False] * 5 + [True, True, True, True]
+    _step(manager, 41, 40, 40)  # the window moves past them: freed to the cache, not held
+    assert _real(manager) == [True] + [False] * 7 + [True, True, True]
+
+
+def test_far_block_sizes_fit_the_window_page():
+    from vllm_dar.plugin.spec import far_block_sizes
+
+    # SmolLM2: 3 KV heads x (64 + 64) per full slot; ranks 16/16 per head: 96 per reduced slot -> 4x the tokens.
+    assert far_block_sizes(16, 384, [96, 96]) == [64, 64]
+    # Per-layer ranks that do not divide: rounded down to the window block (16 * 384 / 88 = 69.8 -> 64).
+    assert far_block_sizes(16, 384, [88, 96, 48]) == [64, 64, 128]
+    # Sizes whose common multiple would exceed 1024 tokens fall back to powers of two times the window block.
+    assert far_block_sizes(16, 384, [96, 88, 52, 36]) == [64, 64, 64, 128]  # exact: 64, 64, 112, 160

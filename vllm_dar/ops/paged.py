@@ -3,8 +3,9 @@
 Two caches per DAR layer, both in our own layout ``[num_blocks, heads, block_size, k_width + v_width]``
 (key in the first ``k_width`` features of a slot, value after it):
 
-* the **window cache** holds full-width K/V (``J`` heads, ``D + D``) of the sink tokens and of the recent
-  window; its block table may still list blocks the scheduler freed, so only those positions are ever read;
+* the **window cache** holds full-width K/V (``J`` heads, ``D + D``) of the sink tokens and of the window
+  before the chunk (the chunk's own K/V come from the forward pass); its block table may list blocks the
+  scheduler freed or never allocated (null), so only those positions are ever read;
 * the **far cache** holds reduced K/V (``G`` projection groups, ``rk + rv``) of every token.
 
 A query at position ``t`` sees ``s <= t`` at full width when ``t - s < window`` or ``s < sink_tokens``, and at
@@ -50,11 +51,12 @@ def reduce_tokens(x: Tensor, down: Tensor) -> Tensor:
 
 
 def write_slots(cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
-    """Store k [T, Hc, kw] and v [T, Hc, vw] at flat slots [T] (block * block_size + offset; < 0: skip).
+    """Store k [T, Hc, kw] and v [T, Hc, vw] at flat slots [T] (block * block_size + offset). Slots < 0 and
+    slots in block 0 (vLLM's null block: positions the window cache does not keep) are skipped.
 
     cache: [num_blocks, Hc, block_size, kw + vw].
     """
-    keep = slots >= 0
+    keep = slots >= cache.shape[2]
     if not bool(keep.all()):
         slots, k, v = slots[keep], k[keep], v[keep]
     block_size = cache.shape[2]
@@ -71,27 +73,32 @@ def gather_positions(cache: Tensor, block_row: Tensor, positions: Tensor) -> Ten
     return cache[blocks, :, positions % block_size, :]
 
 
-def full_width_positions(seq_len: int, first_query: int, window: int, sink_tokens: int) -> Tensor:
-    """Positions any query of the chunk may see at full width: sinks, then the window of the first query
-    through the last token. Sorted, distinct, never outside what the window cache retains."""
-    lo = max(0, first_query - window + 1)
-    sinks = torch.arange(min(sink_tokens, lo))
-    return torch.cat([sinks, torch.arange(lo, seq_len)])
+def cached_full_positions(first_query: int, window: int, sink_tokens: int) -> Tensor:
+    """History positions (before the chunk's first query) any query of the chunk sees at full width: the sinks,
+    then the first query's window. Sorted, distinct, exactly what the window cache retains."""
+    lo = max(0, first_query - max(window, 1) + 1)
+    return torch.cat([torch.arange(min(sink_tokens, lo)), torch.arange(lo, first_query)])
 
 
-def request_attention(q: Tensor, q_pos: Tensor, window_cache: Tensor, window_row: Tensor, far_cache: Tensor,
-                      far_row: Tensor, seq_len: int, proj: PagedProjections, *, window: int, sink_tokens: int,
-                      scale: float) -> Tensor:
-    """DAR attention for one request. q: [Tq, H, D] at positions q_pos [Tq] -> [Tq, H, D] fp32."""
-    h, d = q.shape[1:]
+def request_attention(q: Tensor, k_new: Tensor, v_new: Tensor, window_cache: Tensor, window_row: Tensor,
+                      far_cache: Tensor, far_row: Tensor, seq_len: int, proj: PagedProjections, *, window: int,
+                      sink_tokens: int, scale: float) -> Tensor:
+    """DAR attention for one request's chunk. q: [Tq, H, D], k_new, v_new: [Tq, J, D] (the chunk's own K/V,
+    full width) at positions seq_len - Tq ... seq_len - 1 -> [Tq, H, D] fp32."""
+    tq, h, d = q.shape
+    first = seq_len - tq
+    q_pos = torch.arange(first, seq_len)
     qf = q.float().transpose(0, 1)  # [H, Tq, D]
     t = q_pos.unsqueeze(1)  # [Tq, 1]
 
-    full_pos = full_width_positions(seq_len, int(q_pos[0]), window, sink_tokens)  # [Sf]
-    kv = gather_positions(window_cache, window_row, full_pos).float()  # [Sf, J, 2D]
-    rep = h // kv.shape[1]
-    k_full = kv[..., :d].transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, Sf, D]
-    v_full = kv[..., d:].transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, Sf, D]
+    hist = cached_full_positions(first, window, sink_tokens)  # [Sc]
+    cached = gather_positions(window_cache, window_row, hist).float()  # [Sc, J, 2D]
+    full_pos = torch.cat([hist, q_pos])  # [Sf]
+    k_full = torch.cat([cached[..., :d], k_new.float()])  # [Sf, J, D]
+    v_full = torch.cat([cached[..., d:], v_new.float()])
+    rep = h // k_full.shape[1]
+    k_full = k_full.transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, Sf, D]
+    v_full = v_full.transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, Sf, D]
     s = full_pos.unsqueeze(0)  # [1, Sf]
     full_ok = (s <= t) & ((t - s < window) | (s < sink_tokens))  # [Tq, Sf]
     scores_full = (qf @ k_full.transpose(1, 2) * scale).masked_fill(~full_ok, float("-inf"))  # [H, Tq, Sf]
@@ -118,21 +125,22 @@ def request_attention(q: Tensor, q_pos: Tensor, window_cache: Tensor, window_row
     return out.transpose(0, 1)  # [Tq, H, D]
 
 
-def dar_paged_attention(query: Tensor, output: Tensor, *, window_cache: Tensor, window_table: Tensor,
-                        far_cache: Tensor, far_table: Tensor, query_start_loc: list[int], seq_lens: list[int],
-                        proj: PagedProjections, window: int, sink_tokens: int, scale: float) -> None:
+def dar_paged_attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
+                        window_table: Tensor, far_cache: Tensor, far_table: Tensor, query_start_loc: list[int],
+                        seq_lens: list[int], proj: PagedProjections, window: int, sink_tokens: int,
+                        scale: float) -> None:
     """DAR attention for a batch of requests (prefill chunks, decodes, or both), into ``output``.
 
-    query: [T, H, D]; output: [T, H, D]; window_table / far_table: [R, max_blocks] block ids;
-    query_start_loc: R + 1 offsets into the T tokens; seq_lens: R (cached + new tokens per request).
-    Each request's queries are its last ``q_len`` positions.
+    query: [T, H, D]; key, value: [T, J, D] (the scheduled tokens' own K/V); output: [T, H, D];
+    window_table / far_table: [R, max_blocks] block ids; query_start_loc: R + 1 offsets into the T tokens;
+    seq_lens: R (cached + new tokens per request). Each request's queries are its last ``q_len`` positions.
+    The window cache is read only at ``cached_full_positions``; the far cache at every older position.
     """
     for r in range(len(seq_lens)):
         a, b = query_start_loc[r], query_start_loc[r + 1]
         if b == a:
             continue
-        seq_len = seq_lens[r]
-        q_pos = torch.arange(seq_len - (b - a), seq_len)  # [Tq]
-        out = request_attention(query[a:b], q_pos, window_cache, window_table[r], far_cache, far_table[r],
-                                seq_len, proj, window=window, sink_tokens=sink_tokens, scale=scale)
+        out = request_attention(query[a:b], key[a:b], value[a:b], window_cache, window_table[r], far_cache,
+                                far_table[r], seq_lens[r], proj, window=window, sink_tokens=sink_tokens,
+                                scale=scale)
         output[a:b] = out.to(output.dtype)

@@ -37,6 +37,15 @@ class DarLayer:
     proj: PagedProjections
 
 
+def _far_block_sizes(vllm_config, model: DarModel, layer) -> list[int]:
+    from .spec import dar_block_size, far_block_sizes
+
+    cfg = model.cfg
+    far = [cfg.layer(i).reduced_elems() for i in range(cfg.shape.num_layers)]
+    return far_block_sizes(dar_block_size(vllm_config), layer.num_kv_heads * (layer.head_size + layer.head_size_v),
+                           far)
+
+
 class DarCpuImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -65,7 +74,8 @@ class DarCpuImpl(CPUAttentionBackendImpl):
         lay = model.cfg.layer(index)
         far_name = f"{name}.dar_far"
         DarFarCache(far_name, groups=lay.groups, key_rank=lay.key_rank, value_rank=lay.value_rank,
-                    dtype=layer.kv_cache_torch_dtype, static_forward_context=context)
+                    dtype=layer.kv_cache_torch_dtype, block_size=_far_block_sizes(vc, model, layer)[index],
+                    static_forward_context=context)
         layer.get_kv_cache_spec = functools.partial(window_spec, layer, window=lay.window,
                                                     sink_tokens=lay.sink_tokens)
         layer.attn_backend = DarWindowBackend
@@ -102,7 +112,8 @@ class DarCpuImpl(CPUAttentionBackendImpl):
         ctx = get_forward_context()
         far = ctx.attn_metadata[self.dar.far_name]
         n = attn_metadata.num_actual_tokens
-        dar_paged_attention(query[:n], output[:n], window_cache=kv_cache, window_table=attn_metadata.block_table,
+        dar_paged_attention(query[:n], key[:n], value[:n], output[:n], window_cache=kv_cache,
+                            window_table=attn_metadata.block_table,
                             far_cache=ctx.no_compile_layers[self.dar.far_name].kv_cache,
                             far_table=far.block_table, query_start_loc=attn_metadata.query_start_loc,
                             seq_lens=attn_metadata.seq_lens, proj=self.dar.proj, window=self.dar.window,

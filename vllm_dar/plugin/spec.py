@@ -1,22 +1,40 @@
-"""KV cache specs of a DAR layer and the manager that keeps its sink tokens.
+"""KV cache specs of a DAR layer, and the manager that allocates its window cache sparsely.
 
-A DAR layer ``L`` owns two caches, both counted and paged by vLLM's hybrid allocator:
+A DAR layer ``L`` owns two caches, both counted and paged by vLLM's hybrid allocator from one block pool:
 
-* ``L`` itself: a ``DarWindowSpec`` (a ``SlidingWindowSpec``) of full-width K/V. The stock sliding-window manager
-  frees blocks as the window slides; ``DarWindowManager`` also keeps the blocks holding the first
-  ``sink_tokens`` positions, so the sinks stay at full width in the same cache, same layout, one read path.
-  The cost is ``cdiv(sink_tokens, block_size)`` blocks per request and layer, added to the admission bound.
-  (A separate full-attention sink cache would allocate slots for every token of the sequence; a ring buffer
-  spec disables prefix caching for the whole model.)
+* ``L`` itself: a ``DarWindowSpec`` (a ``SlidingWindowSpec``) of full-width K/V. ``DarWindowManager`` gives a
+  request real blocks only where full-width K/V will ever be read from the cache:
+
+  - the blocks of the first ``sink_tokens`` positions (kept for the request's life);
+  - the *tail*: the blocks holding the last ``w - 1`` positions after each step (what the next step's queries
+    see at full width);
+  - with prefix caching, the ``w - 1`` positions before the prompt's last cache-hit boundary, so a repeated
+    prompt finds its window in the cache (vLLM's replay boundary; these blocks are freed to the cache once the
+    window passes them).
+
+  Every other block of the request's table is vLLM's null block. The current chunk's queries take their
+  in-chunk keys and values at full width from the fresh K/V of the forward pass (``vllm_dar.ops``), so a
+  4K-token prefill chunk no longer holds 4K full-width slots. This is what the stock sliding-window manager
+  cannot do: it allocates the whole chunk, and vLLM's admission reserves ``w - 1 + max_num_batched_tokens``
+  slots per request for it, as much as full attention at the CPU default of 4096 batched tokens.
+  The per-request bound (sinks + two tails + the replay tail) is ``max_admission_blocks_per_request``: vLLM's
+  logged capacity and its admission control both use it.
 * ``L.dar_far``: a ``FullAttentionSpec`` whose key/value head sizes are the reduced ranks, one "head" per
   projection group, holding the reduced K/V of every token (``DarFarCache``, an unattached companion module,
-  the pattern of vLLM's ``DeepseekV4SWACache``).
+  the pattern of vLLM's ``DeepseekV4SWACache``). It is where per-layer token budgets (keeping only selected
+  distant tokens, PyramidKV/SnapKV-style) would go: a sparse manager of its own, same layout.
+
+Block size: the window cache's waste is up to one block at each end of the tail and one for the sinks, so
+DAR layers use small blocks (``VLLM_DAR_BLOCK_SIZE``, default 16 tokens) unless ``--block-size`` is given; the
+far cache's block size is then scaled by vLLM's page-size unification (64 tokens at ranks 16/16 of 64).
 
 Registration goes through vLLM's ``KVCacheSpecRegistry`` (the extension point for out-of-tree specs) when this
 module is imported: in the worker when the spec is built, in the engine core when the spec is unpickled.
 """
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,22 +58,82 @@ class DarWindowSpec(SlidingWindowSpec):
     def sink_blocks(self) -> int:
         return cdiv(self.sink_tokens, self.block_size)
 
+    @property
+    def tail_blocks(self) -> int:
+        """Blocks a span of ``w - 1`` consecutive positions can touch (one more when it straddles a boundary)."""
+        return cdiv(self.sliding_window - 1, self.block_size) + 1
+
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
-        window_blocks = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
-        return min(window_blocks + self.sink_blocks, cdiv(max_model_len, self.block_size) + 1)
+        # Sinks, the tail after the step in flight and the one before it (freed once that step is processed),
+        # and the replay tail. Independent of the chunk size: chunks are never held at full width.
+        blocks = self.sink_blocks + 3 * self.tail_blocks
+        return min(blocks, cdiv(max_model_len, self.block_size) + 1)
 
 
 class DarWindowManager(SlidingWindowManager):
-    """``SlidingWindowManager`` that never frees (and, on a prefix-cache hit, requires) the sink blocks."""
+    """Allocates only the sink, tail and replay-tail blocks of a request (see the module docstring); never frees
+    (and, on a prefix-cache hit, requires) the sink blocks."""
 
     def __init__(self, kv_cache_spec: DarWindowSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.sink_blocks = kv_cache_spec.sink_blocks
+        self.tail_blocks = kv_cache_spec.tail_blocks
+        self._prefill_end: dict[str, int] = {}  # request -> its prompt end, for the replay tail
+
+    def _wanted(self, index: int, num_tokens: int, prefill_end: int) -> bool:
+        """Whether block ``index`` of a request at ``num_tokens`` tokens needs a real block."""
+        b, keep = self.block_size, self.sliding_window - 1  # positions [n - keep, n) are read by the next step
+        lo, hi = index * b, (index + 1) * b
+        if index < self.sink_blocks or hi > num_tokens - keep:
+            return True
+        if not self.enable_caching or prefill_end <= 1:
+            return False
+        boundary = (prefill_end - 1) // self.cache_hit_alignment_tokens * self.cache_hit_alignment_tokens
+        return boundary > 0 and lo < boundary and hi > boundary - keep
+
+    def _num_wanted(self, start: int, num_tokens: int, prefill_end: int) -> int:
+        return sum(self._wanted(i, num_tokens, prefill_end) for i in range(start, cdiv(num_tokens, self.block_size)))
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         skipped_blocks = self.get_num_skipped_tokens(processed_computed_tokens) // self.block_size
         self._remove_blocks_in_range(request_id, self.sink_blocks, skipped_blocks)
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks: Sequence,
+                                   total_computed_tokens: int, num_local_computed_tokens: int,
+                                   num_tokens_main_model: int, apply_admission_cap: bool = False,
+                                   prefill_end: int = 0) -> int:
+        self._prefill_end[request_id] = prefill_end
+        held = self.req_to_blocks.get(request_id, ())
+        start = len(held) if held else len(new_computed_blocks)
+        n = self._num_wanted(start, num_tokens, prefill_end)
+        if apply_admission_cap:
+            n += self.tail_blocks  # the previous step's tail, held until that step is processed
+        if request_id in self.num_cached_block or not new_computed_blocks:
+            return n
+        # Hit blocks that are touched leave the free queue: count the evictable ones (window and sinks).
+        skipped = self.get_num_skipped_tokens(total_computed_tokens) // self.block_size
+        touched = list(new_computed_blocks[skipped:]) + list(new_computed_blocks[: min(self.sink_blocks, skipped)])
+        return n + self._get_num_evictable_blocks(touched)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int) -> list:
+        assert request_id not in self._partial_hit_reqs, "DAR window groups take whole-block hits only"
+        req_blocks = self.req_to_blocks[request_id]
+        start, end = len(req_blocks), cdiv(num_tokens, self.block_size)
+        if end <= start:
+            return []
+        prefill_end = self._prefill_end.get(request_id, 0)
+        wanted = [self._wanted(i, num_tokens, prefill_end) for i in range(start, end)]
+        real = iter(self.block_pool.get_new_blocks(sum(wanted)))
+        new_blocks = [next(real) if w else self._null_block for w in wanted]
+        req_blocks.extend(new_blocks)
+        if self._record_new_block_ids:
+            self.new_block_ids.extend(b.block_id for b in new_blocks if not b.is_null)
+        return new_blocks
+
+    def pop_blocks_for_free(self, request_id: str) -> list:
+        self._prefill_end.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     @classmethod
     def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec,
@@ -89,17 +167,6 @@ class DarWindowManager(SlidingWindowManager):
                 mask[i - start_block] = True
         return mask
 
-    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
-                                   new_computed_blocks: Sequence, total_computed_tokens: int, *args,
-                                   **kwargs) -> int:
-        n = super().get_num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks,
-                                               total_computed_tokens, *args, **kwargs)
-        if request_id in self.num_cached_block or not new_computed_blocks:
-            return n
-        skipped = self.get_num_skipped_tokens(total_computed_tokens) // self.block_size
-        # Hit sink blocks inside the skipped prefix are touched too (see add_local_computed_blocks).
-        return n + self._get_num_evictable_blocks(new_computed_blocks[: min(self.sink_blocks, skipped)])
-
     def add_local_computed_blocks(self, request_id: str, new_computed_blocks: Sequence,
                                   num_local_computed_tokens: int, num_external_computed_tokens: int) -> None:
         super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
@@ -123,11 +190,42 @@ def _register() -> None:
 _register()
 
 
+DEFAULT_BLOCK_SIZE = 16
+
+
+def dar_block_size(vllm_config: VllmConfig) -> int:
+    """Tokens per window-cache block: ``--block-size`` when the user gave one, else ``VLLM_DAR_BLOCK_SIZE``
+    (default 16; the CPU platform's default of 128 would hold up to 3 x 128 full-width slots per request)."""
+    cache = vllm_config.cache_config
+    if getattr(cache, "user_specified_block_size", False):
+        return cache.block_size
+    value = os.environ.get("VLLM_DAR_BLOCK_SIZE", str(DEFAULT_BLOCK_SIZE))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"vllm-dar: VLLM_DAR_BLOCK_SIZE={value!r}: expected a positive integer")
+    return int(value)
+
+
 def window_spec(layer, vllm_config: VllmConfig, *, window: int, sink_tokens: int) -> DarWindowSpec:
     """The DAR window spec of an ``Attention`` layer (installed as the layer's ``get_kv_cache_spec``)."""
-    return DarWindowSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=layer.num_kv_heads,
+    return DarWindowSpec(block_size=dar_block_size(vllm_config), num_kv_heads=layer.num_kv_heads,
                          head_size=layer.head_size, head_size_v=layer.head_size_v,
                          dtype=layer.kv_cache_torch_dtype, sliding_window=max(window, 1), sink_tokens=sink_tokens)
+
+
+def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int]) -> list[int]:
+    """Tokens per far-cache block of each layer, so that every page holds one window page's bytes.
+
+    ``slot_elems``: K + V elements of a full-width token slot; ``far_slot_elems``: of a reduced one, per layer.
+    Exact fit is ``window_block * slot_elems / far`` tokens (64 at ranks 16/16 of 64); rounded down to a
+    multiple of the window block so the prefix-cache hash unit stays the window block. If the layers' block
+    sizes then have a least common multiple above 1024 tokens (the prefix-cache hit alignment: vLLM's
+    scheduler block size), they are rounded down to the window block times a power of two instead.
+    """
+    exact = [max(window_block, window_block * slot_elems // f // window_block * window_block)
+             for f in far_slot_elems]
+    if math.lcm(window_block, *exact) <= 1024:
+        return exact
+    return [window_block << ((b // window_block).bit_length() - 1) for b in exact]
 
 
 class DarFarCache(torch.nn.Module, AttentionLayerBase):
@@ -138,12 +236,13 @@ class DarFarCache(torch.nn.Module, AttentionLayerBase):
     """
 
     def __init__(self, name: str, *, groups: int, key_rank: int, value_rank: int, dtype: torch.dtype,
-                 static_forward_context: dict):
+                 block_size: int, static_forward_context: dict):
         super().__init__()
         from .backend import DarFarBackend
 
         self.layer_name, self.groups, self.key_rank, self.value_rank, self.dtype = (
             name, groups, key_rank, value_rank, dtype)
+        self.block_size = block_size  # from far_block_sizes: pages equal to the window's, or padded by < 1 token
         self.backend_cls = DarFarBackend
         self.kv_cache = torch.tensor([])
         if name in static_forward_context:
@@ -151,7 +250,7 @@ class DarFarCache(torch.nn.Module, AttentionLayerBase):
         static_forward_context[name] = self
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
-        return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=self.groups,
+        return FullAttentionSpec(block_size=self.block_size, num_kv_heads=self.groups,
                                  head_size=self.key_rank, head_size_v=self.value_rank, dtype=self.dtype)
 
     def get_attn_backend(self):

@@ -42,8 +42,9 @@ def dar_write_kv_kernel(
     v = tl.load(value_ptr + tok * stride_vt + head * stride_vj + d, mask=i_ok, other=0.0)  # [DG_PAD]
 
     # Full width into the window cache (only the slots the allocator kept: sinks and the window).
+    # Slot tests are made per lane (slot + 0 * lane): Triton's interpreter mistypes scalar-bool & vector-bool.
     ws = tl.load(window_slots_ptr + tok).to(tl.int64)
-    w_ok = i_ok & (ws >= WINDOW_BLOCK)
+    w_ok = i_ok & (ws + 0 * i >= WINDOW_BLOCK)
     w_off = (ws // WINDOW_BLOCK) * stride_wb + head * stride_wj + (ws % WINDOW_BLOCK) * stride_ws + d
     tl.store(window_cache_ptr + w_off, k.to(window_cache_ptr.dtype.element_ty), mask=w_ok)
     tl.store(window_cache_ptr + w_off + HEAD_DIM, v.to(window_cache_ptr.dtype.element_ty), mask=w_ok)
@@ -60,7 +61,7 @@ def dar_write_kv_kernel(
     v_red = tl.sum(v.to(tl.float32)[:, None] * vd, axis=0)  # [RV_PAD]
     fs = tl.load(far_slots_ptr + tok).to(tl.int64)
     f_off = (fs // FAR_BLOCK) * stride_fb + group * stride_fg + (fs % FAR_BLOCK) * stride_fs
-    f_ok = fs >= FAR_BLOCK
-    tl.store(far_cache_ptr + f_off + rk, k_red.to(far_cache_ptr.dtype.element_ty), mask=f_ok & (rk < KEY_RANK))
+    tl.store(far_cache_ptr + f_off + rk, k_red.to(far_cache_ptr.dtype.element_ty),
+             mask=(rk < KEY_RANK) & (fs + 0 * rk >= FAR_BLOCK))
     tl.store(far_cache_ptr + f_off + KEY_RANK + rv, v_red.to(far_cache_ptr.dtype.element_ty),
-             mask=f_ok & (rv < VALUE_RANK))
+             mask=(rv < VALUE_RANK) & (fs + 0 * rv >= FAR_BLOCK))

@@ -103,7 +103,7 @@ def dar_far_kernel(
     tile = tl.program_id(0)
     group = tl.program_id(1)
     split = tl.program_id(2)
-    req, q_begin, dead, c0, tok, head, row_ok, pos, t_first, t_last = tile_rows(
+    req, _q_begin, dead, _c0, tok, head, row_ok, pos, _t_first, t_last = tile_rows(
         query_start_loc_ptr, seq_lens_ptr, num_reqs, tile, group * HEADS, HEADS, HEADS_PAD, BLOCK_M)
     if dead:
         return

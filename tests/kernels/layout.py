@@ -48,9 +48,9 @@ class Batch:
     reference: Tensor  # [T, H, D] dense DAR attention, query dtype
 
     def kwargs(self, *, window: int, sink_tokens: int, scale: float) -> dict:
-        return dict(window_cache=self.window_cache, window_table=self.window_table, far_cache=self.far_cache,
-                    far_table=self.far_table, query_start_loc=self.query_start_loc, seq_lens=self.seq_lens,
-                    proj=self.proj, window=window, sink_tokens=sink_tokens, scale=scale)
+        return {"window_cache": self.window_cache, "window_table": self.window_table, "far_cache": self.far_cache,
+                "far_table": self.far_table, "query_start_loc": self.query_start_loc, "seq_lens": self.seq_lens,
+                "proj": self.proj, "window": window, "sink_tokens": sink_tokens, "scale": scale}
 
 
 def random_projections(s: Shape, gen: torch.Generator) -> LayerProjections:

@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (its interpreter runs them on the CPU)")
 
-from vllm_dar.ops import triton_ops  # noqa: E402
-from vllm_dar.ops.triton_ops import dar_paged_attention_triton  # noqa: E402
+from vllm_dar.ops import triton_ops
+from vllm_dar.ops.triton_ops import dar_paged_attention_triton
 
-from .layout import Shape, build_batch  # noqa: E402
+from .layout import Shape, build_batch
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SCALE = 0.3

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("triton", reason="vllm_dar.ops.triton_ops imports triton")
 
-from vllm_dar.ops import triton_ops  # noqa: E402
+from vllm_dar.ops import triton_ops
 
 
 def test_docstring_numbers_for_the_default_model():

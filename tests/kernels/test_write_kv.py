@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (its interpreter runs them on the CPU)")
 
-from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots  # noqa: E402
-from vllm_dar.ops.triton_ops import write_kv_triton  # noqa: E402
+from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
+from vllm_dar.ops.triton_ops import write_kv_triton
 
-from .layout import Shape, nan_cache, random_projections  # noqa: E402
+from .layout import Shape, nan_cache, random_projections
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (8e-3, 1e-2)}  # (rtol, atol)
 

@@ -24,7 +24,7 @@ def find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_M: tl.constexpr):
     """The request owning query tile ``tile``. Request r's tiles start at ``qsl[r] // BLOCK_M + r`` (a request
     wastes at most one partial tile, so ``T // BLOCK_M + R`` tiles cover any batch): binary search for the last
     request whose first tile is <= ``tile``. (The tile numbering is the idea of vLLM's unified Triton attention.)"""
-    lo = 0
+    lo: tl.int32 = 0
     hi = num_reqs
     while hi - lo > 1:
         mid = (lo + hi) // 2

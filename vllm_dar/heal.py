@@ -46,10 +46,10 @@ _RUN_FIELDS = ("context", "lr", "warmup_steps", "kl_weight", "lm_weight", "seed"
 class HealSettings:
     """Hyper-parameters and bounds of one healing run (errors name the CLI flag)."""
 
-    context: int = 1024            # tokens per training sequence
+    context: int = 512             # tokens per training sequence
     max_tokens: int | None = None  # stop before exceeding this many training tokens
     max_minutes: float | None = None  # stop when the next step would pass this wall time
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup_steps: int = 5
     kl_weight: float = 1.0
     lm_weight: float = 0.0

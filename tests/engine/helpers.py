@@ -10,9 +10,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens: int, engine: dict | None = None,
-               plugins: bool = True, timeout: float = 1200) -> list[list[dict]]:
+               plugins: bool = True, timeout: float = 1200, capacity: bool = False):
     """Generate greedily with a real vLLM engine in a fresh process. Returns, per run, per prompt,
-    {"tokens": [...], "cached": num_cached_tokens}. ``plugins=False`` sets VLLM_PLUGINS="" (stock vLLM)."""
+    {"tokens": [...], "cached": num_cached_tokens}; with ``capacity`` also vLLM's logged KV capacity (tokens),
+    as ``(runs, capacity)``. ``plugins=False`` sets VLLM_PLUGINS="" (stock vLLM)."""
     job, out = tmp_path / f"job{len(os.listdir(tmp_path))}.json", tmp_path / "out.json"
     job.write_text(json.dumps({"model": model, "engine": engine or {}, "max_tokens": max_tokens, "runs": runs}))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -22,7 +23,8 @@ def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens:
                           capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise EngineFailed(proc.stdout[-4000:] + proc.stderr[-8000:])
-    return json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    return (result["runs"], result["kv_capacity_tokens"]) if capacity else result["runs"]
 
 
 class EngineFailed(RuntimeError):

@@ -27,10 +27,22 @@ def served_dar_model(model_config) -> DarModel | None:
     """The served model's DAR state, or None for a model without a ``dar`` section (served as stock)."""
     if getattr(model_config.hf_config, "dar", None) is None:
         return None
-    if not os.path.isfile(os.path.join(model_config.model, "config.json")):
-        raise DarConfigError(f"vllm-dar: model {model_config.model!r} has a dar section but is not a local "
-                             "directory; the projections are read from the model directory: download it first")
-    return dar_model(model_config.model)
+    return dar_model(model_directory(model_config.model, getattr(model_config, "revision", None)))
+
+
+def model_directory(model: str, revision: str | None = None) -> str:
+    """The local directory holding ``model``'s files: the path itself, or its snapshot in the Hugging Face cache
+    (``HF_HUB_CACHE``; the revision vLLM was asked for). Never downloads: vLLM already fetched the model."""
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return model
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError, OSError) as e:
+        raise DarConfigError(f"vllm-dar: model {model!r} has a dar section, but neither a local directory nor "
+                             f"a snapshot in the Hugging Face cache holds its files ({e})") from e
 
 
 @functools.lru_cache(maxsize=4)

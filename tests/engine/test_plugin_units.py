@@ -71,6 +71,8 @@ def test_window_manager_decode_holds_a_bounded_tail():
     manager = _manager(DarWindowManager, spec)
     bound = spec.max_admission_blocks_per_request(max_in_flight_tokens=4096, max_model_len=10_000)
     assert bound == 1 + 3 * 3  # sinks + 3 tails of cdiv(5, 4) + 1 blocks: independent of the chunk size
+    no_caching = DarWindowSpec(sink_tokens=3, replay_tail=False, **KW)
+    assert no_caching.max_admission_blocks_per_request(max_in_flight_tokens=4096, max_model_len=10_000) == 7
     _step(manager, 40, 0, 40)
     for n in range(41, 81):
         _step(manager, n, n - 1, 40)

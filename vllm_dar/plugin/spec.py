@@ -53,6 +53,7 @@ class DarWindowSpec(SlidingWindowSpec):
     """Full-width K/V of the window plus the first ``sink_tokens`` positions (kept for the request's life)."""
 
     sink_tokens: int = 0
+    replay_tail: bool = True  # prefix caching on: keep the window before the prompt's last hit boundary
 
     @property
     def sink_blocks(self) -> int:
@@ -66,7 +67,7 @@ class DarWindowSpec(SlidingWindowSpec):
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
         # Sinks, the tail after the step in flight and the one before it (freed once that step is processed),
         # and the replay tail. Independent of the chunk size: chunks are never held at full width.
-        blocks = self.sink_blocks + 3 * self.tail_blocks
+        blocks = self.sink_blocks + (2 + self.replay_tail) * self.tail_blocks
         return min(blocks, cdiv(max_model_len, self.block_size) + 1)
 
 
@@ -209,7 +210,8 @@ def window_spec(layer, vllm_config: VllmConfig, *, window: int, sink_tokens: int
     """The DAR window spec of an ``Attention`` layer (installed as the layer's ``get_kv_cache_spec``)."""
     return DarWindowSpec(block_size=dar_block_size(vllm_config), num_kv_heads=layer.num_kv_heads,
                          head_size=layer.head_size, head_size_v=layer.head_size_v,
-                         dtype=layer.kv_cache_torch_dtype, sliding_window=max(window, 1), sink_tokens=sink_tokens)
+                         dtype=layer.kv_cache_torch_dtype, sliding_window=max(window, 1), sink_tokens=sink_tokens,
+                         replay_tail=bool(vllm_config.cache_config.enable_prefix_caching))
 
 
 def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int]) -> list[int]:

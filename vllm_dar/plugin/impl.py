@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import torch
 from vllm.config import get_current_vllm_config
+from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 from vllm_dar.ops.paged import PagedProjections, dar_paged_attention, reduce_tokens, write_slots
 
-from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model
+from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model, shard_projections
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,11 @@ class DarLayer:
     proj: PagedProjections
 
 
-def _far_block_sizes(vllm_config, model: DarModel, layer) -> list[int]:
+def _far_block_sizes(vllm_config, model: DarModel, layer, tp_size: int) -> list[int]:
     from .spec import dar_block_size, far_block_sizes
 
     cfg = model.cfg
-    far = [cfg.layer(i).reduced_elems() for i in range(cfg.shape.num_layers)]
+    far = [cfg.layer(i).reduced_elems() // tp_size for i in range(cfg.shape.num_layers)]  # this rank's groups
     return far_block_sizes(dar_block_size(vllm_config), layer.num_kv_heads * (layer.head_size + layer.head_size_v),
                            far)
 
@@ -70,11 +71,13 @@ class DarCpuImpl(CPUAttentionBackendImpl):
         context = vc.compilation_config.static_forward_context
         name, layer = next((n, m) for n, m in context.items() if getattr(m, "impl", None) is self)
         index = extract_layer_index(name)
-        check_layer(self, model, index)
+        tp_size = vc.parallel_config.tensor_parallel_size
+        check_layer(self, model, index, tp_size)
         lay = model.cfg.layer(index)
+        proj = shard_projections(model.projections[index], tp_size, get_tensor_model_parallel_rank())
         far_name = f"{name}.dar_far"
-        DarFarCache(far_name, groups=lay.groups, key_rank=lay.key_rank, value_rank=lay.value_rank,
-                    dtype=layer.kv_cache_torch_dtype, block_size=_far_block_sizes(vc, model, layer)[index],
+        DarFarCache(far_name, groups=proj.groups, key_rank=lay.key_rank, value_rank=lay.value_rank,
+                    dtype=layer.kv_cache_torch_dtype, block_size=_far_block_sizes(vc, model, layer, tp_size)[index],
                     static_forward_context=context)
         layer.get_kv_cache_spec = functools.partial(window_spec, layer, window=lay.window,
                                                     sink_tokens=lay.sink_tokens)
@@ -82,7 +85,7 @@ class DarCpuImpl(CPUAttentionBackendImpl):
         log_summary(vc.model_config.model, model, layer.kv_cache_torch_dtype.itemsize,
                     vc.model_config.max_model_len)
         return DarLayer(index=index, far_name=far_name, window=lay.window, sink_tokens=lay.sink_tokens,
-                        proj=PagedProjections.from_layer(model.projections[index], self.num_heads))
+                        proj=PagedProjections.from_layer(proj, self.num_heads))
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:

@@ -61,7 +61,6 @@ def check_engine(vllm_config) -> None:
     checks = [
         (cache.cache_dtype != "auto",
          f"kv_cache_dtype={cache.cache_dtype!r}: the DAR backend stores K/V in the model dtype only; use 'auto'"),
-        (tp != 1, f"tensor_parallel_size={tp}: DAR projections are not sharded yet; use 1"),
         (pp != 1, f"pipeline_parallel_size={pp}: not supported by the DAR backend; use 1"),
         (vllm_config.speculative_config is not None, "speculative decoding is not supported by the DAR backend"),
         (getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False),
@@ -72,10 +71,29 @@ def check_engine(vllm_config) -> None:
             raise DarConfigError(f"vllm-dar: {message}")
 
 
-def check_layer(impl, model: DarModel, layer_index: int) -> None:
+def shard_projections(p: LayerProjections, tp_size: int, rank: int) -> LayerProjections:
+    """This tensor-parallel rank's projections: those of its KV heads (vLLM gives rank r the query heads and KV
+    heads [r * n / tp, (r + 1) * n / tp)). A projection group must not span two ranks."""
+    if tp_size == 1:
+        return p
+    j, g = p.num_kv_heads, p.groups
+    if j % tp_size:
+        raise DarConfigError(f"vllm-dar: tensor_parallel_size={tp_size} does not divide the {j} KV heads (vLLM "
+                             "would replicate them); DAR projections shard by KV head")
+    local_heads, heads_per_group = j // tp_size, j // g
+    if local_heads % heads_per_group:
+        raise DarConfigError(f"vllm-dar: tensor_parallel_size={tp_size}: a projection group spans "
+                             f"{heads_per_group} KV heads, more than the {local_heads} of one rank (joint head "
+                             "sharing); convert with --head-sharing per_head to shard, or serve with 1")
+    local_groups = local_heads // heads_per_group
+    js, gs = slice(rank * local_heads, (rank + 1) * local_heads), slice(rank * local_groups, (rank + 1) * local_groups)
+    return LayerProjections(q_proj=p.q_proj[js], k_down=p.k_down[gs], v_down=p.v_down[gs], v_up=p.v_up[js])
+
+
+def check_layer(impl, model: DarModel, layer_index: int, tp_size: int = 1) -> None:
     """Refuse attention features the DAR path does not implement, for one layer (raises DarConfigError)."""
     shape = model.cfg.shape
-    ours = (impl.num_heads, impl.num_kv_heads, impl.head_size)
+    ours = (impl.num_heads * tp_size, impl.num_kv_heads * tp_size, impl.head_size)
     theirs = (shape.num_heads, shape.num_kv_heads, shape.head_dim)
     checks = [
         (impl.attn_type != "decoder", f"attention type {impl.attn_type!r}: only decoder attention"),

@@ -20,6 +20,17 @@ NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def mma(a, b, UPCAST: tl.constexpr):
+    """a @ b accumulated in fp32, operands in their (cache) dtype: tensor cores for bf16/fp16, IEEE fp32 otherwise.
+    UPCAST runs the same products in fp32 (16-bit x 16-bit products are exact in fp32): Triton's interpreter
+    multiplies the raw bits of bf16 operands in ``tl.dot``, so the launcher sets it when interpreting."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_M: tl.constexpr):
     """The request owning query tile ``tile``. Request r's tiles start at ``qsl[r] // BLOCK_M + r`` (a request
     wastes at most one partial tile, so ``T // BLOCK_M + R`` tiles cover any batch): binary search for the last
@@ -99,6 +110,7 @@ def dar_far_kernel(
     HEADS: tl.constexpr,  # query heads per projection group (H / G)
     HEADS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, FAR_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,  # far positions per inner step
+    DOT_UPCAST: tl.constexpr,  # see mma
 ):
     tile = tl.program_id(0)
     group = tl.program_id(1)
@@ -127,8 +139,8 @@ def dar_far_kernel(
         blk = tl.load(far_table_ptr + req * stride_ftr + s // FAR_BLOCK, mask=s_ok, other=0).to(tl.int64)
         slot = blk * stride_fb + group * stride_fg + (s % FAR_BLOCK) * stride_fs  # [BLOCK_N] int64
         k = tl.load(far_cache_ptr + slot[:, None] + rk[None, :],
-                    mask=s_ok[:, None] & (rk < KEY_RANK)[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, RK_PAD]
-        scores = tl.dot(q_red, tl.trans(k), input_precision="ieee")  # S: [ROWS, BLOCK_N]
+                    mask=s_ok[:, None] & (rk < KEY_RANK)[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
+        scores = mma(q_red.to(k.dtype), tl.trans(k), DOT_UPCAST)  # S: [ROWS, BLOCK_N] fp32
         ok = row_ok[:, None] & s_ok[None, :] & (s[None, :] <= pos[:, None] - window)
         scores = tl.where(ok, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -136,8 +148,8 @@ def dar_far_kernel(
         p = tl.exp2(scores - m_new[:, None])  # [ROWS, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(far_cache_ptr + slot[:, None] + KEY_RANK + rv[None, :],
-                    mask=s_ok[:, None] & (rv < VALUE_RANK)[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, RV_PAD]
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")  # values stay at reduced width
+                    mask=s_ok[:, None] & (rv < VALUE_RANK)[None, :], other=0.0)  # [BLOCK_N, RV_PAD]
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_UPCAST)  # stays at reduced width
         m_i = m_new
 
     tl.store(part_max_ptr + split * stride_ps + tok * stride_pt + head, m_i, mask=row_ok)
@@ -148,10 +160,11 @@ def dar_far_kernel(
 
 @triton.jit
 def full_width_step(q, m_i, l_i, acc, s0, stop, req, q_begin, c0, pos, row_ok, window, sink_tokens, kv_head,
+                    qk_scale,
                     key_ptr, value_ptr, window_cache_ptr, window_table_ptr,
                     stride_kt, stride_kj, stride_vt, stride_vj, stride_wb, stride_wj, stride_ws, stride_wtr,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, WINDOW_BLOCK: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """One online-softmax step over key positions [s0, min(s0 + BLOCK_N, stop)) at full width: positions before
     the chunk (c0) come from the window cache, the chunk's own from the fresh key/value tensors."""
     s = s0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -163,10 +176,11 @@ def full_width_step(q, m_i, l_i, acc, s0, stop, req, q_begin, c0, pos, row_ok, w
     blk = tl.load(window_table_ptr + req * stride_wtr + s // WINDOW_BLOCK, mask=cached, other=0).to(tl.int64)
     slot = (blk * stride_wb + kv_head * stride_wj + (s % WINDOW_BLOCK) * stride_ws)[:, None] + d[None, :]
     tok = (q_begin + s - c0).to(tl.int64)[:, None]  # fresh token index (masked where cached)
-    k = tl.load(window_cache_ptr + slot, mask=cached[:, None] & d_ok, other=0.0).to(tl.float32) \
+    kv_dtype = window_cache_ptr.dtype.element_ty
+    k = tl.load(window_cache_ptr + slot, mask=cached[:, None] & d_ok, other=0.0) \
         + tl.load(key_ptr + tok * stride_kt + kv_head * stride_kj + d[None, :],
-                  mask=fresh[:, None] & d_ok, other=0.0).to(tl.float32)  # [BLOCK_N, D_PAD]
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # S: [ROWS, BLOCK_N]
+                  mask=fresh[:, None] & d_ok, other=0.0).to(kv_dtype)  # [BLOCK_N, D_PAD]
+    scores = mma(q, tl.trans(k), DOT_UPCAST) * qk_scale  # S: [ROWS, BLOCK_N] fp32
     dist = pos[:, None] - s[None, :]
     ok = row_ok[:, None] & s_ok[None, :] & (dist >= 0) & ((dist < window) | (s[None, :] < sink_tokens))
     scores = tl.where(ok, scores, float("-inf"))
@@ -174,10 +188,10 @@ def full_width_step(q, m_i, l_i, acc, s0, stop, req, q_begin, c0, pos, row_ok, w
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(window_cache_ptr + slot + HEAD_DIM, mask=cached[:, None] & d_ok, other=0.0).to(tl.float32) \
+    v = tl.load(window_cache_ptr + slot + HEAD_DIM, mask=cached[:, None] & d_ok, other=0.0) \
         + tl.load(value_ptr + tok * stride_vt + kv_head * stride_vj + d[None, :],
-                  mask=fresh[:, None] & d_ok, other=0.0).to(tl.float32)  # [BLOCK_N, D_PAD]
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                  mask=fresh[:, None] & d_ok, other=0.0).to(kv_dtype)  # [BLOCK_N, D_PAD]
+    acc = acc * alpha[:, None] + mma(p.to(kv_dtype), v, DOT_UPCAST)
     return m_new, l_i, acc
 
 
@@ -200,6 +214,7 @@ def dar_full_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, VALUE_RANK: tl.constexpr, RV_PAD: tl.constexpr,
     HEADS: tl.constexpr,  # query heads per KV head (H / J)
     HEADS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, WINDOW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,  # see mma
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -210,8 +225,8 @@ def dar_full_kernel(
     d = tl.arange(0, D_PAD)
     d_ok = d < HEAD_DIM
     q = tl.load(query_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    q = q * qk_scale  # [ROWS, D_PAD], scale and log2(e) folded in
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = q.to(window_cache_ptr.dtype.element_ty)  # [ROWS, D_PAD] in the cache dtype: tensor-core dots
 
     m_i = tl.zeros([BLOCK_M * HEADS_PAD], tl.float32) + NEG_BIG
     l_i = tl.zeros([BLOCK_M * HEADS_PAD], tl.float32)
@@ -222,13 +237,15 @@ def dar_full_kernel(
     for s0 in range(0, sink_end, BLOCK_N):
         m_i, l_i, acc = full_width_step(
             q, m_i, l_i, acc, s0, sink_end, req, q_begin, c0, pos, row_ok, window, sink_tokens, kv_head,
-            key_ptr, value_ptr, window_cache_ptr, window_table_ptr, stride_kt, stride_kj, stride_vt, stride_vj,
-            stride_wb, stride_wj, stride_ws, stride_wtr, HEAD_DIM, D_PAD, WINDOW_BLOCK, BLOCK_N)
+            qk_scale, key_ptr, value_ptr, window_cache_ptr, window_table_ptr, stride_kt, stride_kj, stride_vt,
+            stride_vj, stride_wb, stride_wj, stride_ws, stride_wtr, HEAD_DIM, D_PAD, WINDOW_BLOCK, BLOCK_N,
+            DOT_UPCAST)
     for s0 in range(lo, t_last + 1, BLOCK_N):
         m_i, l_i, acc = full_width_step(
             q, m_i, l_i, acc, s0, t_last + 1, req, q_begin, c0, pos, row_ok, window, sink_tokens, kv_head,
-            key_ptr, value_ptr, window_cache_ptr, window_table_ptr, stride_kt, stride_kj, stride_vt, stride_vj,
-            stride_wb, stride_wj, stride_ws, stride_wtr, HEAD_DIM, D_PAD, WINDOW_BLOCK, BLOCK_N)
+            qk_scale, key_ptr, value_ptr, window_cache_ptr, window_table_ptr, stride_kt, stride_kj, stride_vt,
+            stride_vj, stride_wb, stride_wj, stride_ws, stride_wtr, HEAD_DIM, D_PAD, WINDOW_BLOCK, BLOCK_N,
+            DOT_UPCAST)
 
     # Merge the far splits (log-sum-exp), still at reduced width.
     rv = tl.arange(0, RV_PAD)
@@ -247,13 +264,14 @@ def dar_full_kernel(
         acc_r = acc_r * f_old[:, None] + a_s * f_s[:, None]
         m_r = m_new
 
-    # Project the reduced accumulator up once per (token, head): column c of acc_r times row c of v_up[head].
+    # Project the reduced accumulator up once per (token, head): one [ROWS, RV] x [RV, D] dot per query head of
+    # this KV head, with the other heads' rows zeroed (v_up is per query head, [H, RV, D]).
+    hh = head - kv_head * HEADS  # [ROWS] head within this KV head
     up = tl.zeros([BLOCK_M * HEADS_PAD, D_PAD], tl.float32)
-    for c in tl.static_range(VALUE_RANK):
-        col = tl.sum(tl.where(rv[None, :] == c, acc_r, 0.0), axis=1)  # [ROWS]
-        u = tl.load(v_up_ptr + head[:, None] * (VALUE_RANK * HEAD_DIM) + c * HEAD_DIM + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [ROWS, D_PAD]
-        up += col[:, None] * u
+    for i in tl.static_range(HEADS):
+        u = tl.load(v_up_ptr + (kv_head * HEADS + i) * (VALUE_RANK * HEAD_DIM) + rv[:, None] * HEAD_DIM + d[None, :],
+                    mask=(rv < VALUE_RANK)[:, None] & d_ok[None, :], other=0.0)  # [RV_PAD, D_PAD]
+        up += tl.dot(tl.where((hh == i)[:, None], acc_r, 0.0), u, input_precision="ieee")
 
     m = tl.maximum(m_i, m_r)
     f_full = tl.exp2(m_i - m)

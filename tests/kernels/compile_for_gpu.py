@@ -9,11 +9,10 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from vllm_dar.kernels import dar_attention, dar_cache  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vllm_dar.kernels import dar_attention, dar_cache
 
 CACHE = "*bf16"  # caches, activations; tables and offsets int32 (the slot mappings int64)
 POINTERS = {"far_table_ptr": "*i32", "window_table_ptr": "*i32", "query_start_loc_ptr": "*i32",
@@ -40,9 +39,9 @@ def main() -> int:
     compile_kernel(dar_cache.dar_write_kv_kernel, dict(HEAD_DIM=64, HEADS=1, DG_PAD=64, VALUE_RANK=16, RV_PAD=16,
                                                        WINDOW_BLOCK=16, FAR_BLOCK=16, **rank))
     compile_kernel(dar_attention.dar_query_project_kernel, dict(HEAD_DIM=64, D_PAD=64, BLOCK_T=16, **rank))
-    rows = dict(HEADS=3, HEADS_PAD=4, BLOCK_M=4, BLOCK_N=64, VALUE_RANK=16, RV_PAD=16)  # decode tiles, GQA 3
-    compile_kernel(dar_attention.dar_far_kernel, dict(FAR_BLOCK=16, **rank, **rows))
-    compile_kernel(dar_attention.dar_full_kernel, dict(HEAD_DIM=64, D_PAD=64, WINDOW_BLOCK=16, **rows))
+    rows = {"HEADS": 3, "HEADS_PAD": 4, "BLOCK_M": 4, "VALUE_RANK": 16, "RV_PAD": 16, "DOT_UPCAST": False}  # decode
+    compile_kernel(dar_attention.dar_far_kernel, dict(FAR_BLOCK=16, BLOCK_N=64, **rank, **rows))
+    compile_kernel(dar_attention.dar_full_kernel, dict(HEAD_DIM=64, D_PAD=64, WINDOW_BLOCK=16, BLOCK_N=32, **rows))
     return 0
 
 

@@ -1,9 +1,10 @@
 """Triton DAR paged attention (``dar_paged_attention_triton``) against the dense reference, in the interpreter.
 
 Batches come from ``layout.build_batch``: shuffled block tables, block 0 a NaN null block, every slot outside the
-contract NaN. Tolerances: fp32 1e-5 (same math, other summation order and exp2 for exp); bf16 2e-2, because the
-output is rounded to bf16 (half an ulp is 2^-9 relative) and the far cache stores the reduced K/V rounded to bf16
-while the reference reduces the bf16 K/V in fp32 and never rounds them.
+contract NaN. Tolerances: fp32 1e-5 (same math, other summation order and exp2 for exp); bf16 2e-2 (one bf16 ulp
+at |x| < 4, the largest outputs here): the kernels round P and the reduced query to bf16 for the tensor-core dots
+(as flash attention does), the far cache holds the reduced K/V rounded to bf16 while the reference reduces the bf16
+K/V in fp32 and never rounds them, and the output is rounded to bf16. Measured worst case: 1.6e-2 at |x| ~ 2-3.
 """
 from __future__ import annotations
 

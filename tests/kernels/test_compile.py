@@ -25,6 +25,7 @@ def test_kernels_compile_for_an_nvidia_gpu(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset; 1 is its current default
     script = Path(__file__).with_name("compile_for_gpu.py")
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("compiled for sm_80") == 4, done.stdout

@@ -42,7 +42,9 @@ from vllm_dar.kernels.dar_cache import dar_write_kv_kernel
 from vllm_dar.ops.paged import PagedProjections
 
 LOG2E = 1.4426950408889634
-BLOCK_N = 64  # keys per inner step: a window of 64 is one or two steps; 64 x rank tiles fit any GPU
+# Keys per inner step. Far: 64 positions x (rk + rv) reduced features, a small tile. Full width: 32 positions x D
+# for K and V plus their 64-bit addresses; 64 made ptxas spill in the prefill tiles at D=64 (sm_80, ptxas -v).
+FAR_BLOCK_N, FULL_BLOCK_N = 64, 32
 BLOCK_T = 16  # tokens per query-projection program
 DECODE_ROWS, PREFILL_ROWS = 16, 64  # rows (token x head) per attention program
 MIN_KEYS_PER_SPLIT = 256  # below this, another split costs more (scratch, merge) than the parallelism it adds
@@ -144,6 +146,7 @@ def _launch(query, key, value, output, window_cache, window_table, far_cache, fa
     rows = DECODE_ROWS if t <= r else PREFILL_ROWS  # decode-only batches: one token per request
     splits = splits or num_splits(far_table.shape[1] * far_cache.shape[2], t, h, rv_pad)
     qk_scale = scale * LOG2E
+    upcast = bool(triton.knobs.runtime.interpret)  # the interpreter's bf16 tl.dot is wrong: see kernels' mma
 
     q_red = torch.empty(t, h, rk_pad, dtype=torch.float32, device=dev)  # [T, H, RK_PAD]
     dar_query_project_kernel[(triton.cdiv(t, BLOCK_T), h)](
@@ -164,7 +167,7 @@ def _launch(query, key, value, output, window_cache, window_table, far_cache, fa
         stride_ftr=far_table.stride(0), stride_ps=part_max.stride(0), stride_pt=part_max.stride(1),
         stride_as=part_acc.stride(0), stride_at=part_acc.stride(1), stride_ah=part_acc.stride(2),
         KEY_RANK=rk, VALUE_RANK=rv, RK_PAD=rk_pad, RV_PAD=rv_pad, HEADS=h // g, HEADS_PAD=hp_pad, BLOCK_M=bm,
-        FAR_BLOCK=far_cache.shape[2], BLOCK_N=BLOCK_N)
+        FAR_BLOCK=far_cache.shape[2], BLOCK_N=FAR_BLOCK_N, DOT_UPCAST=upcast)
 
     hp_pad, bm = _rows_plan(h // j, rows)
     dar_full_kernel[(t // bm + r, j)](
@@ -178,7 +181,8 @@ def _launch(query, key, value, output, window_cache, window_table, far_cache, fa
         stride_ws=window_cache.stride(2), stride_wtr=window_table.stride(0), stride_ps=part_max.stride(0),
         stride_pt=part_max.stride(1), stride_as=part_acc.stride(0), stride_at=part_acc.stride(1),
         stride_ah=part_acc.stride(2), HEAD_DIM=d, D_PAD=d_pad, VALUE_RANK=rv, RV_PAD=rv_pad, HEADS=h // j,
-        HEADS_PAD=hp_pad, BLOCK_M=bm, WINDOW_BLOCK=window_cache.shape[2], BLOCK_N=BLOCK_N)
+        HEADS_PAD=hp_pad, BLOCK_M=bm, WINDOW_BLOCK=window_cache.shape[2], BLOCK_N=FULL_BLOCK_N,
+        DOT_UPCAST=upcast)
 
 
 def decode_bytes(seq_len: int, *, num_heads: int, num_kv_heads: int, head_dim: int, groups: int, key_rank: int,

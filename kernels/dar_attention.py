@@ -23,7 +23,8 @@ NEG_BIG = tl.constexpr(-1.0e30)
 def mma(a, b, UPCAST: tl.constexpr):
     """a @ b accumulated in fp32, operands in their (cache) dtype: tensor cores for bf16/fp16, IEEE fp32 otherwise.
     UPCAST runs the same products in fp32 (16-bit x 16-bit products are exact in fp32): Triton's interpreter
-    multiplies the raw bits of bf16 operands in ``tl.dot``, so the launcher sets it when interpreting."""
+    multiplies the raw bits of bf16 operands in ``tl.dot`` (triton-lang/triton#11584, "not supported yet"), so the
+    launcher sets it when interpreting."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)

@@ -14,7 +14,7 @@ import inspect
 import pytest
 import torch
 
-from vllm_dar.ops import batched, paged
+from vllm_dar.ops import batched, cpu_decode, paged
 from vllm_dar.ops.batched import dar_paged_attention_batched
 from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
 from vllm_dar.reference import LayerProjections, dar_attention
@@ -97,8 +97,16 @@ def tile_elems(request, monkeypatch):
         monkeypatch.setattr(batched, "_TILE_ELEMS", request.param)
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def decode_impl(request, monkeypatch):
+    """Decode through the C++ kernel and through the PyTorch path."""
+    if request.param == "kernel":
+        assert cpu_decode.kernel() is not None, "the C++ decode kernel did not build"
+    monkeypatch.setattr(batched, "USE_KERNEL", request.param == "kernel")
+
+
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS, ids=IDS)
-def test_batched_matches_reference_fp32(name, reqs, window, sinks, joint, tile_elems):
+def test_batched_matches_reference_fp32(name, reqs, window, sinks, joint, tile_elems, decode_impl):
     query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.float32)
     out = torch.full_like(query, float("nan"))
     dar_paged_attention_batched(query, key, value, out, **args)
@@ -106,7 +114,7 @@ def test_batched_matches_reference_fp32(name, reqs, window, sinks, joint, tile_e
 
 
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS[:4] + SCENARIOS[5:6], ids=IDS[:4] + IDS[5:6])
-def test_batched_matches_reference_bf16(name, reqs, window, sinks, joint):
+def test_batched_matches_reference_bf16(name, reqs, window, sinks, joint, decode_impl):
     query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.bfloat16)
     out = torch.full_like(query, float("nan"))
     dar_paged_attention_batched(query, key, value, out, **args)

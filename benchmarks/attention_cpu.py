@@ -1,0 +1,205 @@
+"""Per-layer-call time of DAR attention on the CPU: the fast op (``vllm_dar.ops.batched``), the per-request loop
+op (``vllm_dar.ops.paged``) and stock vLLM's C++ CPU attention (``torch.ops._C.cpu_attention_with_kv_cache``,
+called as ``vllm/v1/attention/backends/cpu_attn.py`` calls it, on a full-width cache in its own layout).
+
+Shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64), DAR w=64, r=16/16 per head, 4 sinks, block
+size 128 (vLLM's CPU default). Decode: batch 1/8/16/32 at context 512/2K/4K; prefill: one 512-token chunk at
+context 512 (from scratch) and at context 4K (extend). Cache contents are random (timing only; correctness is
+``tests/engine/test_batched_ops.py``). Stock's scheduler metadata is built once per batch (vLLM builds it once
+per step for all layers) and not timed; our ops' index building is timed (it runs per layer call).
+
+``bound_us``: bytes a decode must read from the caches (DAR: far K/V of positions [S, L - w) at reduced width +
+sinks + window at full width; stock: full K/V of all L positions) over the read bandwidth measured here (one
+thread summing a 256 MB tensor; memcpy is printed too).
+
+    python benchmarks/attention_cpu.py [--json] [--quick] [--threads 1] [--profile CONFIG]
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from vllm_dar.ops import paged
+from vllm_dar.ops.batched import dar_paged_attention_batched
+from vllm_dar.ops.paged import PagedProjections
+from vllm_dar.reference import LayerProjections
+
+H, J, D, RK, RV, W, S, BLOCK = 9, 3, 64, 16, 16, 64, 4, 128
+SCALE = D ** -0.5
+
+
+def read_bandwidth() -> dict:
+    x = torch.ones(64 << 20)  # 256 MB fp32
+    y = torch.empty_like(x)
+    x.sum(), y.copy_(x)
+    t_sum = min(_timed(lambda: x.sum()) for _ in range(5))
+    t_cpy = min(_timed(lambda: y.copy_(x)) for _ in range(5))
+    return {"read_GBps": x.nbytes / t_sum / 1e9, "memcpy_GBps": x.nbytes / t_cpy / 1e9}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench(fn, min_time: float = 0.3, max_reps: int = 200) -> float:
+    """Median seconds per call (after two warm-up calls)."""
+    fn(), fn()
+    times, start = [], time.perf_counter()
+    while (time.perf_counter() - start < min_time or len(times) < 3) and len(times) < max_reps:
+        times.append(_timed(fn))
+    return statistics.median(times)
+
+
+class Batch:
+    """One batch in both layouts: DAR caches (window + far) and a stock full-width cache; random contents."""
+
+    def __init__(self, reqs: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.reqs, self.dtype = reqs, dtype
+        lp = LayerProjections(q_proj=torch.randn(J, D, RK, generator=g) / 8, k_down=torch.randn(J, D, RK, generator=g) / 8,
+                              v_down=torch.randn(J, D, RV, generator=g) / 8, v_up=torch.randn(J, RV, D, generator=g) / 4)
+        self.proj = PagedProjections.from_layer(lp, H)
+        nblk = [-(-s // BLOCK) for s, _ in reqs]
+        total = sum(nblk) + 1
+        width = max(nblk)
+        perm = (torch.randperm(total - 1, generator=g) + 1).int()  # block 0: the null block
+        table = torch.zeros(len(reqs), width, dtype=torch.int32)
+        at = 0
+        for r, n in enumerate(nblk):
+            table[r, :n], at = perm[at: at + n], at + n
+        self.table = table  # same shuffled ids for every cache (each cache has its own pool)
+        rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+        self.window_cache = rnd(total, J, BLOCK, 2 * D)
+        self.far_cache = rnd(total, J, BLOCK, RK + RV)
+        self.stock_cache = rnd(total, J, BLOCK, 2 * D)
+        t = sum(q for _, q in reqs)
+        self.query, self.key, self.value = rnd(t, H, D), rnd(t, J, D), rnd(t, J, D)
+        self.out = torch.empty(t, H, D, dtype=dtype)
+        self.qsl = [0]
+        for _, q in reqs:
+            self.qsl.append(self.qsl[-1] + q)
+        self.seq_lens = [s for s, _ in reqs]
+
+    def dar_kwargs(self) -> dict:
+        return dict(window_cache=self.window_cache, window_table=self.table, far_cache=self.far_cache,
+                    far_table=self.table, query_start_loc=self.qsl, seq_lens=self.seq_lens, proj=self.proj,
+                    window=W, sink_tokens=S, scale=SCALE)
+
+    def fast(self):
+        dar_paged_attention_batched(self.query, self.key, self.value, self.out, **self.dar_kwargs())
+
+    def loop(self):
+        if "key" in inspect.signature(paged.dar_paged_attention).parameters:
+            paged.dar_paged_attention(self.query, self.key, self.value, self.out, **self.dar_kwargs())
+        else:  # the pre-contract loop op reads the chunk's K/V from the window cache (timing is comparable)
+            paged.dar_paged_attention(self.query, self.out, **self.dar_kwargs())
+
+    def stock(self):
+        """vLLM's C++ CPU attention, exactly as CPUAttentionBackendImpl.forward calls it."""
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        if not hasattr(self, "_stock"):
+            isa = _get_attn_isa(self.dtype, BLOCK, D, "auto")
+            qsl = torch.tensor(self.qsl, dtype=torch.int32)
+            lens = torch.tensor(self.seq_lens, dtype=torch.int32)
+            meta = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=len(self.reqs), num_heads=H, num_kv_heads=J, head_dim=D, seq_lens=lens, dtype=self.dtype,
+                query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
+            n = self.stock_cache.shape[0]
+            k_cache, v_cache = self.stock_cache.view(n, J, 2 * BLOCK, D).chunk(2, dim=2)
+            self._stock = dict(key_cache=k_cache, value_cache=v_cache, query_start_loc=qsl, seq_lens=lens,
+                               scheduler_metadata=meta)
+        ops.cpu_attention_with_kv_cache(query=self.query, output=self.out, scale=SCALE, causal=True,
+                                        alibi_slopes=None, sliding_window=-1, block_table=self.table, softcap=0,
+                                        s_aux=None, **self._stock)
+
+    def bytes_read(self) -> dict:
+        """Cache bytes a decode step must read (ideal, no block rounding)."""
+        it = torch.empty((), dtype=self.dtype).element_size()
+        dar = stock = 0
+        for s, _ in self.reqs:
+            far = max(0, s - W - S)
+            dar += far * J * (RK + RV) * it + (s - far) * J * 2 * D * it
+            stock += s * J * 2 * D * it
+        return {"dar": dar, "stock": stock}
+
+
+def configs(quick: bool):
+    ctxs, batches = ((512, 2048), (1, 8)) if quick else ((512, 2048, 4096), (1, 8, 16, 32))
+    for ctx in ctxs:
+        for b in batches:
+            yield f"decode_b{b}_ctx{ctx}", [(ctx, 1)] * b
+    yield "prefill_512_ctx512", [(512, 512)]
+    if not quick:
+        yield "prefill_512_ctx4096", [(4096, 512)]
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    bw = read_bandwidth()
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, reqs in configs(args.quick):
+            b = Batch(reqs, dtype)
+            row = {"config": name, "dtype": str(dtype).removeprefix("torch."), "fast_us": bench(b.fast) * 1e6,
+                   "stock_us": bench(b.stock) * 1e6}
+            row["loop_us"] = bench(b.loop, min_time=0.1, max_reps=20) * 1e6
+            if name.startswith("decode"):
+                by = b.bytes_read()
+                row |= {"dar_bytes": by["dar"], "stock_bytes": by["stock"],
+                        "dar_bound_us": by["dar"] / (bw["read_GBps"] * 1e3),
+                        "stock_bound_us": by["stock"] / (bw["read_GBps"] * 1e3)}
+            row["fast_over_stock"] = row["fast_us"] / row["stock_us"]
+            row["fast_over_loop"] = row["fast_us"] / row["loop_us"]
+            rows.append(row)
+            print(f"{row['dtype']:9s} {name:22s} fast {row['fast_us']:9.0f} us  loop {row['loop_us']:9.0f} us  "
+                  f"stock {row['stock_us']:8.0f} us  fast/stock {row['fast_over_stock']:.2f}  "
+                  f"fast/loop {row['fast_over_loop']:.3f}"
+                  + (f"  bound dar {row['dar_bound_us']:.0f} stock {row['stock_bound_us']:.0f} us"
+                     if "dar_bound_us" in row else ""), file=sys.stderr, flush=True)
+    return {"threads": args.threads, "bandwidth": bw, "shape": dict(H=H, J=J, D=D, rk=RK, rv=RV, window=W,
+            sinks=S, block=BLOCK), "rows": rows}
+
+
+def profile(name: str, dtype: str) -> None:
+    torch.set_num_threads(1)
+    reqs = dict(configs(False))[name]
+    b = Batch(reqs, getattr(torch, dtype))
+    b.fast()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            b.fast()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    ap.add_argument("--quick", action="store_true", help="contexts 512/2K, batches 1/8 only")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_cpu.json"))
+    ap.add_argument("--profile", metavar="CONFIG", help="torch.profiler table of the fast op on one config")
+    ap.add_argument("--dtype", default="float32", help="with --profile")
+    args = ap.parse_args()
+    if args.profile:
+        return profile(args.profile, args.dtype)
+    res = run(args)
+    if not args.quick:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.json:
+        print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

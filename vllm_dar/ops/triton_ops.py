@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from vllm_dar.kernels.dar_attention import dar_far_kernel, dar_full_kernel, dar_query_project_kernel
 from vllm_dar.kernels.dar_cache import dar_write_kv_kernel
@@ -146,7 +147,7 @@ def _launch(query, key, value, output, window_cache, window_table, far_cache, fa
     rows = DECODE_ROWS if t <= r else PREFILL_ROWS  # decode-only batches: one token per request
     splits = splits or num_splits(far_table.shape[1] * far_cache.shape[2], t, h, rv_pad)
     qk_scale = scale * LOG2E
-    upcast = bool(triton.knobs.runtime.interpret)  # the interpreter's bf16 tl.dot is wrong: see kernels' mma
+    upcast = isinstance(dar_far_kernel, InterpretedFunction)  # the interpreter's bf16 tl.dot is wrong: see mma
 
     q_red = torch.empty(t, h, rk_pad, dtype=torch.float32, device=dev)  # [T, H, RK_PAD]
     dar_query_project_kernel[(triton.cdiv(t, BLOCK_T), h)](

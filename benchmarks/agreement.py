@@ -69,7 +69,7 @@ def reference(model: str, batch: list[list[int]], max_tokens: int) -> list[list[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dar", required=True, help="DAR-converted fp32 checkpoint")
+    ap.add_argument("--dar", help="DAR-converted fp32 checkpoint (required)")
     ap.add_argument("--stock", default=os.path.join(REPO, "models/smollm2-135m-f32"))
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true", help="print only the JSON result (engine logs silenced)")
@@ -83,6 +83,8 @@ def main() -> None:
         with open(args.worker[1], "w") as f:
             json.dump(tokens, f)
         return
+    if not args.dar:
+        ap.error("--dar is required")
 
     batch = prompts(args.dar)
     ref = reference(args.dar, batch, args.max_tokens)

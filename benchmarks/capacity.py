@@ -48,6 +48,25 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
+def bytes_per_token(model: str, kv_gib: int, capacity_tokens: int) -> dict:
+    """KV bytes per token of a ``MAX_MODEL_LEN`` sequence: what vLLM's capacity figure implies (the fixed KV memory
+    over the logged tokens: block rounding, the window's tails and page padding included) and the theoretical
+    figure of the layout (stock: full K/V; DAR: reduced K/V of every token + full width for window and sinks)."""
+    from vllm_dar.checkpoint import read_config
+    from vllm_dar.config import DarConfig, ModelShape
+
+    raw = read_config(model)
+    shape = ModelShape.from_hf_config(raw)
+    elem = 2 if raw.get("dtype", raw.get("torch_dtype")) in ("bfloat16", "float16") else 4
+    full = 2 * shape.head_dim * shape.num_kv_heads * shape.num_layers * elem
+    if "dar" in raw:
+        theory = DarConfig.from_json(raw["dar"], shape).kv_elems(MAX_MODEL_LEN) * elem / MAX_MODEL_LEN
+    else:
+        theory = full
+    return {"bytes_per_token_allocated": kv_gib * 2 ** 30 / capacity_tokens,
+            "bytes_per_token_theoretical": theory, "bytes_per_token_full": full}
+
+
 def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_tokens: int,
             max_num_batched_tokens: int | None) -> dict:
     """Build one engine, read its KV capacity, run the concurrent batch (runs in the subprocess)."""
@@ -67,6 +86,7 @@ def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_toke
     outs = llm.generate(prompts, params, use_tqdm=False)
     m = [o.metrics for o in outs]
     return {
+        **bytes_per_token(model, kv_gib, config.cache_config.kv_cache_size_tokens),
         "kv_capacity_tokens": config.cache_config.kv_cache_size_tokens,
         "kv_max_concurrency_logged": config.cache_config.kv_cache_max_concurrency,
         "num_blocks": config.cache_config.num_gpu_blocks,

@@ -196,6 +196,44 @@ def full_width_step(q, m_i, l_i, acc, s0, stop, req, q_begin, c0, pos, row_ok, w
     return m_new, l_i, acc
 
 
+@triton.jit
+def merge_far_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, num_splits, tok, head, row_ok,
+                     stride_ps, stride_pt, stride_as, stride_at, stride_ah, ROWS: tl.constexpr, RV_PAD: tl.constexpr):
+    """Log-sum-exp merge of the far splits of each row (token, head): (max, sum, accumulator at reduced width)."""
+    rv = tl.arange(0, RV_PAD)
+    m_r = tl.zeros([ROWS], tl.float32) + NEG_BIG
+    l_r = tl.zeros([ROWS], tl.float32)
+    acc_r = tl.zeros([ROWS, RV_PAD], tl.float32)
+    for sp in range(num_splits):
+        m_s = tl.load(part_max_ptr + sp * stride_ps + tok * stride_pt + head, mask=row_ok, other=NEG_BIG)
+        l_s = tl.load(part_sum_ptr + sp * stride_ps + tok * stride_pt + head, mask=row_ok, other=0.0)
+        a_s = tl.load(part_acc_ptr + sp * stride_as + tok[:, None] * stride_at + head[:, None] * stride_ah
+                      + rv[None, :], mask=row_ok[:, None], other=0.0)  # [ROWS, RV_PAD]
+        m_new = tl.maximum(m_r, m_s)
+        f_old = tl.exp2(m_r - m_new)
+        f_s = tl.exp2(m_s - m_new)
+        l_r = l_r * f_old + l_s * f_s
+        acc_r = acc_r * f_old[:, None] + a_s * f_s[:, None]
+        m_r = m_new
+    return m_r, l_r, acc_r
+
+
+@triton.jit
+def project_up(acc_r, v_up_ptr, head, kv_head, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+               VALUE_RANK: tl.constexpr, RV_PAD: tl.constexpr):
+    """acc_r [ROWS, RV_PAD] -> [ROWS, D_PAD]: each row times v_up of its head, once per (token, head). One
+    [ROWS, RV] x [RV, D] dot per query head of this KV head, the other heads' rows zeroed (v_up: [H, RV, D])."""
+    rv = tl.arange(0, RV_PAD)
+    d = tl.arange(0, D_PAD)
+    hh = head - kv_head * HEADS  # [ROWS] head within this KV head
+    up = tl.zeros([acc_r.shape[0], D_PAD], tl.float32)
+    for i in tl.static_range(HEADS):
+        u = tl.load(v_up_ptr + (kv_head * HEADS + i) * (VALUE_RANK * HEAD_DIM) + rv[:, None] * HEAD_DIM + d[None, :],
+                    mask=(rv < VALUE_RANK)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [RV_PAD, D_PAD]
+        up += tl.dot(tl.where((hh == i)[:, None], acc_r, 0.0), u, input_precision="ieee")
+    return up
+
+
 @triton.jit(do_not_specialize=["num_reqs", "num_splits", "window", "sink_tokens"])
 def dar_full_kernel(
     query_ptr,  # [T, H, D]
@@ -248,31 +286,10 @@ def dar_full_kernel(
             stride_vj, stride_wb, stride_wj, stride_ws, stride_wtr, HEAD_DIM, D_PAD, WINDOW_BLOCK, BLOCK_N,
             DOT_UPCAST)
 
-    # Merge the far splits (log-sum-exp), still at reduced width.
-    rv = tl.arange(0, RV_PAD)
-    m_r = tl.zeros([BLOCK_M * HEADS_PAD], tl.float32) + NEG_BIG
-    l_r = tl.zeros([BLOCK_M * HEADS_PAD], tl.float32)
-    acc_r = tl.zeros([BLOCK_M * HEADS_PAD, RV_PAD], tl.float32)
-    for sp in range(num_splits):
-        m_s = tl.load(part_max_ptr + sp * stride_ps + tok * stride_pt + head, mask=row_ok, other=NEG_BIG)
-        l_s = tl.load(part_sum_ptr + sp * stride_ps + tok * stride_pt + head, mask=row_ok, other=0.0)
-        a_s = tl.load(part_acc_ptr + sp * stride_as + tok[:, None] * stride_at + head[:, None] * stride_ah
-                      + rv[None, :], mask=row_ok[:, None], other=0.0)  # [ROWS, RV_PAD]
-        m_new = tl.maximum(m_r, m_s)
-        f_old = tl.exp2(m_r - m_new)
-        f_s = tl.exp2(m_s - m_new)
-        l_r = l_r * f_old + l_s * f_s
-        acc_r = acc_r * f_old[:, None] + a_s * f_s[:, None]
-        m_r = m_new
-
-    # Project the reduced accumulator up once per (token, head): one [ROWS, RV] x [RV, D] dot per query head of
-    # this KV head, with the other heads' rows zeroed (v_up is per query head, [H, RV, D]).
-    hh = head - kv_head * HEADS  # [ROWS] head within this KV head
-    up = tl.zeros([BLOCK_M * HEADS_PAD, D_PAD], tl.float32)
-    for i in tl.static_range(HEADS):
-        u = tl.load(v_up_ptr + (kv_head * HEADS + i) * (VALUE_RANK * HEAD_DIM) + rv[:, None] * HEAD_DIM + d[None, :],
-                    mask=(rv < VALUE_RANK)[:, None] & d_ok[None, :], other=0.0)  # [RV_PAD, D_PAD]
-        up += tl.dot(tl.where((hh == i)[:, None], acc_r, 0.0), u, input_precision="ieee")
+    m_r, l_r, acc_r = merge_far_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, num_splits, tok, head, row_ok,
+                                       stride_ps, stride_pt, stride_as, stride_at, stride_ah,
+                                       BLOCK_M * HEADS_PAD, RV_PAD)
+    up = project_up(acc_r, v_up_ptr, head, kv_head, HEADS, HEAD_DIM, D_PAD, VALUE_RANK, RV_PAD)  # [ROWS, D_PAD]
 
     m = tl.maximum(m_i, m_r)
     f_full = tl.exp2(m_i - m)

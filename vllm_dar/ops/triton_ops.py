@@ -27,9 +27,10 @@ Launch plan (no Python loop over requests; every grid is a function of tensor sh
 2. ``dar_far_kernel``, grid ``(T // BLOCK_M + R, G, splits)``: query tiles x projection groups x key splits.
 3. ``dar_full_kernel``, grid ``(T // BLOCK_M + R, J)``: query tiles x KV heads; merges the splits, writes output.
 A query tile is ``BLOCK_M`` tokens of one request times all query heads sharing the group (2.) or KV head (3.):
-``ROWS = BLOCK_M * next_pow2(heads)``, at least 16 rows (``tl.dot``'s minimum on GPUs), 64 when the batch holds
-a prefill chunk (more queries per K/V load). Request r's tiles start at ``qsl[r] // BLOCK_M + r``, so
-``T // BLOCK_M + R`` programs cover any batch; surplus programs exit at once.
+``ROWS = BLOCK_M * next_pow2(heads)``: 16 rows (the smallest MMA tile; smaller dots get padded to it) for
+decode-only batches, 64 when the batch holds a prefill chunk (more queries per K/V load). Request r's tiles start at
+``qsl[r] // BLOCK_M + r``, so ``T // BLOCK_M + R`` programs cover any batch; surplus programs exit at once. Keys go
+by ``FAR_BLOCK_N`` / ``FULL_BLOCK_N`` positions per inner step; splits: ``num_splits``.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ SCRATCH_BYTES = 64 << 20  # cap on the fp32 split partials
 
 
 def _pad(n: int, floor: int = 16) -> int:
-    """Power-of-two tile width >= n; 16 at least for dimensions that enter ``tl.dot``."""
+    """Power-of-two tile width >= n; at least 16 (an MMA tile side) for dimensions that enter ``tl.dot``."""
     return max(floor, triton.next_power_of_2(n))
 
 

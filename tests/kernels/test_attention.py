@@ -21,18 +21,27 @@ from .layout import Shape, build_batch
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SCALE = 0.3
 
-# name: (requests [(seq_len, q_len)], shape (H, J, D, rk, rv[, joint]), window, sinks, block table dtype)
+# name: (requests [(seq_len, q_len)], shape (H, J, D, rk, rv[, joint]), window, sinks, block table dtype[, blocks]);
+# blocks: (window block, far block) tokens, default (8, 16); the plugin uses 16 and a multiple of 16 (64 at 16/16)
 SCENARIOS = {
     "single_decode": ([(37, 1)], Shape(3, 3, 16, 16, 16), 8, 2, torch.int64),  # GQA 1
     "decode_batch": ([(37, 1), (5, 1), (64, 1), (129, 1)], Shape(8, 1, 16, 16, 8), 16, 4, torch.int32),  # GQA 8
     "mixed_batch": ([(70, 70), (33, 1), (25, 0), (90, 17), (5, 1)], Shape(9, 3, 16, 8, 8), 16, 4, torch.int32),
-    "long_history": ([(600, 1), (300, 3)], Shape(8, 1, 16, 32, 16), 32, 4, torch.int64),  # GQA 8, far splits
+    "long_history": ([(600, 1), (300, 3)], Shape(8, 1, 16, 32, 16), 32, 4, torch.int64, (16, 64)),  # far splits
     "window_larger_than_history": ([(20, 1), (12, 12), (40, 3)], Shape(6, 2, 16, 16, 32), 64, 0, torch.int32),
     "window_zero": ([(30, 5), (9, 1)], Shape(8, 1, 16, 16, 16), 0, 3, torch.int64),
     "window_one": ([(25, 4)], Shape(3, 3, 16, 8, 16), 1, 0, torch.int32),
-    "joint_chunk_past_window": ([(130, 40), (51, 1)], Shape(9, 3, 16, 16, 16, joint=True), 16, 2, torch.int64),
+    "joint_chunk_past_window": ([(130, 40), (51, 1)], Shape(9, 3, 16, 16, 16, joint=True), 16, 2, torch.int64,
+                                (16, 48)),
     "odd_sizes": ([(45, 1), (33, 6)], Shape(4, 2, 24, 12, 20), 8, 1, torch.int32),  # D, ranks not powers of 2
 }
+
+
+def batch_of(name: str, dtype=torch.float32):
+    reqs, shape, window, sinks, table_dtype, *blocks = SCENARIOS[name]
+    wb, fb = blocks[0] if blocks else (8, 16)
+    return build_batch(reqs, shape, window=window, sinks=sinks, dtype=dtype, table_dtype=table_dtype,
+                       window_block=wb, far_block=fb), window, sinks
 
 
 def run(batch, *, window: int, sinks: int) -> torch.Tensor:
@@ -45,8 +54,7 @@ def run(batch, *, window: int, sinks: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_matches_reference(name, dtype):
-    reqs, shape, window, sinks, table_dtype = SCENARIOS[name]
-    batch = build_batch(reqs, shape, window=window, sinks=sinks, dtype=dtype, table_dtype=table_dtype)
+    batch, window, sinks = batch_of(name, dtype)
     out = run(batch, window=window, sinks=sinks)
     tol = TOL[dtype]
     torch.testing.assert_close(out.float(), batch.reference.float(), rtol=tol, atol=tol)
@@ -55,8 +63,7 @@ def test_matches_reference(name, dtype):
 @pytest.mark.parametrize("splits", [1, 2, 5])
 def test_far_splits_agree(splits):
     """Any number of far splits gives the same softmax (the log-sum-exp merge is exact up to rounding)."""
-    reqs, shape, window, sinks, table_dtype = SCENARIOS["long_history"]
-    b = build_batch(reqs, shape, window=window, sinks=sinks, table_dtype=table_dtype)
+    b, window, sinks = batch_of("long_history")
     out = torch.full_like(b.query, float("nan"))
     triton_ops._launch(b.query, b.key, b.value, out, b.window_cache, b.window_table, b.far_cache, b.far_table,
                        b.query_start_loc, b.seq_lens, b.proj, window, sinks, SCALE, splits=splits)

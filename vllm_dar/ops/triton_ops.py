@@ -126,7 +126,8 @@ def dar_paged_attention_triton(query: Tensor, key: Tensor, value: Tensor, output
     query: [T, H, D]; key, value: [T, J, D] (fresh, post-RoPE); output: [T, H, D]; window_cache [nbw, J, Bw, 2D]
     + window_table [R, *]; far_cache [nbf, G, Bf, rk + rv] + far_table [R, *]; query_start_loc: R + 1 offsets;
     seq_lens: R. Heads of a group must be contiguous (``head_group[h] == h // (H / G)``, as ``PagedProjections``
-    builds it). Computes in fp32, writes ``output.dtype``.
+    builds it). Softmax and accumulators in fp32, dot operands in the cache dtype; writes ``output.dtype``.
+    Lists or device tensors for ``query_start_loc`` / ``seq_lens`` (tensors avoid a host copy per call).
     """
     _check(query, key, value, output, window_cache, window_table, far_cache, far_table, proj)
     _launch(query, key, value, output, window_cache, window_table, far_cache, far_table, query_start_loc,

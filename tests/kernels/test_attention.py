@@ -95,3 +95,22 @@ def test_padding_tokens_untouched():
     dar_paged_attention_triton(query, key, value, out, **b.kwargs(window=window, sink_tokens=sinks, scale=SCALE))
     torch.testing.assert_close(out[:-pad], b.reference, rtol=1e-5, atol=1e-5)
     assert bool((out[-pad:] == 7.0).all())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_batches(seed):
+    """Random mixes (1-token sequences, whole-sequence prefills, decodes, empty requests, any window and sinks)."""
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    reqs = []
+    for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+        seq_len = int(torch.randint(1, 160, (1,), generator=g))
+        reqs.append((seq_len, pick([0, 1, 1, seq_len, min(seq_len, 7)])))
+    shape = pick([Shape(4, 2, 16, 8, 16), Shape(6, 3, 16, 16, 8, joint=True), Shape(8, 1, 16, 16, 16)])
+    window, sinks = pick([0, 1, 5, 16, 64]), pick([0, 1, 3])
+    b = build_batch(reqs, shape, window=window, sinks=sinks, seed=seed, window_block=pick([4, 16]),
+                    far_block=pick([16, 48]))
+    torch.testing.assert_close(run(b, window=window, sinks=sinks), b.reference, rtol=1e-5, atol=1e-5)

@@ -2,14 +2,23 @@
 
     python engine_job.py JOB.json OUT.json
 
-JOB: {"model": DIR, "engine": {LLM kwargs}, "max_tokens": N, "runs": [[prompt token ids, ...], ...]}.
+JOB: {"model": DIR, "engine": {LLM kwargs}, "max_tokens": N, "runs": [[prompt token ids, ...], ...],
+"logprobs": bool}.
 Runs are generated one after another on the same engine (the second run of a repeated prompt can hit the
-prefix cache). OUT: {"runs": [[{"tokens": [...], "cached": num_cached_tokens}, ...], ...],
+prefix cache). OUT: {"runs": [[{"tokens": [...], "cached": num_cached_tokens, "logprobs": [...] | null}, ...],
+...],
 "kv_capacity_tokens": vLLM's logged KV cache capacity}.
 A separate process per engine: vLLM spawns workers, and one engine's settings never leak into the next.
 """
 import json
 import sys
+
+
+def logprobs(completion) -> list[float] | None:
+    """Log-probability of each generated token (when the job asked for them)."""
+    if completion.logprobs is None:
+        return None
+    return [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs)]
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -19,11 +28,13 @@ def main(job_path: str, out_path: str) -> None:
         job = json.load(f)
     engine = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "seed": 0, **job.get("engine", {})}
     llm = LLM(model=job["model"], **engine)
-    params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True,
+                            logprobs=0 if job.get("logprobs") else None)
     runs = []
     for prompts in job["runs"]:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        runs.append([{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0} for o in outs])
+        runs.append([{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0,
+                      "logprobs": logprobs(o.outputs[0])} for o in outs])
     capacity = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
     with open(out_path, "w") as f:
         json.dump({"runs": runs, "kv_capacity_tokens": capacity}, f)

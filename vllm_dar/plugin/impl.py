@@ -8,7 +8,8 @@ For a DAR model each layer, once its weights are loaded (and before vLLM collect
    there is no backend hook for the spec type, ``customize_spec`` only sees a per-token probe spec);
 3. moves the layer onto ``DarWindowBackend`` so its cache group gets our metadata builder.
 
-``do_kv_cache_update`` and ``forward`` are glue: metadata in, ``vllm_dar.ops.paged`` out.
+``do_kv_cache_update`` and ``forward`` are glue: metadata in, the selected ops out (``VLLM_DAR_KERNELS``,
+``vllm_dar.plugin.kernels``).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
-from vllm_dar.ops.paged import PagedProjections, dar_paged_attention, reduce_tokens, write_slots
+from vllm_dar.ops.paged import PagedProjections
 
+from .kernels import DarOps, select_ops
 from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model, shard_projections
 
 
@@ -36,6 +38,7 @@ class DarLayer:
     window: int
     sink_tokens: int
     proj: PagedProjections
+    ops: DarOps
 
 
 def _far_block_sizes(vllm_config, model: DarModel, layer, tp_size: int) -> list[int]:
@@ -65,7 +68,7 @@ class DarCpuImpl(CPUAttentionBackendImpl):
 
     def _attach(self) -> DarLayer:
         from .backend import DarWindowBackend
-        from .spec import DarFarCache, window_spec
+        from .spec import DarFarCache, dar_block_size, window_spec
 
         vc, model = self._vllm_config, self._dar_model
         context = vc.compilation_config.static_forward_context
@@ -82,10 +85,11 @@ class DarCpuImpl(CPUAttentionBackendImpl):
         layer.get_kv_cache_spec = functools.partial(window_spec, layer, window=lay.window,
                                                     sink_tokens=lay.sink_tokens)
         layer.attn_backend = DarWindowBackend
+        ops = select_ops()
         log_summary(vc.model_config.model, model, layer.kv_cache_torch_dtype.itemsize,
-                    vc.model_config.max_model_len)
+                    vc.model_config.max_model_len, kernels=ops.name, block_size=dar_block_size(vc))
         return DarLayer(index=index, far_name=far_name, window=lay.window, sink_tokens=lay.sink_tokens,
-                        proj=PagedProjections.from_layer(proj, self.num_heads))
+                        proj=PagedProjections.from_layer(proj, self.num_heads), ops=ops)
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
@@ -95,12 +99,9 @@ class DarCpuImpl(CPUAttentionBackendImpl):
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         ctx = get_forward_context()
         n = slot_mapping.shape[0]
-        key, value = key[:n], value[:n]
-        write_slots(kv_cache, slot_mapping, key, value)
-        far_cache = ctx.no_compile_layers[self.dar.far_name].kv_cache
-        p = self.dar.proj
-        write_slots(far_cache, ctx.slot_mapping[self.dar.far_name][:n], reduce_tokens(key, p.k_down),
-                    reduce_tokens(value, p.v_down))
+        self.dar.ops.write(key[:n], value[:n], window_cache=kv_cache, window_slots=slot_mapping,
+                           far_cache=ctx.no_compile_layers[self.dar.far_name].kv_cache,
+                           far_slots=ctx.slot_mapping[self.dar.far_name][:n], proj=self.dar.proj)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata, output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -115,7 +116,7 @@ class DarCpuImpl(CPUAttentionBackendImpl):
         ctx = get_forward_context()
         far = ctx.attn_metadata[self.dar.far_name]
         n = attn_metadata.num_actual_tokens
-        dar_paged_attention(query[:n], key[:n], value[:n], output[:n], window_cache=kv_cache,
+        self.dar.ops.attend(query[:n], key[:n], value[:n], output[:n], window_cache=kv_cache,
                             window_table=attn_metadata.block_table,
                             far_cache=ctx.no_compile_layers[self.dar.far_name].kv_cache,
                             far_table=far.block_table, query_start_loc=attn_metadata.query_start_loc,

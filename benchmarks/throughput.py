@@ -361,7 +361,7 @@ def table(result: dict) -> str:
                          f"{fmt(r['tpot_s'] and r['tpot_s'] * 1e3, '.1f')} | {r['bound']['seconds'] * 1e3:.1f} | "
                          f"{fmt(r['tpot_over_bound'], '.1f')} | {fmt(r['decode_tok_s'], '.1f')} | "
                          f"{r['output_tok_s']:.1f} | {r['ttft_s']:.2f} | {r['max_batch_logged']} | "
-                         f"{fmt(rel, '.2f')}x |")
+                         f"{'n/a' if rel is None else f'{rel:.2f}x'} |")
     return "\n".join(lines)
 
 

@@ -14,17 +14,19 @@ import inspect
 import pytest
 import torch
 
-from vllm_dar.ops import batched, cpu_decode, paged
+from vllm_dar.ops import batched, cpu_kernel, paged
 from vllm_dar.ops.batched import dar_paged_attention_batched
 from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
 from vllm_dar.reference import LayerProjections, dar_attention
 
-H, J, D, RK, RV = 6, 3, 16, 5, 7
+SMALL = (6, 3, 16, 5, 7)  # (H, J, D, rk, rv): odd ranks, the kernel's generic instantiation
+SMOL = (9, 3, 64, 16, 16)  # SmolLM2-135M with r=16/16: the kernel's specialised instantiation
 WBS, FBS, NBLOCKS = 8, 16, 256
 SCALE = 0.3
 
 
-def random_projections(joint: bool) -> LayerProjections:
+def random_projections(joint: bool, dims) -> LayerProjections:
+    _, J, D, RK, RV = dims
     g = 1 if joint else J
     dg = D * J // g
     return LayerProjections(q_proj=torch.randn(J, D, RK) / D ** 0.5, k_down=torch.randn(g, dg, RK) / dg ** 0.5,
@@ -37,11 +39,12 @@ def take_blocks(free: list[int], num_tokens: int, block_size: int) -> torch.Tens
     return torch.tensor(ids)
 
 
-def build_batch(reqs, window: int, sinks: int, joint: bool, dtype: torch.dtype):
+def build_batch(reqs, window: int, sinks: int, joint: bool, dtype: torch.dtype, dims=SMALL):
     """Paged caches, fresh K/V and queries for requests [(seq_len, q_len)], plus the reference output."""
+    H, J, D, RK, RV = dims
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    proj = random_projections(joint)
+    proj = random_projections(joint, dims)
     wcache = torch.full((NBLOCKS, J, WBS, 2 * D), float("nan"), dtype=dtype)
     fcache = torch.full((NBLOCKS, proj.groups, FBS, RK + RV), float("nan"), dtype=dtype)
     wtable = torch.zeros(len(reqs), 64, dtype=torch.int32)  # int32 like vLLM's block tables
@@ -95,27 +98,30 @@ def tile_elems(request, monkeypatch):
     """Run prefill chunks as one query tile and as many small ones (the tiling must not change results)."""
     if request.param is not None:
         monkeypatch.setattr(batched, "_TILE_ELEMS", request.param)
+        monkeypatch.setattr(cpu_kernel, "ROWS_PER_ITEM", 4)  # one or two queries per kernel work item
 
 
 @pytest.fixture(params=["kernel", "torch"])
-def decode_impl(request, monkeypatch):
-    """Decode through the C++ kernel and through the PyTorch path."""
+def impl(request, monkeypatch):
+    """The C++ kernel and the PyTorch path."""
     if request.param == "kernel":
-        assert cpu_decode.kernel() is not None, "the C++ decode kernel did not build"
+        assert cpu_kernel.kernel() is not None, "the C++ kernel did not build"
     monkeypatch.setattr(batched, "USE_KERNEL", request.param == "kernel")
 
 
+@pytest.mark.parametrize("dims", [SMALL, SMOL], ids=["small", "smol"])
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS, ids=IDS)
-def test_batched_matches_reference_fp32(name, reqs, window, sinks, joint, tile_elems, decode_impl):
-    query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.float32)
+def test_batched_matches_reference_fp32(name, reqs, window, sinks, joint, dims, tile_elems, impl):
+    query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.float32, dims)
     out = torch.full_like(query, float("nan"))
     dar_paged_attention_batched(query, key, value, out, **args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS[:4] + SCENARIOS[5:6], ids=IDS[:4] + IDS[5:6])
-def test_batched_matches_reference_bf16(name, reqs, window, sinks, joint, decode_impl):
-    query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.bfloat16)
+@pytest.mark.parametrize("dims", [SMALL, SMOL], ids=["small", "smol"])
+def test_batched_matches_reference_bf16(name, reqs, window, sinks, joint, dims, impl):
+    query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.bfloat16, dims)
     out = torch.full_like(query, float("nan"))
     dar_paged_attention_batched(query, key, value, out, **args)
     assert out.dtype == torch.bfloat16

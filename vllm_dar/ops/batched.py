@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vllm_dar.ops import cpu_decode
+from vllm_dar.ops import cpu_kernel
 from vllm_dar.ops.paged import PagedProjections
 
-USE_KERNEL = True  # decode through the C++ kernel (vllm_dar.ops.cpu_decode) when it builds; False: PyTorch
+USE_KERNEL = True  # the whole batch through the C++ kernel (vllm_dar.ops.cpu_kernel) when it builds
 _TILE_ELEMS = 1 << 22  # score elements per prefill query tile (16 MB fp32)
 _NEG_INF = float("-inf")
 
@@ -43,6 +43,12 @@ def dar_paged_attention_batched(query: Tensor, key: Tensor, value: Tensor, outpu
     window_cache [nbw, J, Bw, 2D] + window_table [R, *]; far_cache [nbf, G, Bf, rk + rv] + far_table [R, *];
     query_start_loc: R + 1 offsets; seq_lens: R. Computes in fp32, writes ``output.dtype``.
     """
+    if USE_KERNEL and cpu_kernel.kernel() is not None:
+        cpu_kernel.attention(query, key, value, output, window_cache=window_cache, window_table=window_table,
+                             far_cache=far_cache, far_table=far_table, query_start_loc=query_start_loc,
+                             seq_lens=seq_lens, q_proj=proj.q_proj, v_up=proj.v_up, window=window,
+                             sink_tokens=sink_tokens, scale=scale)
+        return
     dec, pre = [], []
     for r in range(len(seq_lens)):
         n = query_start_loc[r + 1] - query_start_loc[r]
@@ -56,12 +62,8 @@ def dar_paged_attention_batched(query: Tensor, key: Tensor, value: Tensor, outpu
         tok = torch.tensor([query_start_loc[r] for r in dec])
         lens = [seq_lens[r] for r in dec]
         wt, ft = (window_table, far_table) if not pre else (window_table[rows], far_table[rows])
-        if USE_KERNEL and cpu_decode.kernel() is not None:
-            cpu_decode.decode(query, key, value, output, tok, window_cache, wt, far_cache, ft, torch.tensor(lens),
-                              proj.q_proj, proj.v_up, window=window, sink_tokens=sink_tokens, scale=scale)
-        else:
-            out = decode_attention(query[tok], key[tok], value[tok], window_cache, wt, far_cache, ft, lens, **kw)
-            output[tok] = out.to(output.dtype)
+        out = decode_attention(query[tok], key[tok], value[tok], window_cache, wt, far_cache, ft, lens, **kw)
+        output[tok] = out.to(output.dtype)
     for r in pre:
         a, b = query_start_loc[r], query_start_loc[r + 1]
         output[a:b] = chunk_attention(query[a:b], key[a:b], value[a:b], window_cache, window_table[r], far_cache,

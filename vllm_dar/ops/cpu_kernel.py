@@ -1,245 +1,344 @@
-"""A C++ DAR decode kernel for the CPU, built on first use with ``torch.utils.cpp_extension.load_inline``.
+"""A C++ DAR attention kernel for the CPU (decodes and prefill chunks in one call), built on first use with
+``torch.utils.cpp_extension.load_inline`` (g++ and ninja; ~1 min once, then cached in ~/.cache/torch_extensions).
 
-Why C++: a decode step of a 30-layer model calls attention 30 times; the vectorised PyTorch decode
-(``vllm_dar.ops.batched.decode_attention``) runs ~40 ATen ops per call, 0.3-0.6 ms of dispatch for one request,
-where stock vLLM's C++ kernel takes 25 us; and its reduced-width matmuls are tiny-M GEMMs ([hpg x rk] x
-[rk x B]) that MKL runs at a fraction of memory bandwidth. ``torch.compile`` of the same math measured no
-better (0.5 ms at batch 1, 35-65 s to compile per shape, recompiles on batch size; see ``batched``'s docstring).
+Why C++ (measured, see ``vllm_dar.ops.batched``'s docstring): a decode step of a 30-layer model calls attention
+30 times; the vectorised PyTorch decode runs ~40 ATen ops per call (0.3-0.6 ms of dispatch for one request,
+where stock vLLM's C++ kernel takes 25 us), its reduced-width matmuls are tiny-M GEMMs ([hpg x rk] x [rk x B])
+that MKL runs far below memory bandwidth, and its prefill allocates multi-MB score tiles. ``torch.compile`` of the
+same math measured no better (0.5 ms at batch 1, 35-65 s to compile per shape, recompiles on batch size).
 
-The kernel reads the paged caches in place (no gather copy), one work item per (request, projection group):
+The kernel reads the paged caches in place (no gather copy). One work item = (request, projection group, tile
+of queries); its rows are (query, head of the group) pairs, so every far block is loaded and transposed once
+for all of them (GQA without expanding K/V, and prefill queries share the block reads):
 
-* full width: sinks and window history from the window cache, the fresh token from ``k_new``/``v_new``;
-* reduced width: for each far block, scores ``(q Q_h) . k~`` for the group's ``hpg`` heads (k~ read once for
-  all of them: GQA without expansion), one rescale per block (online softmax), values accumulated at width
-  ``rv``; the reduced accumulator is projected up by ``U_h`` once per head at the end;
-* bf16 caches are widened to fp32 on load; all arithmetic is fp32.
+* full width (``{s <= t: t - s < w or s < S}``): cached sinks and window history from the window cache, the
+  chunk's own positions from the fresh ``key``/``value``; row-wise dot products at width D;
+* reduced width (``[S, t - w]``): per far block, scores ``(q Q_h) . k~`` vectorised over positions, one
+  online-softmax rescale per block and row, values accumulated at width ``rv``; projected up by ``U_h`` once
+  per row at the end;
+* bf16 caches are widened to fp32 on load; all arithmetic is fp32; output in the query dtype.
 
 Semantics are the contract's (``vllm_dar.ops.paged``); tests: ``tests/engine/test_batched_ops.py``.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 from torch import Tensor
 
+ROWS_PER_ITEM = 48  # (query, head) rows per work item: 16 queries x 3 heads per group (per-head SmolLM2)
+
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <immintrin.h>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 template <typename T> static inline float f32(T x) { return static_cast<float>(x); }
 
-// exp(x) for x <= 0 without libm, so loops over positions vectorise: 2^(x log2 e) split into an exponent and a
-// degree-6 polynomial for 2^f on [0, 1) (relative error ~2e-7, below fp32 attention's summation noise).
-static inline float exp_nonpos(float x) {
-  const float t = std::max(x, -87.f) * 1.44269504088896341f;
-  const float fi = std::floor(t), f = t - fi;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
-  float sc;
-  std::memcpy(&sc, &bits, sizeof sc);
-  return p * sc;
+// exp(x) for x <= 0: 2^(x log2 e) split into an exponent and a degree-6 polynomial for 2^f on [0, 1) (relative
+// error ~2e-7, below fp32 attention's summation noise). GCC 12 does not vectorise std::exp nor a scalar version
+// of this (the float bit-cast blocks it), so the AVX-512 loop below is written out; other CPUs use std::exp.
+// x[i] = exp(x[i] - shift) for i < n, where every x[i] <= shift; returns the sum of the results.
+static inline float exp_shifted(float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef __AVX512F__
+  const __m512 vs = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-87.f), l2e = _mm512_set1_ps(1.44269504088896341f);
+  __m512 acc = _mm512_setzero_ps();
+  for (; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_sub_ps(v, vs), lo), l2e);
+    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, fi);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    const __m512 e = _mm512_scalef_ps(p, fi);  // p * 2^fi
+    _mm512_mask_storeu_ps(x + i, k, e);
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#else
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    sum += x[i];
+  }
+#endif
+  return sum;
 }
 
-// Decode attention, one query per request; see vllm_dar/ops/cpu_decode.py.
-// q [T, H, D] (token stride q_st), k_new / v_new [T, J, D] (kv_st), out [T, H, D] (out_st): rows tok[r].
-// wcache [NBw, J, Bw, 2D], wtable [R, Mw]; fcache [NBf, G, Bf, rk + rv], ftable [R, Mf]; lens [R].
+// Rows are token-major: q [T, H, D] (token stride q_st), k/v [T, J, D] (kv_st), out [T, H, D] (out_st).
+// wcache [NBw, J, Bw, 2D] + wtable [R, mw]; fcache [NBf, G, Bf, rk + rv] + ftable [R, mf]; qsl [R + 1], lens [R];
 // q_proj [H, D, rk], v_up [H, rv, D] fp32.
-template <typename T>
-static void decode_impl(const T* q, int64_t q_st, const T* k_new, const T* v_new, int64_t kv_st, T* out,
-                        int64_t out_st, const int64_t* tok, const T* wcache, const int64_t* wtable, int64_t mw,
-                        const T* fcache, const int64_t* ftable, int64_t mf, const int64_t* lens,
-                        const float* q_proj, const float* v_up, int64_t R, int64_t H, int64_t J, int64_t G,
-                        int64_t D, int64_t rk, int64_t rv, int64_t Bw, int64_t Bf, int64_t window, int64_t sinks,
-                        float scale) {
-  const int64_t hpg = H / G, rep = H / J, C = rk + rv;
-  const int64_t nwin = sinks + std::max<int64_t>(window - 1, 0) + 1;  // full-width positions at most
-  const int64_t ldk = Bf + 16;  // transposed-key row stride: not a power of two (L1 set conflicts at 2^k)
-  at::parallel_for(0, R * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(hpg * D), qr(hpg * rk), sc(hpg * std::max<int64_t>(Bf, nwin)), kv(std::max(C, 2 * D));
-    std::vector<float> acc_f(hpg * D), acc_r(hpg * rv), m(hpg), l(hpg), kt(rk * ldk), rows(Bf * C);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / G, g = item % G, h0 = g * hpg;
-      const int64_t L = lens[r], t = L - 1;
-      const T* qrow = q + tok[r] * q_st;
-      for (int64_t i = 0; i < hpg; ++i) {
-        for (int64_t d = 0; d < D; ++d) qf[i * D + d] = f32(qrow[(h0 + i) * D + d]) * scale;
-        const float* P = q_proj + (h0 + i) * D * rk;
-        for (int64_t c = 0; c < rk; ++c) qr[i * rk + c] = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float x = qf[i * D + d];
-#pragma omp simd
-          for (int64_t c = 0; c < rk; ++c) qr[i * rk + c] += x * P[d * rk + c];
-        }
-      }
-      // Full width: cached sinks p < min(S, t - w + 1, t), cached window [max(0, t - w + 1), t), the token.
-      const int64_t lo = std::max<int64_t>(0, t - window + 1);
-      const int64_t n_sink = std::min(std::min(sinks, lo), t);
-      const int64_t n_hist = n_sink + std::max<int64_t>(0, t - lo);
-      const int64_t n = n_hist + ((window >= 1 || t < sinks) ? 1 : 0);
-      auto full_row = [&](int64_t x, int64_t j) -> const T* {  // K row of full position x (V follows at +D)
-        const int64_t p = x < n_sink ? x : lo + (x - n_sink);
-        return wcache + ((wtable[r * mw + p / Bw] * J + j) * Bw + p % Bw) * 2 * D;
-      };
-      for (int64_t i = 0; i < hpg; ++i) {
-        const int64_t j = (h0 + i) / rep;
-        const T* kcur = k_new + tok[r] * kv_st + j * D;
-        const T* vcur = v_new + tok[r] * kv_st + j * D;
-        float mx = -INFINITY;
-        for (int64_t x = 0; x < n; ++x) {
-          const T* k = x < n_hist ? full_row(x, j) : kcur;
-          float s = 0.f;
+template <typename T> struct Args {
+  const T *q, *k, *v;
+  T* out;
+  int64_t q_st, kv_st, out_st;
+  const T* wcache;
+  const int64_t* wtable;
+  int64_t mw;
+  const T* fcache;
+  const int64_t* ftable;
+  int64_t mf;
+  const int64_t *qsl, *lens;
+  const float *q_proj, *v_up;
+  int64_t H, J, G, D, rk, rv, Bw, Bf, window, sinks;
+  float scale;
+};
+
+struct Scratch {
+  std::vector<float> qf, qr, m, l, acc_f, acc_r, sc, fs, kt, rows;
+  std::vector<int64_t> lo;
+  std::vector<const void*> kp, vp;
+};
+
+// One work item: request r, projection group g, queries q0 .. q0 + qn - 1 of its chunk; a row is (query, head).
+// Dot product at full width: 16 lane-wise partial sums, then a tree (GCC's own reduction epilogue spilled).
+template <typename T, int HD>
+static inline float dot_full(const float* q, const T* k, int64_t n) {
+  if (HD == 0 || HD % 16 != 0) {
+    float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qf[i * D + d] * f32(k[d]);
-          sc[i * nwin + x] = s;
-          mx = std::max(mx, s);
-        }
-        m[i] = mx;
-        float sum = 0.f;
-        for (int64_t d = 0; d < D; ++d) acc_f[i * D + d] = 0.f;
-        for (int64_t c = 0; c < rv; ++c) acc_r[i * rv + c] = 0.f;
-        for (int64_t x = 0; x < n; ++x) {
-          const float e = std::exp(sc[i * nwin + x] - mx);
-          sum += e;
-          const T* v = x < n_hist ? full_row(x, j) + D : vcur;
+    for (int64_t d = 0; d < n; ++d) s += q[d] * f32(k[d]);
+    return s;
+  }
+  float part[16] = {0.f};
+  for (int64_t d0 = 0; d0 < HD; d0 += 16)
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc_f[i * D + d] += e * f32(v[d]);
-        }
-        l[i] = sum;
-      }
-      // Reduced width: positions [S, L - w), block by block, one rescale per block and head.
-      const int64_t n_red = std::max<int64_t>(0, L - window);
-      for (int64_t b = sinks / Bf; b * Bf < n_red; ++b) {
-        const int64_t s0 = std::max(sinks, b * Bf), s1 = std::min(n_red, (b + 1) * Bf);
-        if (s0 >= s1) continue;
-        const T* blk = fcache + (ftable[r * mf + b] * G + g) * Bf * C;
-        const int64_t ns = s1 - s0;
-        // Stream the block's rows into fp32 [ns, C] (contiguous, vector loads: many misses in flight), then
-        // transpose the keys to [rk, ns] in L1 so that score loops run over positions.
-        const T* src = blk + (s0 % Bf) * C;
-#pragma omp simd
-        for (int64_t e = 0; e < ns * C; ++e) rows[e] = f32(src[e]);
-        for (int64_t x = 0; x < ns; ++x)
-          for (int64_t c = 0; c < rk; ++c) kt[c * ldk + x] = rows[x * C + c];
-        for (int64_t i = 0; i < hpg; ++i) {
-          float* si = sc.data() + i * Bf;
-          for (int64_t x = 0; x < ns; ++x) si[x] = 0.f;
-          for (int64_t c = 0; c < rk; ++c) {
-            const float qc = qr[i * rk + c];
-            const float* kc = kt.data() + c * ldk;
-#pragma omp simd
-            for (int64_t x = 0; x < ns; ++x) si[x] += qc * kc[x];
-          }
-          float mx = m[i];
-#pragma omp simd reduction(max : mx)
-          for (int64_t x = 0; x < ns; ++x) mx = std::max(mx, si[x]);
-          if (mx > m[i]) {
-            const float f = std::exp(m[i] - mx);
-            l[i] *= f;
-            for (int64_t d = 0; d < D; ++d) acc_f[i * D + d] *= f;
-            for (int64_t c = 0; c < rv; ++c) acc_r[i * rv + c] *= f;
-            m[i] = mx;
-          }
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t x = 0; x < ns; ++x) {
-            si[x] = exp_nonpos(si[x] - mx);
-            sum += si[x];
-          }
-          l[i] += sum;
-        }
-        for (int64_t x = 0; x < ns; ++x) {
-          const float* v = rows.data() + x * C + rk;
-          for (int64_t i = 0; i < hpg; ++i) {
-            const float e = sc[i * Bf + x];
-#pragma omp simd
-            for (int64_t c = 0; c < rv; ++c) acc_r[i * rv + c] += e * v[c];
-          }
-        }
-      }
-      // Project the reduced accumulator up once per head, normalise, store.
-      for (int64_t i = 0; i < hpg; ++i) {
-        const float* U = v_up + (h0 + i) * rv * D;
-        for (int64_t c = 0; c < rv; ++c) {
-          const float a = acc_r[i * rv + c];
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc_f[i * D + d] += a * U[c * D + d];
-        }
-        const float inv = 1.f / l[i];
-        T* o = out + tok[r] * out_st + (h0 + i) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc_f[i * D + d] * inv);
-      }
-    }
-  });
+    for (int l = 0; l < 16; ++l) part[l] += q[d0 + l] * f32(k[d0 + l]);
+  for (int w = 8; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  return part[0];
 }
 
-void dar_decode(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new, torch::Tensor out, torch::Tensor tok,
-                torch::Tensor wcache, torch::Tensor wtable, torch::Tensor fcache, torch::Tensor ftable,
-                torch::Tensor lens, torch::Tensor q_proj, torch::Tensor v_up, int64_t window, int64_t sinks,
-                double scale) {
-  const int64_t R = tok.size(0), H = q.size(1), D = q.size(2), J = k_new.size(1), G = fcache.size(1);
-  const int64_t rk = q_proj.size(2), rv = v_up.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "dar_decode", [&] {
-    decode_impl<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), k_new.data_ptr<scalar_t>(),
-                          v_new.data_ptr<scalar_t>(), k_new.stride(0), out.data_ptr<scalar_t>(), out.stride(0),
-                          tok.data_ptr<int64_t>(), wcache.data_ptr<scalar_t>(), wtable.data_ptr<int64_t>(),
-                          wtable.stride(0), fcache.data_ptr<scalar_t>(), ftable.data_ptr<int64_t>(),
-                          ftable.stride(0), lens.data_ptr<int64_t>(), q_proj.data_ptr<float>(),
-                          v_up.data_ptr<float>(), R, H, J, G, D, rk, rv, wcache.size(2), fcache.size(2), window,
-                          sinks, static_cast<float>(scale));
-  });
+// RK / RV / HD: ranks and head_dim as compile-time constants (0: read from Args), so the loops over them unroll
+// and their accumulators stay in registers.
+template <typename T, int RK, int RV, int HD>
+static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, Scratch& w) {
+  const int64_t rk = RK ? RK : a.rk, rv = RV ? RV : a.rv, D = HD ? HD : a.D;
+  const int64_t hpg = a.H / a.G, rep = a.H / a.J, C = rk + rv, Bf = a.Bf;
+  const int64_t nrow = qn * hpg, ldk = Bf + 16;  // transposed-key stride: not 2^k (L1 set conflicts)
+  const int64_t L = a.lens[r], tok0 = a.qsl[r] + q0, c0 = L - (a.qsl[r + 1] - a.qsl[r]);
+  w.qf.resize(nrow * D); w.qr.resize(nrow * rk); w.m.resize(nrow); w.l.resize(nrow); w.lo.resize(nrow);
+  w.acc_f.assign(nrow * D, 0.f); w.acc_r.assign(nrow * rv, 0.f); w.sc.resize(nrow * Bf);
+  w.kt.resize(rk * ldk); w.rows.resize(Bf * C);
+  const int64_t nfull = a.sinks + std::max<int64_t>(a.window, 1) + 1;
+  w.fs.resize(nfull); w.kp.resize(nfull); w.vp.resize(nfull);
+  int64_t max_lo = 0;
+  for (int64_t row = 0; row < nrow; ++row) {
+    const int64_t qi = row / hpg, h = g * hpg + row % hpg, t = c0 + q0 + qi;
+    const T* qrow = a.q + (tok0 + qi) * a.q_st + h * D;
+    float* qf = w.qf.data() + row * D;
+    float* qr = w.qr.data() + row * rk;
+    for (int64_t d = 0; d < D; ++d) qf[d] = f32(qrow[d]) * a.scale;
+    for (int64_t c = 0; c < rk; ++c) qr[c] = 0.f;
+    const float* P = a.q_proj + h * D * rk;
+    for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+      for (int64_t c = 0; c < rk; ++c) qr[c] += qf[d] * P[d * rk + c];
+    }
+    // Full width: {s <= t : t - s < w or s < S}. lo = first window position; the reduced ones are [S, lo).
+    const int64_t lo = std::max<int64_t>(0, t - a.window + 1);
+    w.lo[row] = lo;
+    max_lo = std::max(max_lo, lo);
+    const int64_t j = h / rep;
+    int64_t n = 0;
+    auto cached = [&](int64_t p) {
+      const T* kr = a.wcache + ((a.wtable[r * a.mw + p / a.Bw] * a.J + j) * a.Bw + p % a.Bw) * 2 * D;
+      w.kp[n] = kr; w.vp[n++] = kr + D;
+    };
+    auto fresh = [&](int64_t p) {
+      const int64_t tk = a.qsl[r] + (p - c0);
+      w.kp[n] = a.k + tk * a.kv_st + j * D; w.vp[n++] = a.v + tk * a.kv_st + j * D;
+    };
+    for (int64_t p = 0; p < std::min(std::min(a.sinks, lo), c0); ++p) cached(p);  // cached sinks
+    for (int64_t p = lo; p < c0; ++p) cached(p);                                   // cached window
+    for (int64_t p = c0; p < std::min(a.sinks, lo); ++p) fresh(p);                  // sinks in the chunk
+    for (int64_t p = std::max(c0, lo); p <= t; ++p) fresh(p);                      // window in the chunk
+    float mx = -INFINITY;
+    for (int64_t x = 0; x < n; ++x) {
+      const float s = dot_full<T, HD>(qf, static_cast<const T*>(w.kp[x]), D);
+      w.fs[x] = s;
+      mx = s > mx ? s : mx;
+    }
+    float* fs = w.fs.data();
+    const float sum = n ? exp_shifted(fs, n, mx) : 0.f;
+    float* acc = w.acc_f.data() + row * D;
+    for (int64_t x = 0; x < n; ++x) {
+      const float e = fs[x];
+      const T* vr = static_cast<const T*>(w.vp[x]);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += e * f32(vr[d]);
+    }
+    w.m[row] = mx;
+    w.l[row] = sum;
+  }
+  // Reduced width: positions [S, lo) per row, far block by far block; one rescale per block and row.
+  for (int64_t b = a.sinks / Bf; b * Bf < max_lo; ++b) {
+    const int64_t s0 = std::max(a.sinks, b * Bf), s1 = std::min(max_lo, (b + 1) * Bf), ns = s1 - s0;
+    if (ns <= 0) continue;
+    // Stream the rows into fp32 [ns, C] (vector loads), then transpose the keys to [rk, ns] in L1.
+    const T* src = a.fcache + (a.ftable[r * a.mf + b] * a.G + g) * Bf * C + (s0 % Bf) * C;
+    float* rows = w.rows.data();
+    float* kt = w.kt.data();
+#pragma omp simd
+    for (int64_t e = 0; e < ns * C; ++e) rows[e] = f32(src[e]);
+    for (int64_t x = 0; x < ns; ++x)
+      for (int64_t c = 0; c < rk; ++c) kt[c * ldk + x] = rows[x * C + c];
+    for (int64_t row = 0; row < nrow; ++row) {
+      const int64_t nv = std::min(ns, w.lo[row] - s0);  // visible prefix of this block
+      if (nv <= 0) continue;
+      float* si = w.sc.data() + row * Bf;
+      const float* qr = w.qr.data() + row * rk;
+#pragma omp simd
+      for (int64_t x = 0; x < nv; ++x) {  // vectorised over positions, the rank sum stays in a register
+        float s = 0.f;
+        for (int64_t c = 0; c < rk; ++c) s += qr[c] * kt[c * ldk + x];
+        si[x] = s;
+      }
+      float mx = w.m[row];
+#pragma omp simd reduction(max : mx)
+      for (int64_t x = 0; x < nv; ++x) mx = std::max(mx, si[x]);
+      if (mx > w.m[row]) {
+        const float f = std::exp(w.m[row] - mx);
+        w.l[row] *= f;
+        for (int64_t d = 0; d < D; ++d) w.acc_f[row * D + d] *= f;
+        for (int64_t c = 0; c < rv; ++c) w.acc_r[row * rv + c] *= f;
+        w.m[row] = mx;
+      }
+      w.l[row] += exp_shifted(si, nv, mx);
+      float* acc = w.acc_r.data() + row * rv;
+      float acc_reg[RV ? RV : 1];  // with a compile-time rank the accumulator lives in registers
+      float* ac = RV ? acc_reg : acc;
+      if (RV)
+        for (int64_t c = 0; c < rv; ++c) ac[c] = acc[c];
+      for (int64_t x = 0; x < nv; ++x) {
+        const float e = si[x];
+        const float* vr = rows + x * C + rk;
+#pragma omp simd
+        for (int64_t c = 0; c < rv; ++c) ac[c] += e * vr[c];
+      }
+      if (RV)
+        for (int64_t c = 0; c < rv; ++c) acc[c] = ac[c];
+    }
+  }
+  // Project the reduced accumulator up once per row, normalise, store.
+  for (int64_t row = 0; row < nrow; ++row) {
+    const int64_t qi = row / hpg, h = g * hpg + row % hpg;
+    float* acc = w.acc_f.data() + row * D;
+    const float* U = a.v_up + h * rv * D;
+    for (int64_t c = 0; c < rv; ++c) {
+      const float x = w.acc_r[row * rv + c];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += x * U[c * D + d];
+    }
+    const float inv = 1.f / w.l[row];
+    T* o = a.out + (tok0 + qi) * a.out_st + h * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
+  }
+}
+
+void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor qsl,
+                   torch::Tensor lens, torch::Tensor wcache, torch::Tensor wtable, torch::Tensor fcache,
+                   torch::Tensor ftable, torch::Tensor q_proj, torch::Tensor v_up, int64_t window, int64_t sinks,
+                   double scale, int64_t rows_per_item) {
+  const int64_t R = lens.size(0), G = fcache.size(1), hpg = q.size(1) / G;
+  const int64_t* qs = qsl.data_ptr<int64_t>();
+  const int64_t qt = std::max<int64_t>(1, rows_per_item / hpg);  // queries per work item
+  std::vector<std::array<int64_t, 4>> items;  // (request, group, first query, queries)
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t q0 = 0; q0 < qs[r + 1] - qs[r]; q0 += qt)
+      for (int64_t g = 0; g < G; ++g) items.push_back({r, g, q0, std::min(qt, qs[r + 1] - qs[r] - q0)});
+  auto run = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    Args<scalar_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                     out.data_ptr<scalar_t>(), q.stride(0), k.stride(0), out.stride(0),
+                     wcache.data_ptr<scalar_t>(), wtable.data_ptr<int64_t>(), wtable.stride(0),
+                     fcache.data_ptr<scalar_t>(), ftable.data_ptr<int64_t>(), ftable.stride(0), qs,
+                     lens.data_ptr<int64_t>(), q_proj.data_ptr<float>(), v_up.data_ptr<float>(), q.size(1),
+                     k.size(1), G, q.size(2), q_proj.size(2), v_up.size(1), wcache.size(2), fcache.size(2), window,
+                     sinks, static_cast<float>(scale)};
+    const bool r16 = a.rk == 16 && a.rv == 16 && a.D == 64;  // SmolLM2 / Llama-style DAR defaults
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      Scratch w;
+      for (int64_t i = begin; i < end; ++i) {
+        const auto& it = items[i];
+        if (r16)
+          run_item<scalar_t, 16, 16, 64>(a, it[0], it[1], it[2], it[3], w);
+        else
+          run_item<scalar_t, 0, 0, 0>(a, it[0], it[1], it[2], it[3], w);
+      }
+    });
+  };
+  if (q.scalar_type() == at::kFloat)
+    run(float{});
+  else if (q.scalar_type() == at::kBFloat16)
+    run(at::BFloat16{});
+  else
+    TORCH_CHECK(false, "dar_attention: fp32 or bf16 only, got ", q.scalar_type());
 }
 """
 
-_CPP_DECL = ("void dar_decode(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new, torch::Tensor out, "
-             "torch::Tensor tok, torch::Tensor wcache, torch::Tensor wtable, torch::Tensor fcache, "
-             "torch::Tensor ftable, torch::Tensor lens, torch::Tensor q_proj, torch::Tensor v_up, int64_t window, "
-             "int64_t sinks, double scale);")
+_CPP_DECL = ("void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, "
+             "torch::Tensor qsl, torch::Tensor lens, torch::Tensor wcache, torch::Tensor wtable, "
+             "torch::Tensor fcache, torch::Tensor ftable, torch::Tensor q_proj, torch::Tensor v_up, "
+             "int64_t window, int64_t sinks, double scale, int64_t rows_per_item);")
 
 
 @functools.cache
 def kernel():
-    """The compiled extension module, or None when it cannot be built (no compiler, ``VLLM_DAR_CPU_KERNEL=0``)."""
+    """The compiled extension module, or None when it cannot be built (no compiler) or ``VLLM_DAR_CPU_KERNEL=0``."""
     if os.environ.get("VLLM_DAR_CPU_KERNEL", "1") == "0":
         return None
     from torch.utils.cpp_extension import load_inline
 
     try:
-        return load_inline(name="vllm_dar_cpu_decode", cpp_sources=[_CPP_DECL, _SOURCE], functions=["dar_decode"],
+        return load_inline(name="vllm_dar_cpu_attention", cpp_sources=[_CPP_DECL, _SOURCE],
+                           functions=["dar_attention"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+                           extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
-        import logging
-
-        logging.getLogger(__name__).warning("vllm-dar: C++ decode kernel unavailable (%s); using PyTorch", e)
+        logging.getLogger(__name__).warning("vllm-dar: C++ attention kernel unavailable (%s); using PyTorch", e)
         return None
 
 
-def decode(query: Tensor, key: Tensor, value: Tensor, output: Tensor, tok: Tensor, window_cache: Tensor,
-           window_table: Tensor, far_cache: Tensor, far_table: Tensor, lens: Tensor, q_proj: Tensor, v_up: Tensor,
-           *, window: int, sink_tokens: int, scale: float) -> None:
-    """Run the kernel for decode rows ``tok`` [R] of query/key/value/output; tables [R, *], lens [R] int64."""
+def attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
+              window_table: Tensor, far_cache: Tensor, far_table: Tensor, query_start_loc: list[int],
+              seq_lens: list[int], q_proj: Tensor, v_up: Tensor, window: int, sink_tokens: int,
+              scale: float) -> None:
+    """The whole batch in one kernel call (the contract of ``vllm_dar.ops.paged.dar_paged_attention``).
+
+    q_proj [H, D, rk] and v_up [H, rv, D] fp32 contiguous (``PagedProjections``); query/key/value/output rows
+    [heads, head_dim] contiguous (token stride free); caches contiguous, in the query dtype.
+    """
     dt = query.dtype
     for name, x in (("key", key), ("value", value), ("output", output), ("window_cache", window_cache),
                     ("far_cache", far_cache)):
         if x.dtype != dt:
-            raise TypeError(f"dar decode kernel: {name} is {x.dtype}, query is {dt}")
+            raise TypeError(f"dar cpu kernel: {name} is {x.dtype}, query is {dt}")
     for name, x in (("query", query), ("key", key), ("value", value), ("output", output)):
         if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
-            raise ValueError(f"dar decode kernel: {name} rows must be contiguous [heads, head_dim]")
+            raise ValueError(f"dar cpu kernel: {name} rows must be contiguous [heads, head_dim]")
     if key.stride(0) != value.stride(0):
-        raise ValueError("dar decode kernel: key and value need the same token stride")
+        raise ValueError("dar cpu kernel: key and value need the same token stride")
     if not (window_cache.is_contiguous() and far_cache.is_contiguous()):
-        raise ValueError("dar decode kernel: caches must be contiguous")
-    kernel().dar_decode(query, key, value, output, tok, window_cache, window_table.long().contiguous(), far_cache,
-                        far_table.long().contiguous(), lens, q_proj, v_up, window, sink_tokens, scale)
+        raise ValueError("dar cpu kernel: caches must be contiguous")
+    if q_proj.dtype != torch.float32 or v_up.dtype != torch.float32:
+        raise TypeError("dar cpu kernel: projections must be fp32")
+    kernel().dar_attention(query, key, value, output, torch.tensor(query_start_loc), torch.tensor(seq_lens),
+                           window_cache, window_table.long().contiguous(), far_cache,
+                           far_table.long().contiguous(), q_proj.contiguous(), v_up.contiguous(), window,
+                           sink_tokens, scale, ROWS_PER_ITEM)

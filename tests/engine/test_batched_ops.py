@@ -140,3 +140,17 @@ def test_batched_matches_loop_op(name, reqs, window, sinks, joint):
     dar_paged_attention_batched(query, key, value, fast, **args)
     paged.dar_paged_attention(query, key, value, loop, **args)
     torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_rows_like_vllm_qkv(impl):
+    """vLLM hands attention views of one fused qkv projection (token stride (H + 2J) * D): same result."""
+    query, key, value, args, ref = build_batch(SCENARIOS[2][1], 16, 4, False, torch.float32)
+    t, h, d = query.shape
+    qkv = torch.cat([query.flatten(1), key.flatten(1), value.flatten(1)], dim=1)  # [T, (H + 2J) * D]
+    j = key.shape[1]
+    q_v = qkv[:, : h * d].view(t, h, d)
+    k_v = qkv[:, h * d: (h + j) * d].view(t, j, d)
+    v_v = qkv[:, (h + j) * d:].view(t, j, d)
+    out = torch.full_like(query, float("nan"))
+    dar_paged_attention_batched(q_v, k_v, v_v, out, **args)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -1,24 +1,45 @@
-"""Fast CPU DAR attention over paged caches: batched decode, query-tiled prefill (same contract as
-``vllm_dar.ops.paged.dar_paged_attention``, tested equal to it and to ``vllm_dar.reference.dar_attention``).
+"""Fast CPU DAR attention over paged caches (same contract as ``vllm_dar.ops.paged.dar_paged_attention``, tested
+equal to it and to ``vllm_dar.reference.dar_attention``): the whole batch goes to the C++ kernel in
+``vllm_dar.ops.cpu_kernel`` (built on first use), else to the vectorised PyTorch path in this file.
 
 Layout and semantics: see ``vllm_dar.ops.paged``. Shapes: ``R`` requests, ``H`` query heads, ``J`` KV heads,
 ``G`` projection groups, ``hpg = H / G`` query heads per group, ``rep = H / J``, ``D`` head_dim, ``rk``/``rv``
 ranks, ``nb`` gathered blocks, ``B`` block size, ``S`` sink tokens, ``w`` window.
 
-Decode (every request with one scheduled token) is one vectorised pass over the batch, no per-request loop:
+PyTorch path. Decode (one scheduled token per request) is one pass over the batch: the far blocks of all requests
+in one ``index_select`` into a reused buffer (``[R, nb, G, B, rk + rv]``), scores at reduced width as one
+broadcast matmul in that layout, values accumulated at width ``rv`` and projected up once per head, GQA through
+a ``[G, hpg]`` view of the heads; the window part (sinks + ``w - 1`` history slots + the fresh token) at full
+width; one softmax through a shared max. Prefill / extend chunks loop over requests, by query tiles of at most
+``_TILE_ELEMS`` score elements (a 4K chunk never builds an ``[H, T, T]`` tensor).
 
-* far part: the far blocks of all requests in one ``index_select`` (``[R, nb, G, B, rk + rv]``, a memcpy of whole
-  blocks, the only read of the history), scores at reduced width ``(q Q_h) . k~`` as one batched matmul in the
-  gathered layout (no permute of the history), values accumulated at width ``rv`` and projected up once per head;
-  GQA through a ``[G, hpg]`` view of the heads, K/V never expanded per query head;
-* full part: sinks + window history (``S + w - 1`` slots per request, gathered by slot), plus the fresh token;
-* one softmax over both parts through a shared max (no concatenation of the score tensors).
+Profile (torch.profiler, perf; SmolLM2 shapes H=9 J=3 D=64, r=16/16 per head, w=64, S=4, block 128, one
+thread, process CPU time on the shared 2-core machine; ``benchmarks/attention_cpu.py``):
 
-Prefill / extend chunks loop over requests (compute-bound): one gather of the request's reduced history and full
-window, then query tiles sized so the score tile stays under ``_TILE_ELEMS`` elements (a 4K chunk never builds an
-``[H, T, T]`` tensor), each tile one softmax over [sinks + band of full keys; reduced prefix].
+1. First version of the PyTorch decode, batch 8 at 2K, fp32: 8.6 ms per layer call, stock vLLM 2.4-4 ms.
+   ``index_select`` of the far blocks was 30% (2.6-3.5 ms for 6 MB): a fresh multi-MB output page-faults on every
+   call (0.16 ms into a reused buffer, hence ``_workspace``); then a masked copy of V (NaN guard) 1.3 ms and
+   384 tiny [3 x 16] x [16 x 128] GEMMs 0.9 ms (MKL runs these far below bandwidth; a [G*R]-batched layout
+   was no better once the permute copy is counted).
+2. With reused buffers and only the stale tail of each request's last block zeroed: ~3-5 ms, and ~40 ATen ops
+   per call, so batch 1 at 512 cost 0.6 ms against stock's 25 us: dispatch-bound. 30 layers x 0.6 ms would
+   cost more than the whole stock decode step.
+3. ``torch.compile`` (inductor, dynamic=True) of the same decode math: 0.55 ms at batch 1 / 512 and 11 ms at
+   batch 8 / 2K (fused gather, but reductions not vectorised well), 35-65 s to compile per shape, and it
+   recompiled on the batch size. Not used.
+4. So the hot path is C++ (``cpu_kernel``): paged reads in place, one work item per (request, group, tile of
+   queries), far blocks streamed and transposed once per item, scores vectorised over positions. perf showed,
+   in turn: scalar transposes stalling on cache misses (stream rows first, then transpose in L1 with a
+   non-power-of-2 stride), score accumulators bouncing through memory (loop order: positions outer, ranks
+   unrolled via compile-time rk=rv=16, D=64), and scalar ``exp`` (GCC would not vectorise it: written with
+   AVX-512 intrinsics). Each step roughly halved the time.
 
-Numbers: see the "Profile" section at the end of this docstring (filled in from ``benchmarks/attention_cpu.py``).
+Result (CPU time per layer call, loaded machine; ``benchmarks/results/attention_cpu.json`` has the full grid):
+decode batch 8 at 2K fp32 1.35-1.8 ms vs stock 2.6-4.2 ms; batch 16 at 4K 6-7 ms vs 11.6-16 ms (bf16 5-6 vs
+9.4); batch 1 at 512 ~60-80 us vs stock 30-40 us (fixed cost: ~20 us of Python checks and index tensors, the
+kernel ~35 us); a 512-token prefill from scratch 11-14 ms vs stock 4-5 ms (the band and the reduced triangle are
+row-wise work the stock kernel does with tiled GEMMs; open). The PyTorch path stays 3-10x slower than the
+kernel and is the fallback where no C++ compiler is available (``VLLM_DAR_CPU_KERNEL=0`` forces it).
 """
 from __future__ import annotations
 

@@ -321,19 +321,22 @@ def attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, wind
               scale: float) -> None:
     """The whole batch in one kernel call (the contract of ``vllm_dar.ops.paged.dar_paged_attention``).
 
-    q_proj [H, D, rk] and v_up [H, rv, D] fp32 contiguous (``PagedProjections``); query/key/value/output rows
-    [heads, head_dim] contiguous (token stride free); caches contiguous, in the query dtype.
+    q_proj [H, D, rk] and v_up [H, rv, D] fp32 (``PagedProjections``); output rows [heads, head_dim] contiguous
+    (any token stride; query/key/value are copied only if theirs are not); caches contiguous, in the query dtype;
+    block tables int32 or int64.
     """
     dt = query.dtype
     for name, x in (("key", key), ("value", value), ("output", output), ("window_cache", window_cache),
                     ("far_cache", far_cache)):
         if x.dtype != dt:
             raise TypeError(f"dar cpu kernel: {name} is {x.dtype}, query is {dt}")
-    for name, x in (("query", query), ("key", key), ("value", value), ("output", output)):
-        if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
-            raise ValueError(f"dar cpu kernel: {name} rows must be contiguous [heads, head_dim]")
-    if key.stride(0) != value.stride(0):
-        raise ValueError("dar cpu kernel: key and value need the same token stride")
+    rows_ok = lambda x: x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]  # noqa: E731
+    if not rows_ok(output):
+        raise ValueError("dar cpu kernel: output rows must be contiguous [heads, head_dim]")
+    if not rows_ok(query):
+        query = query.contiguous()
+    if not (rows_ok(key) and rows_ok(value) and key.stride(0) == value.stride(0)):
+        key, value = key.contiguous(), value.contiguous()  # the kernel takes one token stride for both
     if not (window_cache.is_contiguous() and far_cache.is_contiguous()):
         raise ValueError("dar cpu kernel: caches must be contiguous")
     if q_proj.dtype != torch.float32 or v_up.dtype != torch.float32:

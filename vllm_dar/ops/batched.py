@@ -34,12 +34,14 @@ thread, process CPU time on the shared 2-core machine; ``benchmarks/attention_cp
    unrolled via compile-time rk=rv=16, D=64), and scalar ``exp`` (GCC would not vectorise it: written with
    AVX-512 intrinsics). Each step roughly halved the time.
 
-Result (CPU time per layer call, loaded machine; ``benchmarks/results/attention_cpu.json`` has the full grid):
-decode batch 8 at 2K fp32 1.35-1.8 ms vs stock 2.6-4.2 ms; batch 16 at 4K 6-7 ms vs 11.6-16 ms (bf16 5-6 vs
-9.4); batch 1 at 512 ~60-80 us vs stock 30-40 us (fixed cost: ~20 us of Python checks and index tensors, the
-kernel ~35 us); a 512-token prefill from scratch 11-14 ms vs stock 4-5 ms (the band and the reduced triangle are
-row-wise work the stock kernel does with tiled GEMMs; open). The PyTorch path stays 3-10x slower than the
-kernel and is the fallback where no C++ compiler is available (``VLLM_DAR_CPU_KERNEL=0`` forces it).
+Result (median CPU time per layer call, one thread, loaded machine; ``benchmarks/results/attention_cpu.json``):
+decode fp32 batch 8/16/32 at 2K: 1.43/3.07/7.88 ms vs stock 3.56/7.58/16.2 ms (0.40-0.49x); at 4K batch 16:
+5.5 ms vs 13.3 ms (0.42x; bf16 5.9 vs 9.0, 0.65x); batch 1 at 512: 51 us vs 30 us (1.7x: ~20 us of Python
+checks and index tensors plus the kernel's fixed cost); 512-token prefill from scratch 9.5 ms vs 4.1 ms (2.3x:
+the band and the reduced triangle are row-wise work that the stock kernel does with tiled GEMMs; open), at 4K
+context 55 ms vs 55 ms (bf16 54 vs 71). The bytes-moved bound (cache bytes / 15.6 GB/s measured read rate) for
+batch 16 at 4K is 1.7 ms for DAR and 6.4 ms for stock: both kernels run 2-3x above their bound. The PyTorch
+path stays 3-10x slower than the kernel and is the fallback where no C++ compiler is available (``VLLM_DAR_CPU_KERNEL=0`` forces it).
 """
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ class Batch:
         for r, n in enumerate(nblk):
             table[r, :n], at = perm[at: at + n], at + n
         self.table = table  # same shuffled ids for every cache (each cache has its own pool)
-        rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+        rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
         self.window_cache = rnd(total, J, BLOCK, 2 * D)
         self.far_cache = rnd(total, J, BLOCK, RK + RV)
         self.stock_cache = rnd(total, J, BLOCK, 2 * D)
@@ -99,9 +99,9 @@ class Batch:
         self.seq_lens = [s for s, _ in reqs]
 
     def dar_kwargs(self) -> dict:
-        return dict(window_cache=self.window_cache, window_table=self.table, far_cache=self.far_cache,
-                    far_table=self.table, query_start_loc=self.qsl, seq_lens=self.seq_lens, proj=self.proj,
-                    window=W, sink_tokens=S, scale=SCALE)
+        return {"window_cache": self.window_cache, "window_table": self.table, "far_cache": self.far_cache,
+                    "far_table": self.table, "query_start_loc": self.qsl, "seq_lens": self.seq_lens, "proj": self.proj,
+                    "window": W, "sink_tokens": S, "scale": SCALE}
 
     def fast(self):
         dar_paged_attention_batched(self.query, self.key, self.value, self.out, **self.dar_kwargs())
@@ -134,8 +134,8 @@ class Batch:
                 query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
             n = self.stock_cache.shape[0]
             k_cache, v_cache = self.stock_cache.view(n, J, 2 * BLOCK, D).chunk(2, dim=2)
-            self._stock = dict(key_cache=k_cache, value_cache=v_cache, query_start_loc=qsl, seq_lens=lens,
-                               scheduler_metadata=meta)
+            self._stock = {"key_cache": k_cache, "value_cache": v_cache, "query_start_loc": qsl, "seq_lens": lens,
+                               "scheduler_metadata": meta}
         ops.cpu_attention_with_kv_cache(query=self.query, output=self.out, scale=SCALE, causal=True,
                                         alibi_slopes=None, sliding_window=-1, block_table=self.table, softcap=0,
                                         s_aux=None, **self._stock)
@@ -191,8 +191,8 @@ def run(args) -> dict:
                   + (f"  bound dar {row['dar_bound_us']:.0f} stock {row['stock_bound_us']:.0f} us"
                      if "dar_bound_us" in row else ""), file=sys.stderr, flush=True)
     return {"threads": args.threads, "timing": "median process CPU time per call", "kernel_load_s": build_s,
-            "bandwidth": bw, "shape": dict(H=H, J=J, D=D, rk=RK, rv=RV, window=W,
-            sinks=S, block=BLOCK), "rows": rows}
+            "bandwidth": bw, "shape": {"H": H, "J": J, "D": D, "rk": RK, "rv": RV, "window": W,
+            "sinks": S, "block": BLOCK}, "rows": rows}
 
 
 def profile(name: str, dtype: str) -> None:

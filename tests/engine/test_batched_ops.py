@@ -70,9 +70,9 @@ def build_batch(reqs, window: int, sinks: int, joint: bool, dtype: torch.dtype, 
         vs.append(v[c0:])
         refs.append(ref[0].transpose(0, 1))
         qsl.append(qsl[-1] + q_len)
-    args = dict(window_cache=wcache, window_table=wtable, far_cache=fcache, far_table=ftable, query_start_loc=qsl,
-                seq_lens=[s for s, _ in reqs], proj=PagedProjections.from_layer(proj, H), window=window,
-                sink_tokens=sinks, scale=SCALE)
+    args = {"window_cache": wcache, "window_table": wtable, "far_cache": fcache, "far_table": ftable, "query_start_loc": qsl,
+                "seq_lens": [s for s, _ in reqs], "proj": PagedProjections.from_layer(proj, H), "window": window,
+                "sink_tokens": sinks, "scale": SCALE}
     return torch.cat(qs), torch.cat(ks), torch.cat(vs), args, torch.cat(refs)
 
 

@@ -79,7 +79,7 @@ def dar_paged_attention_batched(query: Tensor, key: Tensor, value: Tensor, outpu
             dec.append(r)
         elif n > 1:
             pre.append(r)
-    kw = dict(proj=proj, window=window, sink_tokens=sink_tokens, scale=scale)
+    kw = {"proj": proj, "window": window, "sink_tokens": sink_tokens, "scale": scale}
     if dec:
         rows = torch.tensor(dec)
         tok = torch.tensor([query_start_loc[r] for r in dec])

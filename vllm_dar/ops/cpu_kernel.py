@@ -330,7 +330,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, wind
                     ("far_cache", far_cache)):
         if x.dtype != dt:
             raise TypeError(f"dar cpu kernel: {name} is {x.dtype}, query is {dt}")
-    rows_ok = lambda x: x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]  # noqa: E731
+    rows_ok = lambda x: x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
     if not rows_ok(output):
         raise ValueError("dar cpu kernel: output rows must be contiguous [heads, head_dim]")
     if not rows_ok(query):

@@ -43,7 +43,12 @@ matplotlib is importable) carries per configuration the medians over rounds, ``t
 
     vllm-dar convert models/smollm2-135m-f32 /tmp/tp-dar --window 64 --key-rank 16 --value-rank 16 \\
         --sink-tokens 4 --calib-tokens 2048                                   # ~2 min
-    python benchmarks/throughput.py --dar /tmp/tp-dar --context 512 --batch 1 --rounds 1 --json   # ~6 min
+    python benchmarks/throughput.py --dar /tmp/tp-dar --context 512 --batch 1 --rounds 1 --json   # ~15 min
+    python benchmarks/throughput.py --render benchmarks/results/throughput.json    # table + PNG of a saved run
+
+Each engine start-up (compilation) takes 3-5 min on the loaded 2-core machine; one round of 2048 x 8 took 31 min
+(19 of them the DAR engine on the reference loop op). Single rounds there vary by up to 2x (stock 512 x 1: 59 and
+81 ms per token in two runs), hence rounds; ``--engines`` and ``--dar-kernels`` (``VLLM_DAR_KERNELS``) narrow a rerun.
     python benchmarks/throughput.py --dar /tmp/tp-dar --save   # full grid 512/2K/4K/8K x 1/8/32, 2 rounds
 
 The full grid takes many hours on the 2-core reference machine (stock prefills ~300 tokens/s: a 32 x 8K batch

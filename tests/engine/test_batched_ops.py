@@ -154,3 +154,23 @@ def test_strided_rows_like_vllm_qkv(impl):
     out = torch.full_like(query, float("nan"))
     dar_paged_attention_batched(q_v, k_v, v_v, out, **args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def padded(cache: torch.Tensor, extra: int) -> torch.Tensor:
+    """The same cache as vLLM lays out a padded page: each block's elements followed by ``extra`` unused ones
+    (per-layer ranks whose far page does not divide the window page), i.e. a strided view."""
+    n = cache.shape[0]
+    page = cache[0].numel()
+    buf = torch.full((n, page + extra), float("nan"), dtype=cache.dtype)
+    buf[:, :page] = cache.reshape(n, page)
+    return buf[:, :page].view(cache.shape)
+
+
+def test_padded_pages(impl):
+    """Strided (padded-page) caches give the reference result (the kernel hands them to the PyTorch path)."""
+    query, key, value, args, ref = build_batch(SCENARIOS[2][1], 16, 4, False, torch.float32)
+    args = {**args, "far_cache": padded(args["far_cache"], 40), "window_cache": padded(args["window_cache"], 8)}
+    assert not args["far_cache"].is_contiguous()
+    out = torch.full_like(query, float("nan"))
+    dar_paged_attention_batched(query, key, value, out, **args)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

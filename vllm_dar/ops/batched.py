@@ -66,7 +66,9 @@ def dar_paged_attention_batched(query: Tensor, key: Tensor, value: Tensor, outpu
     window_cache [nbw, J, Bw, 2D] + window_table [R, *]; far_cache [nbf, G, Bf, rk + rv] + far_table [R, *];
     query_start_loc: R + 1 offsets; seq_lens: R. Computes in fp32, writes ``output.dtype``.
     """
-    if USE_KERNEL and cpu_kernel.kernel() is not None:
+    # Padded pages (per-layer ranks whose far page does not divide the window page) make a cache a strided view;
+    # the kernel reads dense [blocks, heads, B, C] caches only, so those layers take the PyTorch path.
+    if USE_KERNEL and window_cache.is_contiguous() and far_cache.is_contiguous() and cpu_kernel.kernel() is not None:
         cpu_kernel.attention(query, key, value, output, window_cache=window_cache, window_table=window_table,
                              far_cache=far_cache, far_table=far_table, query_start_loc=query_start_loc,
                              seq_lens=seq_lens, q_proj=proj.q_proj, v_up=proj.v_up, window=window,

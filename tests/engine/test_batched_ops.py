@@ -26,6 +26,7 @@ SCALE = 0.3
 
 
 def random_projections(joint: bool, dims) -> LayerProjections:
+    """Random projections for dims (H, J, D, rk, rv), per head or one joint group (also used by test_paged_ops)."""
     _, J, D, RK, RV = dims
     g = 1 if joint else J
     dg = D * J // g
@@ -34,6 +35,7 @@ def random_projections(joint: bool, dims) -> LayerProjections:
 
 
 def take_blocks(free: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
+    """The next shuffled blocks of a shared pool for one request's table row."""
     n = -(-num_tokens // block_size)
     ids, free[:] = free[:n], free[n:]
     return torch.tensor(ids)

@@ -11,23 +11,11 @@ import pytest
 import torch
 
 from vllm_dar.ops.paged import PagedProjections, dar_paged_attention, reduce_tokens, write_slots
-from vllm_dar.reference import LayerProjections, dar_attention
+from vllm_dar.reference import dar_attention
+
+from .test_batched_ops import random_projections, take_blocks
 
 H, J, D = 6, 3, 16
-
-
-def random_projections(joint: bool, rk: int, rv: int) -> LayerProjections:
-    g = 1 if joint else J
-    dg = D * J // g
-    return LayerProjections(q_proj=torch.randn(J, D, rk) / D ** 0.5, k_down=torch.randn(g, dg, rk) / dg ** 0.5,
-                            v_down=torch.randn(g, dg, rv) / dg ** 0.5, v_up=torch.randn(J, rv, D) / rv ** 0.5)
-
-
-def take_blocks(free: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
-    """The next shuffled blocks of a shared pool for one request's table row."""
-    n = -(-num_tokens // block_size)
-    ids, free[:] = free[:n], free[n:]
-    return torch.tensor(ids)
 
 
 # (name, [(seq_len, q_len)], window, sinks, joint)
@@ -47,7 +35,7 @@ def test_paged_matches_reference(name, reqs, window, sinks, joint):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     rk, rv = 5, 7
-    proj = random_projections(joint, rk, rv)
+    proj = random_projections(joint, (H, J, D, rk, rv))
     pp = PagedProjections.from_layer(proj, H)
     g = proj.groups
     wbs, fbs, nblocks = 8, 16, 64

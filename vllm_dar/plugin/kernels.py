@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vllm_dar.ops.paged import reduce_tokens, write_slots
+
 KINDS = ("torch", "reference", "triton")
 DEFAULT = "torch"
 
@@ -26,8 +28,6 @@ class DarOps:
 
 
 def _torch_write(key, value, *, window_cache, window_slots, far_cache, far_slots, proj) -> None:
-    from vllm_dar.ops.paged import reduce_tokens, write_slots
-
     write_slots(window_cache, window_slots, key, value)
     write_slots(far_cache, far_slots, reduce_tokens(key, proj.k_down), reduce_tokens(value, proj.v_down))
 

@@ -168,11 +168,57 @@ def padded(cache: torch.Tensor, extra: int) -> torch.Tensor:
     return buf[:, :page].view(cache.shape)
 
 
-def test_padded_pages(impl):
-    """Strided (padded-page) caches give the reference result (the kernel hands them to the PyTorch path)."""
-    query, key, value, args, ref = build_batch(SCENARIOS[2][1], 16, 4, False, torch.float32)
+@pytest.mark.parametrize("joint", [False, True], ids=["per_head", "joint"])
+def test_padded_pages(impl, joint):
+    """Strided (padded-page) caches give the reference result; the kernel reads them in place, through the
+    block stride (the NaN padding would show if it read across a block's end)."""
+    query, key, value, args, ref = build_batch(SCENARIOS[2][1], 16, 4, joint, torch.float32)
     args = {**args, "far_cache": padded(args["far_cache"], 40), "window_cache": padded(args["window_cache"], 8)}
     assert not args["far_cache"].is_contiguous()
+    assert cpu_kernel.dense_blocks(args["far_cache"]) and cpu_kernel.dense_blocks(args["window_cache"])
     out = torch.full_like(query, float("nan"))
     dar_paged_attention_batched(query, key, value, out, **args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_blocks():
+    """Which cache views the kernel reads in place: dense or padded blocks yes, anything else no."""
+    cache = torch.zeros(6, 3, 16, 32)
+    assert cpu_kernel.dense_blocks(cache)
+    assert cpu_kernel.dense_blocks(padded(cache, 5))
+    assert not cpu_kernel.dense_blocks(cache.transpose(1, 2).contiguous().transpose(1, 2))  # [nb, B, heads, C]
+    assert not cpu_kernel.dense_blocks(cache[:, :, :, :16])  # rows narrower than their stride
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("joint", [False, True], ids=["per_head", "joint"])
+@pytest.mark.parametrize("pad", [0, 24], ids=["dense", "padded"])
+def test_write_matches_pytorch(impl, dtype, joint, pad):
+    """The cache write (C++ kernel and PyTorch path) equals ``write_slots`` of the full-width and the reduced
+    K/V: every slot it should store, bit for bit at full width, within fp32 rounding at reduced width (the
+    kernel sums the projection in another order), and nothing else: slots in the null block 0 and -1 skipped."""
+    H, J, D, RK, RV = SMALL
+    proj = PagedProjections.from_layer(random_projections(joint, SMALL), H)
+    t = 70
+    torch.manual_seed(1)
+    key, value = torch.randn(t, J, D).to(dtype), torch.randn(t, J, D).to(dtype)
+    wslots = torch.randperm((NBLOCKS - 1) * WBS)[:t] + WBS
+    fslots = torch.randperm((NBLOCKS - 1) * FBS)[:t] + FBS
+    wslots[:5], wslots[5:9] = -1, torch.arange(4)  # not kept: padding, null block
+    fslots[9:12] = torch.tensor([-1, 0, FBS - 1])
+    caches = []
+    for write in (batched.write_kv_batched, "reference"):
+        wcache = padded(torch.full((NBLOCKS, J, WBS, 2 * D), float("nan"), dtype=dtype), pad)
+        fcache = padded(torch.full((NBLOCKS, proj.k_down.shape[0], FBS, RK + RV), float("nan"), dtype=dtype), pad)
+        if write == "reference":
+            write_slots(wcache, wslots, key, value)
+            write_slots(fcache, fslots, reduce_tokens(key, proj.k_down), reduce_tokens(value, proj.v_down))
+        else:
+            write(key, value, window_cache=wcache, window_slots=wslots.int(), far_cache=fcache, far_slots=fslots,
+                  proj=proj)
+        caches.append((wcache, fcache))
+    (w, f), (w_ref, f_ref) = caches
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=0, equal_nan=True)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    torch.testing.assert_close(f.float(), f_ref.float(), equal_nan=True, **tol)
+    assert f_ref[1:].isfinite().flatten(1).any(1).sum() > 0  # the check is not over NaN-only caches

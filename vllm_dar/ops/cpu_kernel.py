@@ -81,7 +81,9 @@ static inline float exp_shifted(float* x, int64_t n, float shift) {
 }
 
 // Rows are token-major: q [T, H, D] (token stride q_st), k/v [T, J, D] (kv_st), out [T, H, D] (out_st).
-// wcache [NBw, J, Bw, 2D] + wtable [R, mw]; fcache [NBf, G, Bf, rk + rv] + ftable [R, mf]; qsl [R + 1], lens [R];
+// wcache [NBw, J, Bw, 2D] (block stride wbs) + wtable [R, mw]; fcache [NBf, G, Bf, rk + rv] (block stride fbs)
+// + ftable [R, mf]: each block dense, blocks possibly padded (vLLM pads pages of per-layer ranks); qsl [R + 1],
+// lens [R];
 // q_proj [H, D, rk], v_up [H, rv, D] fp32.
 template <typename T> struct Args {
   const T *q, *k, *v;
@@ -89,10 +91,10 @@ template <typename T> struct Args {
   int64_t q_st, kv_st, out_st;
   const T* wcache;
   const int64_t* wtable;
-  int64_t mw;
+  int64_t mw, wbs;
   const T* fcache;
   const int64_t* ftable;
-  int64_t mf;
+  int64_t mf, fbs;
   const int64_t *qsl, *lens;
   const float *q_proj, *v_up;
   int64_t H, J, G, D, rk, rv, Bw, Bf, window, sinks;
@@ -157,7 +159,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     const int64_t j = h / rep;
     int64_t n = 0;
     auto cached = [&](int64_t p) {
-      const T* kr = a.wcache + ((a.wtable[r * a.mw + p / a.Bw] * a.J + j) * a.Bw + p % a.Bw) * 2 * D;
+      const T* kr = a.wcache + a.wtable[r * a.mw + p / a.Bw] * a.wbs + (j * a.Bw + p % a.Bw) * 2 * D;
       w.kp[n] = kr; w.vp[n++] = kr + D;
     };
     auto fresh = [&](int64_t p) {
@@ -191,7 +193,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     const int64_t s0 = std::max(a.sinks, b * Bf), s1 = std::min(max_lo, (b + 1) * Bf), ns = s1 - s0;
     if (ns <= 0) continue;
     // Stream the rows into fp32 [ns, C] (vector loads), then transpose the keys to [rk, ns] in L1.
-    const T* src = a.fcache + (a.ftable[r * a.mf + b] * a.G + g) * Bf * C + (s0 % Bf) * C;
+    const T* src = a.fcache + a.ftable[r * a.mf + b] * a.fbs + (g * Bf + s0 % Bf) * C;
     float* rows = w.rows.data();
     float* kt = w.kt.data();
 #pragma omp simd
@@ -266,8 +268,8 @@ void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Ten
     using scalar_t = decltype(zero);
     Args<scalar_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                      out.data_ptr<scalar_t>(), q.stride(0), k.stride(0), out.stride(0),
-                     wcache.data_ptr<scalar_t>(), wtable.data_ptr<int64_t>(), wtable.stride(0),
-                     fcache.data_ptr<scalar_t>(), ftable.data_ptr<int64_t>(), ftable.stride(0), qs,
+                     wcache.data_ptr<scalar_t>(), wtable.data_ptr<int64_t>(), wtable.stride(0), wcache.stride(0),
+                     fcache.data_ptr<scalar_t>(), ftable.data_ptr<int64_t>(), ftable.stride(0), fcache.stride(0), qs,
                      lens.data_ptr<int64_t>(), q_proj.data_ptr<float>(), v_up.data_ptr<float>(), q.size(1),
                      k.size(1), G, q.size(2), q_proj.size(2), v_up.size(1), wcache.size(2), fcache.size(2), window,
                      sinks, static_cast<float>(scale)};
@@ -290,12 +292,77 @@ void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Ten
   else
     TORCH_CHECK(false, "dar_attention: fp32 or bf16 only, got ", q.scalar_type());
 }
+
+// The cache write of one layer: token t's K/V [J, D] full width into window slot wslots[t], and its reduced
+// K/V (the J / G heads of each group concatenated, times k_down [G, Dg, rk] / v_down [G, Dg, rv], in fp32)
+// into far slot fslots[t]. Slots below one block (vLLM's null block 0, or -1) are skipped, as in
+// vllm_dar.ops.paged.write_slots. Caches: dense blocks, block stride stride(0).
+template <typename T>
+static void write_token(const T* k, const T* v, int64_t ws, int64_t fs, T* wcache, int64_t wbs, int64_t Bw,
+                        T* fcache, int64_t fbs, int64_t Bf, const float* kd, const float* vd, int64_t J,
+                        int64_t D, int64_t G, int64_t rk, int64_t rv, float* xf, float* red) {
+  if (ws >= Bw) {
+    T* dst = wcache + (ws / Bw) * wbs + (ws % Bw) * 2 * D;
+    for (int64_t j = 0; j < J; ++j, dst += Bw * 2 * D) {
+      std::memcpy(dst, k + j * D, D * sizeof(T));
+      std::memcpy(dst + D, v + j * D, D * sizeof(T));
+    }
+  }
+  if (fs < Bf) return;
+  const int64_t Dg = J / G * D, C = rk + rv;
+  T* dst = fcache + (fs / Bf) * fbs + (fs % Bf) * C;
+  for (int64_t g = 0; g < G; ++g, dst += Bf * C) {
+    for (int64_t half = 0; half < 2; ++half) {
+      const T* x = (half ? v : k) + g * Dg;
+      const float* P = (half ? vd : kd) + g * Dg * (half ? rv : rk);
+      const int64_t r = half ? rv : rk;
+      for (int64_t i = 0; i < Dg; ++i) xf[i] = f32(x[i]);
+      for (int64_t c = 0; c < r; ++c) red[c] = 0.f;
+      for (int64_t i = 0; i < Dg; ++i) {
+        const float xi = xf[i];
+#pragma omp simd
+        for (int64_t c = 0; c < r; ++c) red[c] += xi * P[i * r + c];
+      }
+      T* o = dst + (half ? rk : 0);
+      for (int64_t c = 0; c < r; ++c) o[c] = static_cast<T>(red[c]);
+    }
+  }
+}
+
+void dar_write(torch::Tensor k, torch::Tensor v, torch::Tensor wcache, torch::Tensor wslots, torch::Tensor fcache,
+               torch::Tensor fslots, torch::Tensor k_down, torch::Tensor v_down) {
+  const int64_t T_ = k.size(0), J = k.size(1), D = k.size(2), G = k_down.size(0), rk = k_down.size(2),
+                rv = v_down.size(2), Bw = wcache.size(2), Bf = fcache.size(2);
+  const int64_t* wsl = wslots.data_ptr<int64_t>();
+  const int64_t* fsl = fslots.data_ptr<int64_t>();
+  auto run = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+    const int64_t kst = k.stride(0), vst = v.stride(0);
+    scalar_t *wc = wcache.data_ptr<scalar_t>(), *fc = fcache.data_ptr<scalar_t>();
+    const float *kd = k_down.data_ptr<float>(), *vd = v_down.data_ptr<float>();
+    at::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> xf(J * D), red(std::max(rk, rv));
+      for (int64_t t = begin; t < end; ++t)
+        write_token<scalar_t>(kp + t * kst, vp + t * vst, wsl[t], fsl[t], wc, wcache.stride(0), Bw, fc,
+                              fcache.stride(0), Bf, kd, vd, J, D, G, rk, rv, xf.data(), red.data());
+    });
+  };
+  if (k.scalar_type() == at::kFloat)
+    run(float{});
+  else if (k.scalar_type() == at::kBFloat16)
+    run(at::BFloat16{});
+  else
+    TORCH_CHECK(false, "dar_write: fp32 or bf16 only, got ", k.scalar_type());
+}
 """
 
 _CPP_DECL = ("void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, "
              "torch::Tensor qsl, torch::Tensor lens, torch::Tensor wcache, torch::Tensor wtable, "
              "torch::Tensor fcache, torch::Tensor ftable, torch::Tensor q_proj, torch::Tensor v_up, "
-             "int64_t window, int64_t sinks, double scale, int64_t rows_per_item);")
+             "int64_t window, int64_t sinks, double scale, int64_t rows_per_item);",
+             "void dar_write(torch::Tensor k, torch::Tensor v, torch::Tensor wcache, torch::Tensor wslots, "
+             "torch::Tensor fcache, torch::Tensor fslots, torch::Tensor k_down, torch::Tensor v_down);")
 
 
 @functools.cache
@@ -306,13 +373,20 @@ def kernel():
     from torch.utils.cpp_extension import load_inline
 
     try:
-        return load_inline(name="vllm_dar_cpu_attention", cpp_sources=[_CPP_DECL, _SOURCE],
-                           functions=["dar_attention"], verbose=False,
+        return load_inline(name="vllm_dar_cpu_attention", cpp_sources=[*_CPP_DECL, _SOURCE],
+                           functions=["dar_attention", "dar_write"], verbose=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
                            extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
         logging.getLogger(__name__).warning("vllm-dar: C++ attention kernel unavailable (%s); using PyTorch", e)
         return None
+
+
+def dense_blocks(cache: Tensor) -> bool:
+    """A [blocks, heads, block_size, width] cache whose every block is dense; the block stride may exceed a
+    block's size (padded pages), which the kernel takes as ``stride(0)``."""
+    _, h, b, c = cache.shape
+    return cache.stride()[1:] == (b * c, c, 1) and cache.stride(0) >= h * b * c
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
@@ -322,7 +396,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, wind
     """The whole batch in one kernel call (the contract of ``vllm_dar.ops.paged.dar_paged_attention``).
 
     q_proj [H, D, rk] and v_up [H, rv, D] fp32 (``PagedProjections``); output rows [heads, head_dim] contiguous
-    (any token stride; query/key/value are copied only if theirs are not); caches contiguous, in the query dtype;
+    (any token stride; query/key/value are copied only if theirs are not); caches in the query dtype, each block
+    dense (``dense_blocks``; blocks may be padded apart, as vLLM lays out pages of per-layer ranks);
     block tables int32 or int64.
     """
     dt = query.dtype
@@ -337,11 +412,31 @@ def attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, wind
         query = query.contiguous()
     if not (rows_ok(key) and rows_ok(value) and key.stride(0) == value.stride(0)):
         key, value = key.contiguous(), value.contiguous()  # the kernel takes one token stride for both
-    if not (window_cache.is_contiguous() and far_cache.is_contiguous()):
-        raise ValueError("dar cpu kernel: caches must be contiguous")
+    if not (dense_blocks(window_cache) and dense_blocks(far_cache)):
+        raise ValueError("dar cpu kernel: each cache block must be dense [heads, block_size, width]")
     if q_proj.dtype != torch.float32 or v_up.dtype != torch.float32:
         raise TypeError("dar cpu kernel: projections must be fp32")
     kernel().dar_attention(query, key, value, output, torch.tensor(query_start_loc), torch.tensor(seq_lens),
                            window_cache, window_table.long().contiguous(), far_cache,
                            far_table.long().contiguous(), q_proj.contiguous(), v_up.contiguous(), window,
                            sink_tokens, scale, ROWS_PER_ITEM)
+
+
+def write(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
+          far_slots: Tensor, k_down: Tensor, v_down: Tensor) -> None:
+    """One layer's cache write in one call (``vllm_dar.ops.paged.write_slots`` of the full-width K/V into the
+    window cache and of ``reduce_tokens`` into the far cache, the same semantics; reduction in fp32).
+
+    key, value: [T, J, D] in the caches' dtype, each token's [J, D] contiguous; slots [T] (int32 or int64);
+    k_down [G, Dg, rk], v_down [G, Dg, rv] fp32; caches with dense blocks (``dense_blocks``).
+    """
+    for name, x in (("value", value), ("window_cache", window_cache), ("far_cache", far_cache)):
+        if x.dtype != key.dtype:
+            raise TypeError(f"dar cpu kernel: {name} is {x.dtype}, key is {key.dtype}")
+    rows_ok = lambda x: x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+    if not (rows_ok(key) and rows_ok(value)):
+        key, value = key.contiguous(), value.contiguous()
+    if not (dense_blocks(window_cache) and dense_blocks(far_cache)):
+        raise ValueError("dar cpu kernel: each cache block must be dense [heads, block_size, width]")
+    kernel().dar_write(key, value, window_cache, window_slots.long(), far_cache, far_slots.long(),
+                       k_down.float().contiguous(), v_down.float().contiguous())

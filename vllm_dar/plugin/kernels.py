@@ -1,7 +1,8 @@
 """Which implementation of the DAR cache write and attention the plugin runs (``VLLM_DAR_KERNELS``).
 
-* ``torch`` (default): the batched CPU path (``vllm_dar.ops.batched``: one C++ kernel over the whole batch,
-  built on first use with the system compiler, or vectorised PyTorch when it cannot be built);
+* ``torch`` (default): the batched CPU path (``vllm_dar.ops.batched``: one C++ call for the cache write and one
+  for the attention of the whole batch, built on first use with the system compiler, or vectorised PyTorch when
+  it cannot be built);
 * ``reference``: the per-request PyTorch loop (``vllm_dar.ops.paged``), the simplest paged form of the math;
 * ``triton``: the Triton kernels (``vllm_dar.ops.triton_ops``), the GPU path; on this CPU platform they run
   under ``TRITON_INTERPRET=1`` (slow, for end-to-end checks of the glue, metadata and kernels together).
@@ -35,11 +36,11 @@ def _torch_write(key, value, *, window_cache, window_slots, far_cache, far_slots
 def select_ops(kind: str | None = None) -> DarOps:
     kind = kind or os.environ.get("VLLM_DAR_KERNELS", DEFAULT)
     if kind == "torch":
-        from vllm_dar.ops.batched import dar_paged_attention_batched
+        from vllm_dar.ops.batched import dar_paged_attention_batched, write_kv_batched
         from vllm_dar.ops.cpu_kernel import kernel
 
         kernel()  # build or load the C++ kernel now, not on the first request (None: the PyTorch path runs)
-        return DarOps(kind, _torch_write, dar_paged_attention_batched)
+        return DarOps(kind, write_kv_batched, dar_paged_attention_batched)
     if kind == "reference":
         from vllm_dar.ops.paged import dar_paged_attention
 

@@ -20,4 +20,16 @@ PATCHES = (
         "remove_when": 'vLLM\'s CLI stops calling version("vllm") or the CPU wheel is published as `vllm`',
         "test": "tests/test_patches.py::test_target_still_calls_version_vllm",
     },
+    {
+        "module": "vllm_dar.patches.dar_backend_selection",
+        "target": "vllm 0.32.0: vllm/model_executor/models/config.py:MODELS_CONFIG_MAP (per-architecture "
+        "config hooks run by vllm/config/vllm.py:VllmConfig.try_verify_and_update_config), entries "
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+        "why": "on CUDA a general plugin has no public seam to pick the attention backend per model: a DAR "
+        "checkpoint served without --attention-backend CUSTOM would run full attention, uncompressed, silently",
+        "how": "vllm_dar.register installs a hook class per DAR architecture (chaining any entry it replaces) "
+        "that, on CUDA, selects CUSTOM for a model with a dar section and refuses any other explicit backend",
+        "remove_when": "vLLM lets plugins choose a backend per model, or the map or its caller change shape",
+        "test": "tests/test_patches.py::test_backend_selection_target_unchanged",
+    },
 )

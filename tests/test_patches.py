@@ -252,3 +252,47 @@ def test_vllm_serve_answers_completions(tmp_path):
         assert "device_config=cpu" in (tmp_path / "serve.log").read_text()
     finally:
         _stop(server)
+
+
+# --- dar_backend_selection: still aimed at the right code, and chaining ---------------------------------------
+
+
+def test_backend_selection_target_unchanged():
+    """When this fails, vLLM changed how it runs per-architecture config hooks: re-aim or drop the patch (and
+    check whether vLLM now lets a plugin pick the backend per model)."""
+    vllm_config = _vllm_source("vllm.config.vllm")
+    assert "self.try_verify_and_update_config()" in vllm_config
+    assert "cls = MODELS_CONFIG_MAP.get(architecture, None)" in vllm_config
+    assert "cls.verify_and_update_config(self)" in vllm_config
+    # The hook sets attention_config.backend, which the selector reads for every attention layer.
+    assert "backend = attention_config.backend" in _vllm_source("vllm.v1.attention.selector")
+    assert "if selected_backend is not None:" in _vllm_source("vllm.platforms.cuda")
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from vllm_dar.config import SUPPORTED_ARCHITECTURES
+
+    # None of ours has an entry upstream (the hook would chain it: review what it does to the backend).
+    upstream = {a: getattr(MODELS_CONFIG_MAP.get(a), "replaced", MODELS_CONFIG_MAP.get(a))
+                for a in SUPPORTED_ARCHITECTURES}
+    assert upstream == dict.fromkeys(SUPPORTED_ARCHITECTURES)
+
+
+def test_backend_selection_installs_once_and_chains():
+    out = run_python(
+        "from vllm.model_executor.models.config import MODELS_CONFIG_MAP as M, VerifyAndUpdateConfig\n"
+        "from vllm_dar.patches import dar_backend_selection as p\n"
+        "calls = []\n"
+        "class Upstream(VerifyAndUpdateConfig):\n"
+        "    @staticmethod\n"
+        "    def verify_and_update_config(vllm_config): calls.append('upstream')\n"
+        "M['MistralForCausalLM'] = Upstream\n"
+        "p.install(); first = dict(M); p.install()\n"
+        "assert p.installed() and dict(M) == first\n"
+        "assert M['MistralForCausalLM'].replaced is Upstream and M['LlamaForCausalLM'].replaced is None\n"
+        "class Config:\n"
+        "    model_config = None\n"
+        "M['MistralForCausalLM'].verify_and_update_config(Config())\n"
+        "print(calls)\n"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "['upstream']"

@@ -20,8 +20,14 @@ def register() -> None:
     check_vllm_version()
     # Already done by the .pth at start-up; repeated (idempotent) for interpreters that skip .pth files.
     vllm_cpu_dist_alias.install()
-    # CPU_ATTN -> vllm_dar.plugin.backend.DarCpuBackend, by path: stock behaviour for models without `dar`.
+    # CPU_ATTN -> vllm_dar.plugin.backend.DarCpuBackend, by path: stock behaviour for models without `dar`;
+    # CUSTOM -> vllm_dar.plugin.cuda.DarCudaBackend (the DAR backend on CUDA).
     from vllm_dar.plugin import register_backend_override
 
     register_backend_override()
+    # On CUDA, a model with a `dar` section selects CUSTOM (see the patch's docstring). Imports vLLM's model
+    # registry, which vLLM imports anyway when it builds the ModelConfig right after loading plugins.
+    from vllm_dar.patches import dar_backend_selection
+
+    dar_backend_selection.install()
     _registered = True

@@ -26,6 +26,16 @@ def dar_smol(default_model, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_dar(tiny_llama, tmp_path_factory) -> str:
+    """The tiny random Llama (2 layers, 4 heads, 2 KV heads, head_dim 16) with window 8, ranks 8/8, 2 sinks."""
+    from vllm_dar.convert import convert
+
+    out = str(tmp_path_factory.mktemp("tiny_dar") / "model")
+    convert(tiny_llama, out, window=8, key_rank=8, value_rank=8, sink_tokens=2, calib_tokens=512, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def dar_smol_pyramid(default_model, tmp_path_factory) -> str:
     """Per-layer ranks (pyramid schedule) and windows (32/64/96, set after conversion: the fit does not depend
     on the window), joint head sharing: several window and far cache groups."""

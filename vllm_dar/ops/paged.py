@@ -14,7 +14,7 @@ tests compare this with). Shapes: ``T`` tokens, ``H`` query heads, ``J`` KV head
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -40,6 +40,10 @@ class PagedProjections:
         return cls(q_proj=p.q_proj.float()[kv_head].contiguous(), k_down=p.k_down.float().contiguous(),
                    v_down=p.v_down.float().contiguous(), v_up=p.v_up.float()[kv_head].contiguous(),
                    head_group=kv_head // (j // g))
+
+    def to(self, device: torch.device | str) -> PagedProjections:
+        """The same projections on ``device`` (the layer's: on a GPU the kernels read them there)."""
+        return PagedProjections(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def reduce_tokens(x: Tensor, down: Tensor) -> Tensor:

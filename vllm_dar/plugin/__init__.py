@@ -1,19 +1,44 @@
-"""vLLM plugin glue: the CPU attention backend override and the KV cache layout of DAR layers.
+"""vLLM plugin glue: the attention backends of DAR layers and their KV cache layout.
 
-``backend``  backends (stock override, DAR window, DAR far) and their metadata builder
-``impl``     the attention impl: stock for models without ``dar``, else attaches DAR state per layer
+``backend``  CPU backends (stock override, DAR window, DAR far) and the metadata builders
+``cuda``     the CUDA backend (vLLM's CUSTOM slot) with the Triton kernels
+``attach``   what both impls share: per-layer DAR state, cache write and forward
+``impl``     the CPU impl: stock for models without ``dar``, else DAR
 ``spec``     KV cache specs (window + sinks, far) and the window manager that keeps the sinks
 ``model``    projections loaded once per process, start-up checks, the summary log line
 
-Nothing here is imported by ``vllm_dar.register``: vLLM resolves ``BACKEND`` by its path when it first needs
-the CPU attention backend.
+Nothing here is imported by ``vllm_dar.register``: vLLM resolves the backends by their paths when it first needs
+one.
 """
+import logging
+import os
 
 BACKEND = "vllm_dar.plugin.backend.DarCpuBackend"
+CUDA_BACKEND = "vllm_dar.plugin.cuda.DarCudaBackend"
+# VLLM_DAR_CPU_BACKEND: which backend serves vLLM's CPU_ATTN slot.
+CPU_BACKENDS = {"dar": BACKEND, "cuda": "vllm_dar.plugin.cuda.DarCudaBackendOnCpu"}
+
+
+def cpu_backend() -> str:
+    """``dar`` (default): the CPU backend (stock for models without ``dar``); ``cuda``: the CUDA backend under
+    the CPU name, to run its builder, impl and Triton kernels (with ``TRITON_INTERPRET=1``) on a CPU."""
+    value = os.environ.get("VLLM_DAR_CPU_BACKEND", "dar")
+    if value not in CPU_BACKENDS:
+        raise ValueError(f"vllm-dar: VLLM_DAR_CPU_BACKEND={value!r}: expected one of {', '.join(CPU_BACKENDS)}")
+    return CPU_BACKENDS[value]
 
 
 def register_backend_override() -> None:
-    """Point vLLM's ``CPU_ATTN`` at ``DarCpuBackend`` (by import path; idempotent)."""
+    """Point vLLM's ``CPU_ATTN`` and ``CUSTOM`` slots at our backends (by import path; idempotent).
+
+    ``CUSTOM`` is left alone, with a warning, if another plugin registered it first."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND)
+    register_backend(AttentionBackendEnum.CPU_ATTN, cpu_backend())
+    custom = AttentionBackendEnum.CUSTOM
+    if custom.is_overridden() and custom.get_path() != CUDA_BACKEND:
+        logging.getLogger("vllm.vllm_dar").warning(
+            "vllm-dar: vLLM's CUSTOM attention backend is already %s; the DAR CUDA backend is not registered",
+            custom.get_path())
+        return
+    register_backend(custom, CUDA_BACKEND)

@@ -4,9 +4,10 @@
   backend (subclass, same name, same builder) with an impl that stays stock for every layer of a model without
   a ``dar`` section. For a DAR model the impl moves its layer onto ``DarWindowBackend`` at weight-loading time.
 * ``DarWindowBackend``: the DAR layer's own (window) cache group; ``DarFarBackend``: the companion far cache
-  group. Both build the same small metadata (CPU tensors the per-request path indexes directly).
+  group. Both build the same small metadata (host lists the CPU ops index directly).
 
 ``get_name()`` stays ``"CPU_ATTN"`` on all three: the Attention layer looks its backend up in the enum by name.
+The CUDA backends (``vllm_dar.plugin.cuda``) share this metadata, with ``DarDeviceMetadataBuilder``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
     MultipleOf,
@@ -39,8 +41,8 @@ class DarMetadata:
     """Per-batch metadata of one DAR cache group (window or far)."""
 
     num_actual_tokens: int
-    query_start_loc: list[int]  # R + 1 token offsets
-    seq_lens: list[int]  # R: cached + scheduled tokens per request
+    query_start_loc: list[int] | torch.Tensor  # R + 1 token offsets (a device tensor on the CUDA path)
+    seq_lens: list[int] | torch.Tensor  # R: cached + scheduled tokens per request (likewise)
     block_table: torch.Tensor  # [R, max_blocks] block ids of this group
 
 
@@ -56,6 +58,25 @@ class DarMetadataBuilder(AttentionMetadataBuilder[DarMetadata]):
                            query_start_loc=m.query_start_loc_cpu[: r + 1].tolist(),
                            seq_lens=m.seq_lens[:r].cpu().tolist(),
                            block_table=m.block_table_tensor[:r])
+
+
+class DarDeviceMetadataBuilder(DarMetadataBuilder):
+    """The same metadata with ``query_start_loc`` and ``seq_lens`` left on the device, as slices of vLLM's
+    buffers: the Triton launcher takes tensors, so building costs no host copy or sync per step.
+
+    CUDA graphs: NEVER (vLLM then captures piecewise graphs only; attention runs eagerly between them). The
+    launcher allocates its split scratch per call and sizes its grid from the step's token count, and padded
+    requests of a replayed graph were never tested; FULL graphs would need persistent scratch first.
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> DarMetadata:
+        m = common_attn_metadata
+        r = m.num_reqs
+        return DarMetadata(num_actual_tokens=m.num_actual_tokens, query_start_loc=m.query_start_loc[: r + 1],
+                           seq_lens=m.seq_lens[:r], block_table=m.block_table_tensor[:r])
 
 
 class _DarBackendBase(AttentionBackend):

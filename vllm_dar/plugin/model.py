@@ -57,7 +57,7 @@ def dar_model(model_dir: str) -> DarModel | None:
 def check_engine(vllm_config) -> None:
     """Refuse engine settings the DAR path does not implement (raises DarConfigError)."""
     cache, parallel = vllm_config.cache_config, vllm_config.parallel_config
-    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    pp = parallel.pipeline_parallel_size
     checks = [
         (cache.cache_dtype != "auto",
          f"kv_cache_dtype={cache.cache_dtype!r}: the DAR backend stores K/V in the model dtype only; use 'auto'"),
@@ -69,6 +69,35 @@ def check_engine(vllm_config) -> None:
     for bad, message in checks:
         if bad:
             raise DarConfigError(f"vllm-dar: {message}")
+
+
+def select_cuda_backend(vllm_config, *, on_cuda: bool) -> None:
+    """On CUDA, serve a model with a ``dar`` section with the DAR backend (vLLM's CUSTOM slot): select it when no
+    backend was asked for, refuse any other (it would run full attention, uncompressed). No-op elsewhere.
+    Runs while vLLM builds its config (``vllm_dar.patches.dar_backend_selection``)."""
+    model_config = vllm_config.model_config
+    if not on_cuda or model_config is None or getattr(model_config.hf_config, "dar", None) is None:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from . import CUDA_BACKEND
+
+    attn, custom = vllm_config.attention_config, AttentionBackendEnum.CUSTOM
+    fix = "pass --attention-backend CUSTOM (vllm-dar's DAR backend) or leave --attention-backend unset"
+    holder = custom.get_path() if custom.is_overridden() else None
+    if holder != CUDA_BACKEND:
+        raise DarConfigError(f"vllm-dar: {model_config.model} has a dar section, but vLLM's CUSTOM attention "
+                             f"backend is {holder}, not vllm-dar's; uninstall the plugin that took it")
+    if attn.backend_per_kind:
+        raise DarConfigError(f"vllm-dar: {model_config.model} has a dar section: attention_config."
+                             f"backend_per_kind={attn.backend_per_kind} is not supported; {fix}")
+    if attn.backend is None:
+        attn.backend = custom
+        logger.info("vllm-dar: %s has a dar section: attention backend CUSTOM (DAR, Triton kernels)",
+                    model_config.model)
+    elif attn.backend != custom:
+        raise DarConfigError(f"vllm-dar: {model_config.model} has a dar section, but --attention-backend "
+                             f"{attn.backend.name} would serve it with full attention (uncompressed); {fix}")
 
 
 def shard_projections(p: LayerProjections, tp_size: int, rank: int) -> LayerProjections:

@@ -238,14 +238,12 @@ class DarFarCache(torch.nn.Module, AttentionLayerBase):
     """
 
     def __init__(self, name: str, *, groups: int, key_rank: int, value_rank: int, dtype: torch.dtype,
-                 block_size: int, static_forward_context: dict):
+                 block_size: int, backend: type, static_forward_context: dict):
         super().__init__()
-        from .backend import DarFarBackend
-
         self.layer_name, self.groups, self.key_rank, self.value_rank, self.dtype = (
             name, groups, key_rank, value_rank, dtype)
         self.block_size = block_size  # from far_block_sizes: pages equal to the window's, or padded by < 1 token
-        self.backend_cls = DarFarBackend
+        self.backend_cls = backend  # the platform's far backend: its builder makes this group's metadata
         self.kv_cache = torch.tensor([])
         if name in static_forward_context:
             raise ValueError(f"Duplicate layer name: {name}")

@@ -61,7 +61,8 @@ ROWS = {
                                   head_sharing="joint", method="fit")),
 }
 # Healed rows: name -> the row whose conversion they start from (same schedule, so the same KV bytes).
-HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform"}
+HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform",
+             "heal-calibrated-joint-fit": "calibrated-joint-fit"}
 
 
 def main() -> int:

@@ -33,6 +33,12 @@ thread, process CPU time on the shared 2-core machine; ``benchmarks/attention_cp
    non-power-of-2 stride), score accumulators bouncing through memory (loop order: positions outer, ranks
    unrolled via compile-time rk=rv=16, D=64), and scalar ``exp`` (GCC would not vectorise it: written with
    AVX-512 intrinsics). Each step roughly halved the time.
+5. Engine level, batch 1 at 512 (``benchmarks/throughput.py``): DAR's decode step was 1.11x stock's although the
+   attention op costs only ~0.6 ms more per step. The rest was the cache write: ~15 ATen ops per layer (four of
+   them advanced-index stores) cost 90 us per layer, 2.7 ms per step. One C++ call (``cpu_kernel.write``) takes
+   10 us; the step then measured 1.00x stock. Later perf of batch 16 at 4K: a third of the kernel's samples
+   on the far cache stream (loads missing to DRAM), 12% on the reduced value sums (one FMA chain per row:
+   now four chains) and 6% on a max the compiler left scalar (now AVX-512): 4.76 -> 4.43 ms per layer.
 
 Result (median CPU time per layer call, one thread, loaded machine; ``benchmarks/results/attention_cpu.json``):
 decode fp32 batch 8/16/32 at 2K: 1.43/3.07/7.88 ms vs stock 3.56/7.58/16.2 ms (0.40-0.49x); at 4K batch 16:

@@ -18,6 +18,10 @@ for all of them (GQA without expanding K/V, and prefill queries share the block 
   per row at the end;
 * bf16 caches are widened to fp32 on load; all arithmetic is fp32; output in the query dtype.
 
+``write`` is the layer's cache write in the same extension: per token, the full-width K/V into its window slot
+and ``k_g K_g | v_g V_g`` (fp32 sums) into its far slot. Both functions take caches whose blocks are dense but
+may sit apart (vLLM pads pages of per-layer ranks): blocks are addressed through ``stride(0)``.
+
 Semantics are the contract's (``vllm_dar.ops.paged``); tests: ``tests/engine/test_batched_ops.py``.
 """
 from __future__ import annotations

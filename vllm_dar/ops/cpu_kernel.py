@@ -401,12 +401,12 @@ void dar_write(torch::Tensor k, torch::Tensor v, torch::Tensor wcache, torch::Te
 }
 """
 
-_CPP_DECL = ("void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, "
-             "torch::Tensor qsl, torch::Tensor lens, torch::Tensor wcache, torch::Tensor wtable, "
-             "torch::Tensor fcache, torch::Tensor ftable, torch::Tensor q_proj, torch::Tensor v_up, "
-             "int64_t window, int64_t sinks, double scale, int64_t rows_per_item);",
-             "void dar_write(torch::Tensor k, torch::Tensor v, torch::Tensor wcache, torch::Tensor wslots, "
-             "torch::Tensor fcache, torch::Tensor fslots, torch::Tensor k_down, torch::Tensor v_down);")
+_CPP_DECL = (("void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, "
+              "torch::Tensor qsl, torch::Tensor lens, torch::Tensor wcache, torch::Tensor wtable, "
+              "torch::Tensor fcache, torch::Tensor ftable, torch::Tensor q_proj, torch::Tensor v_up, "
+              "int64_t window, int64_t sinks, double scale, int64_t rows_per_item);"),
+             ("void dar_write(torch::Tensor k, torch::Tensor v, torch::Tensor wcache, torch::Tensor wslots, "
+              "torch::Tensor fcache, torch::Tensor fslots, torch::Tensor k_down, torch::Tensor v_down);"))
 
 
 @functools.cache

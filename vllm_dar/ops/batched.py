@@ -55,25 +55,31 @@ import torch
 from torch import Tensor
 
 from vllm_dar.ops import cpu_kernel
-from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
+from vllm_dar.ops.paged import PagedProjections, write_kv
 
 USE_KERNEL = True  # the whole batch through the C++ kernel (vllm_dar.ops.cpu_kernel) when it builds
 _TILE_ELEMS = 1 << 22  # score elements per prefill query tile (16 MB fp32)
 _NEG_INF = float("-inf")
 
 
+def _kernel_reads(window_cache: Tensor, far_cache: Tensor) -> bool:
+    """Whether the C++ kernel serves this call: it is enabled and built, and both caches have dense blocks
+    (padded pages of per-layer ranks are strided views of dense blocks, read through the block stride)."""
+    return (USE_KERNEL and cpu_kernel.dense_blocks(window_cache) and cpu_kernel.dense_blocks(far_cache)
+            and cpu_kernel.kernel() is not None)
+
+
 def write_kv_batched(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
                      far_slots: Tensor, proj: PagedProjections) -> None:
-    """One layer's cache write: full-width K/V into the window cache, reduced K/V into the far cache (the
-    semantics of ``vllm_dar.ops.paged.write_slots``). One C++ call; the PyTorch form (~15 ATen ops, four of them
-    advanced-index stores) cost ~0.15 ms per layer, several ms per decode step of a 30-layer model."""
-    if USE_KERNEL and cpu_kernel.dense_blocks(window_cache) and cpu_kernel.dense_blocks(far_cache) \
-            and cpu_kernel.kernel() is not None:
+    """``vllm_dar.ops.paged.write_kv`` as one C++ call when the kernel serves the caches. The PyTorch form
+    (~15 ATen ops, four of them advanced-index stores) cost ~0.1 ms per layer, ~3 ms per decode step of a
+    30-layer model."""
+    if _kernel_reads(window_cache, far_cache):
         cpu_kernel.write(key, value, window_cache=window_cache, window_slots=window_slots, far_cache=far_cache,
                          far_slots=far_slots, k_down=proj.k_down, v_down=proj.v_down)
         return
-    write_slots(window_cache, window_slots, key, value)
-    write_slots(far_cache, far_slots, reduce_tokens(key, proj.k_down), reduce_tokens(value, proj.v_down))
+    write_kv(key, value, window_cache=window_cache, window_slots=window_slots, far_cache=far_cache,
+             far_slots=far_slots, proj=proj)
 
 
 def dar_paged_attention_batched(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
@@ -86,10 +92,7 @@ def dar_paged_attention_batched(query: Tensor, key: Tensor, value: Tensor, outpu
     window_cache [nbw, J, Bw, 2D] + window_table [R, *]; far_cache [nbf, G, Bf, rk + rv] + far_table [R, *];
     query_start_loc: R + 1 offsets; seq_lens: R. Computes in fp32, writes ``output.dtype``.
     """
-    # Padded pages (per-layer ranks whose far page does not divide the window page) make a cache a strided view
-    # of dense blocks, which the kernel reads through the block stride.
-    if (USE_KERNEL and cpu_kernel.dense_blocks(window_cache) and cpu_kernel.dense_blocks(far_cache)
-            and cpu_kernel.kernel() is not None):
+    if _kernel_reads(window_cache, far_cache):
         cpu_kernel.attention(query, key, value, output, window_cache=window_cache, window_table=window_table,
                              far_cache=far_cache, far_table=far_table, query_start_loc=query_start_loc,
                              seq_lens=seq_lens, q_proj=proj.q_proj, v_up=proj.v_up, window=window,

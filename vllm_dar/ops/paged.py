@@ -70,6 +70,14 @@ def write_slots(cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
     cache[blocks, :, offsets, kw:] = v.to(cache.dtype)
 
 
+def write_kv(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
+             far_slots: Tensor, proj: PagedProjections) -> None:
+    """One layer's cache write: key, value [T, J, D] full width into the window cache, their reduced forms
+    ``reduce_tokens`` into the far cache, each through its own slot mapping (``write_slots``' skipping rules)."""
+    write_slots(window_cache, window_slots, key, value)
+    write_slots(far_cache, far_slots, reduce_tokens(key, proj.k_down), reduce_tokens(value, proj.v_down))
+
+
 def gather_positions(cache: Tensor, block_row: Tensor, positions: Tensor) -> Tensor:
     """Slots of ``positions`` [S] through one request's block table row -> [S, Hc, C]."""
     block_size = cache.shape[2]

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vllm_dar.ops.paged import reduce_tokens, write_slots
+from vllm_dar.ops.paged import write_kv
 
 KINDS = ("torch", "reference", "triton")
 DEFAULT = "torch"
@@ -26,11 +26,6 @@ class DarOps:
     name: str
     write: Callable  # (key, value, *, window_cache, window_slots, far_cache, far_slots, proj) -> None
     attend: Callable  # dar_paged_attention's signature
-
-
-def _torch_write(key, value, *, window_cache, window_slots, far_cache, far_slots, proj) -> None:
-    write_slots(window_cache, window_slots, key, value)
-    write_slots(far_cache, far_slots, reduce_tokens(key, proj.k_down), reduce_tokens(value, proj.v_down))
 
 
 def select_ops(kind: str | None = None) -> DarOps:
@@ -44,7 +39,7 @@ def select_ops(kind: str | None = None) -> DarOps:
     if kind == "reference":
         from vllm_dar.ops.paged import dar_paged_attention
 
-        return DarOps(kind, _torch_write, dar_paged_attention)
+        return DarOps(kind, write_kv, dar_paged_attention)
     if kind == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1":
             import torch

@@ -6,8 +6,9 @@ Columns: ``fast`` = ``dar_paged_attention_batched`` (C++ kernel), ``torch`` = th
 ``loop`` = the per-request op, ``stock`` = vLLM's kernel. Times are process CPU time (the machine is shared;
 wall time would count other processes holding our core), one thread.
 
-Shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64), DAR w=64, r=16/16 per head, 4 sinks, block
-size 128 (vLLM's CPU default). Decode: batch 1/8/16/32 at context 512/2K/4K; prefill: one 512-token chunk at
+Shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64), DAR w=64, r=16/16 per head, 4 sinks. Block
+sizes are what each engine uses: 128 for stock (vLLM's CPU default), 16-token window and 64-token far blocks for
+DAR (the plugin's default; the far page equals the window page). Blocks are placed in random order. Decode: batch 1/8/16/32 at context 512/2K/4K; prefill: one 512-token chunk at
 context 512 (from scratch) and at context 4K (extend). Cache contents are random (timing only; correctness is
 ``tests/engine/test_batched_ops.py``). Stock's scheduler metadata is built once per batch (vLLM builds it once
 per step for all layers) and not timed; our ops' index building is timed (it runs per layer call).
@@ -36,6 +37,7 @@ from vllm_dar.ops.paged import PagedProjections
 from vllm_dar.reference import LayerProjections
 
 H, J, D, RK, RV, W, S, BLOCK = 9, 3, 64, 16, 16, 64, 4, 128
+WBLOCK, FBLOCK = 16, 64  # the plugin's default window block and the far block whose page equals it (r=16/16)
 SCALE = D ** -0.5
 
 
@@ -77,19 +79,21 @@ class Batch:
         lp = LayerProjections(q_proj=torch.randn(J, D, RK, generator=g) / 8, k_down=torch.randn(J, D, RK, generator=g) / 8,
                               v_down=torch.randn(J, D, RV, generator=g) / 8, v_up=torch.randn(J, RV, D, generator=g) / 4)
         self.proj = PagedProjections.from_layer(lp, H)
-        nblk = [-(-s // BLOCK) for s, _ in reqs]
-        total = sum(nblk) + 1
-        width = max(nblk)
-        perm = (torch.randperm(total - 1, generator=g) + 1).int()  # block 0: the null block
-        table = torch.zeros(len(reqs), width, dtype=torch.int32)
-        at = 0
-        for r, n in enumerate(nblk):
-            table[r, :n], at = perm[at: at + n], at + n
-        self.table = table  # same shuffled ids for every cache (each cache has its own pool)
         rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
-        self.window_cache = rnd(total, J, BLOCK, 2 * D)
-        self.far_cache = rnd(total, J, BLOCK, RK + RV)
-        self.stock_cache = rnd(total, J, BLOCK, 2 * D)
+
+        def paged(block: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """(cache [blocks, J, block, width] with block 0 the null block, shuffled block table)"""
+            nblk = [-(-s // block) for s, _ in reqs]
+            perm = (torch.randperm(sum(nblk), generator=g) + 1).int()
+            table = torch.zeros(len(reqs), max(nblk), dtype=torch.int32)
+            at = 0
+            for r, n in enumerate(nblk):
+                table[r, :n], at = perm[at: at + n], at + n
+            return rnd(sum(nblk) + 1, J, block, width), table
+
+        self.window_cache, self.window_table = paged(WBLOCK, 2 * D)
+        self.far_cache, self.far_table = paged(FBLOCK, RK + RV)
+        self.stock_cache, self.table = paged(BLOCK, 2 * D)
         t = sum(q for _, q in reqs)
         self.query, self.key, self.value = rnd(t, H, D), rnd(t, J, D), rnd(t, J, D)
         self.out = torch.empty(t, H, D, dtype=dtype)
@@ -99,8 +103,8 @@ class Batch:
         self.seq_lens = [s for s, _ in reqs]
 
     def dar_kwargs(self) -> dict:
-        return {"window_cache": self.window_cache, "window_table": self.table, "far_cache": self.far_cache,
-                    "far_table": self.table, "query_start_loc": self.qsl, "seq_lens": self.seq_lens, "proj": self.proj,
+        return {"window_cache": self.window_cache, "window_table": self.window_table, "far_cache": self.far_cache,
+                    "far_table": self.far_table, "query_start_loc": self.qsl, "seq_lens": self.seq_lens, "proj": self.proj,
                     "window": W, "sink_tokens": S, "scale": SCALE}
 
     def fast(self):
@@ -192,7 +196,7 @@ def run(args) -> dict:
                      if "dar_bound_us" in row else ""), file=sys.stderr, flush=True)
     return {"threads": args.threads, "timing": "median process CPU time per call", "kernel_load_s": build_s,
             "bandwidth": bw, "shape": {"H": H, "J": J, "D": D, "rk": RK, "rv": RV, "window": W,
-            "sinks": S, "block": BLOCK}, "rows": rows}
+            "sinks": S, "block": BLOCK, "window_block": WBLOCK, "far_block": FBLOCK}, "rows": rows}
 
 
 def profile(name: str, dtype: str) -> None:

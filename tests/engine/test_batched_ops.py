@@ -10,6 +10,7 @@ K/V and of the output (2^-8 relative each): 2e-2.
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -128,6 +129,26 @@ def test_batched_matches_reference_bf16(name, reqs, window, sinks, joint, dims, 
     dar_paged_attention_batched(query, key, value, out, **args)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+WIDE = (4, 2, 32, 32, 16)  # rk = 32: two 16-rank tiles of the kernel's far scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dims", [WIDE, SMOL], ids=["wide", "smol"])
+@pytest.mark.parametrize("name,reqs,window,sinks,joint", [SCENARIOS[i] for i in (1, 2, 3, 4)],
+                         ids=[IDS[i] for i in (1, 2, 3, 4)])
+def test_kernel_far_blocks_of_partial_tiles(name, reqs, window, sinks, joint, dims, dtype, monkeypatch):
+    """40-token far blocks: the kernel's 16-position score tiles end mid-block (16 + 16 + 8), at every
+    visible-prefix length; with rk = 32 each tile sums two rank tiles."""
+    monkeypatch.setattr(sys.modules[__name__], "FBS", 40)
+    assert cpu_kernel.kernel() is not None, "the C++ kernel did not build"
+    monkeypatch.setattr(batched, "USE_KERNEL", True)
+    query, key, value, args, ref = build_batch(reqs, window, sinks, joint, dtype, dims)
+    out = torch.full_like(query, float("nan"))
+    dar_paged_attention_batched(query, key, value, out, **args)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
 def _loop_takes_fresh_kv() -> bool:

@@ -10,6 +10,8 @@ agreement with the full model, and the KV bytes each setting keeps. Run:
 Learned rows: ``fit``-suffixed rows refine a row's projections layer-wise (``--method fit``); ``heal`` rows start
 from a row's conversion and run ``vllm_dar.heal`` (distillation from the full model, projections only) within
 ``--heal-minutes``/``--heal-tokens``; both keep the bytes of the row they start from and record their cost.
+``heal-qkvo-*`` rows also train every layer's q/k/v/o attention weights (``--heal-weight-lr``); their perplexity
+is the trained model's, still compared with the original full model.
 ``--merge`` puts the rows into an existing results JSON (same model and held-out text), replacing same-named rows.
 """
 from __future__ import annotations
@@ -62,7 +64,9 @@ ROWS = {
 }
 # Healed rows: name -> the row whose conversion they start from (same schedule, so the same KV bytes).
 HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform",
-             "heal-calibrated-joint-fit": "calibrated-joint-fit"}
+             "heal-calibrated-joint-fit": "calibrated-joint-fit", "heal-qkvo-calibrated-joint-fit": "calibrated-joint-fit"}
+# Healed rows that also train attention weights (vllm_dar.heal's ``weights``): name -> letters of "qkvo".
+HEAL_WEIGHTS = {"heal-qkvo-calibrated-joint-fit": "qkvo"}
 
 
 def main() -> int:
@@ -80,6 +84,7 @@ def main() -> int:
     ap.add_argument("--heal-tokens", type=int, default=None, help="training-token budget of each heal row")
     ap.add_argument("--heal-context", type=int, default=512)
     ap.add_argument("--heal-lr", type=float, default=3e-3)
+    ap.add_argument("--heal-weight-lr", type=float, default=1e-4, help="learning rate of trained attention weights")
     ap.add_argument("--merge", metavar="JSON", help="merge the rows into this results file (rewritten in place)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--render", metavar="JSON", help="print the markdown table of a saved --json result and exit")
@@ -121,14 +126,20 @@ def main() -> int:
             _, stats, _ = stats_for(kw["sink_tokens"])
             cfg, proj = plan(shape, stats, context=a.context, **kw)
             cost = {"calib_tokens": a.calib_tokens, "convert_minutes": round((time.time() - t) / 60, 2)}
+            restore = None
             if start is not None:
-                desc = f"{start} healed: {desc}; projections trained, KL to the full model"
-                proj, heal_cost = heal_rows(model, tok, cfg, proj, a)
+                letters = HEAL_WEIGHTS.get(name, "")
+                trained = "projections" + (f" and {'/'.join(letters)} attention weights" if letters else "")
+                desc = f"{start} healed: {desc}; {trained} trained, KL to the full model"
+                restore = {k: v.detach().clone() for k, v in model.state_dict().items()} if letters else None
+                proj, heal_cost = heal_rows(model, tok, cfg, proj, a, weights=letters)
                 cost.update(heal_cost, starts_from=start)
             elif kw.get("method") == "fit":
                 cost["starts_from"] = name.removesuffix("-fit") if name != "fit" else "dar"
             frac = cfg.kv_fraction(a.context)
             res = perplexity(model, windows, cfg=cfg, projections=proj, reference_argmax=full["argmax"])
+            if restore is not None:  # later rows start from the source weights
+                model.load_state_dict(restore)
         row = {"row": name, "setting": desc, "perplexity": round(res["perplexity"], 3),
                "delta_vs_full": round(res["perplexity"] / full["perplexity"] - 1, 4),
                "kv_fraction": round(frac, 4), "top1_agreement": round(res.get("top1_agreement", 1.0), 4),
@@ -156,12 +167,13 @@ def main() -> int:
     return 0
 
 
-def heal_rows(model, tok, cfg, proj, a) -> tuple[list, dict]:
-    """Heal ``proj`` within the row budget; returns (healed projections, cost)."""
+def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
+    """Heal ``proj`` (and the attention ``weights`` of ``model``, in place) within the row budget; returns
+    (healed projections, cost)."""
     from vllm_dar.heal import HealSettings, heal_projections
 
     settings = HealSettings(context=a.heal_context, max_tokens=a.heal_tokens, max_minutes=a.heal_minutes,
-                            lr=a.heal_lr)
+                            lr=a.heal_lr, weights=weights, weight_lr=a.heal_weight_lr)
     train = token_windows(tok, split_files()[0], context=settings.context, max_tokens=settings.data_tokens)
     loads = []
     t = time.time()
@@ -170,7 +182,8 @@ def heal_rows(model, tok, cfg, proj, a) -> tuple[list, dict]:
     hist = state["history"]
     return healed, {"heal_minutes": round(state["seconds"] / 60, 2), "heal_wall_minutes": round(
         (time.time() - t) / 60, 2), "train_tokens": state["tokens"], "steps": state["step"],
-        "heal_context": settings.context, "lr": settings.lr, "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
+        "heal_context": settings.context, "lr": settings.lr, **(
+            {"weights": weights, "weight_lr": settings.weight_lr} if weights else {}), "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
         "kl_last10": round(sum(h["kl"] for h in hist[-10:]) / len(hist[-10:]), 5),
         "threads": a.threads, "load_avg_1min": round(sum(loads) / len(loads), 2)}
 

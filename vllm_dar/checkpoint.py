@@ -83,9 +83,36 @@ def load_dar(model_dir: str) -> tuple[DarConfig | None, list[LayerProjections] |
     return cfg, load_projections(model_dir, cfg)
 
 
+def _replace_weights(src: str, tmp: str, weights: dict[str, torch.Tensor]) -> None:
+    """Rewrite the top-level ``*.safetensors`` files of ``src`` into ``tmp`` with ``weights`` (checkpoint names)
+    in place of the stored tensors, each cast to its stored dtype and shape-checked; every name must be found."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    left = dict(weights)
+    for name in sorted(os.listdir(src)):
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(os.path.join(src, name), framework="pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+            if not left.keys() & set(keys):
+                continue
+            tensors = {k: f.get_tensor(k) for k in keys}
+        for k in left.keys() & set(keys):
+            new = left.pop(k)
+            if tuple(new.shape) != tuple(tensors[k].shape):
+                raise DarConfigError(f"trained weight {k}: shape {tuple(new.shape)} != the checkpoint's "
+                                     f"{tuple(tensors[k].shape)}")
+            tensors[k] = new.detach().to(tensors[k].dtype).contiguous()
+        save_file(tensors, os.path.join(tmp, name), metadata=meta)
+    if left:
+        raise DarConfigError(f"trained weights not found in {src}'s safetensors files: {sorted(left)[:3]}")
+
+
 def write_converted(src: str, out: str, cfg: DarConfig, projections: list[LayerProjections], *,
-                    force: bool = False) -> str:
-    """Write ``src``'s files plus the DAR section and projections to ``out``, atomically."""
+                    force: bool = False, weights: dict[str, torch.Tensor] | None = None) -> str:
+    """Write ``src``'s files plus the DAR section and projections to ``out``, atomically; ``weights`` (checkpoint
+    tensor names) replace the source's tensors of those names (a healing run that trained attention weights)."""
     if len(projections) != cfg.shape.num_layers:
         raise DarConfigError(f"dar: {len(projections)} projection sets for {cfg.shape.num_layers} layers")
     for i, p in enumerate(projections):
@@ -105,6 +132,8 @@ def write_converted(src: str, out: str, cfg: DarConfig, projections: list[LayerP
             (shutil.copytree if os.path.isdir(s) else shutil.copy2)(s, os.path.join(tmp, name))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(raw, f, indent=2)
+        if weights:
+            _replace_weights(src, tmp, weights)
         proj_path = os.path.join(tmp, cfg.projection_file)
         os.makedirs(os.path.dirname(proj_path), exist_ok=True)
         save_projections(proj_path, projections)

@@ -31,7 +31,8 @@ def _cmd_heal(a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     settings = HealSettings(context=a.context, max_tokens=a.max_tokens, max_minutes=a.max_minutes, lr=a.lr,
-                            kl_weight=a.kl_weight, lm_weight=a.lm_weight, seed=a.seed, save_every=a.save_every)
+                            kl_weight=a.kl_weight, lm_weight=a.lm_weight, seed=a.seed, save_every=a.save_every,
+                            weights=a.weights, weight_lr=a.weight_lr)
     return heal(a.dar_dir, a.out, settings=settings, resume=a.resume, force=a.force, calib_files=a.calib,
                 progress=not a.quiet)
 
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.set_defaults(fn=_cmd_convert)
 
-    s = sub.add_parser("heal", help="distil the full model into a DAR-converted one (trains the projections)")
+    s = sub.add_parser("heal", help="distil the full model into a DAR-converted one (trains the projections, "
+                       "optionally attention weights)")
     s.add_argument("dar_dir", help="a DAR-converted checkpoint (vllm-dar convert)")
     s.add_argument("out")
     s.add_argument("--max-tokens", type=int, default=None, help="training token budget")
@@ -117,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=3e-3)
     s.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(full model || DAR model)")
     s.add_argument("--lm-weight", type=float, default=0.0, help="weight of the DAR model's LM loss")
+    s.add_argument("--weights", default="", metavar="LETTERS",
+                   help="also train these attention weights of every layer: letters of 'qkvo' (q_proj, k_proj, "
+                        "v_proj, o_proj); the output then carries the trained weights (default: projections only)")
+    s.add_argument("--weight-lr", type=float, default=1e-4, help="learning rate of the --weights")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--save-every", type=int, default=10, help="steps between OUT/heal_state.pt saves")
     s.add_argument("--calib", nargs="+", metavar="FILE", help="training text (default: the calibration part "

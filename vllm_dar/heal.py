@@ -15,7 +15,7 @@ falling early, so the projections alone run out of capacity.
 
 ``weights`` (e.g. ``"qk"``, ``"qkvo"``) also trains those attention weights of every layer (Thin Keys' QK
 fine-tune: the model learns queries and keys that survive the reduction), at their own learning rate
-``weight_lr``. The teacher is then a frozen copy of the source model, the loss covers every position (the
+``weight_lr`` (same benchmark, same 30 minutes, ``"qkvo"``: +3.7% at 1e-4, +3.4% at 2e-4). The teacher is then a frozen copy of the source model, the loss covers every position (the
 weights change in-window attention too), and the output checkpoint carries the trained weights (the source's
 other tensors byte for byte).
 

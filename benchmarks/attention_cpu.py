@@ -8,7 +8,8 @@ wall time would count other processes holding our core), one thread.
 
 Shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64), DAR w=64, r=16/16 per head, 4 sinks. Block
 sizes are what each engine uses: 128 for stock (vLLM's CPU default), 16-token window and 64-token far blocks for
-DAR (the plugin's default; the far page equals the window page). Blocks are placed in random order. Decode: batch 1/8/16/32 at context 512/2K/4K; prefill: one 512-token chunk at
+DAR (the plugin's default; the far page equals the window page). Blocks are placed in random order.
+Decode: batch 1/8/16/32 at context 512/2K/4K; prefill: one 512-token chunk at
 context 512 (from scratch) and at context 4K (extend). Cache contents are random (timing only; correctness is
 ``tests/engine/test_batched_ops.py``). Stock's scheduler metadata is built once per batch (vLLM builds it once
 per step for all layers) and not timed; our ops' index building is timed (it runs per layer call).
@@ -104,8 +105,8 @@ class Batch:
 
     def dar_kwargs(self) -> dict:
         return {"window_cache": self.window_cache, "window_table": self.window_table, "far_cache": self.far_cache,
-                    "far_table": self.far_table, "query_start_loc": self.qsl, "seq_lens": self.seq_lens, "proj": self.proj,
-                    "window": W, "sink_tokens": S, "scale": SCALE}
+                "far_table": self.far_table, "query_start_loc": self.qsl, "seq_lens": self.seq_lens,
+                "proj": self.proj, "window": W, "sink_tokens": S, "scale": SCALE}
 
     def fast(self):
         dar_paged_attention_batched(self.query, self.key, self.value, self.out, **self.dar_kwargs())

@@ -64,7 +64,8 @@ ROWS = {
 }
 # Healed rows: name -> the row whose conversion they start from (same schedule, so the same KV bytes).
 HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform",
-             "heal-calibrated-joint-fit": "calibrated-joint-fit", "heal-qkvo-calibrated-joint-fit": "calibrated-joint-fit"}
+             "heal-calibrated-joint-fit": "calibrated-joint-fit",
+             "heal-qkvo-calibrated-joint-fit": "calibrated-joint-fit"}
 # Healed rows that also train attention weights (vllm_dar.heal's ``weights``): name -> letters of "qkvo".
 HEAL_WEIGHTS = {"heal-qkvo-calibrated-joint-fit": "qkvo"}
 
@@ -182,8 +183,9 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     hist = state["history"]
     return healed, {"heal_minutes": round(state["seconds"] / 60, 2), "heal_wall_minutes": round(
         (time.time() - t) / 60, 2), "train_tokens": state["tokens"], "steps": state["step"],
-        "heal_context": settings.context, "lr": settings.lr, **(
-            {"weights": weights, "weight_lr": settings.weight_lr} if weights else {}), "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
+        "heal_context": settings.context, "lr": settings.lr,
+        **({"weights": weights, "weight_lr": settings.weight_lr} if weights else {}),
+        "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
         "kl_last10": round(sum(h["kl"] for h in hist[-10:]) / len(hist[-10:]), 5),
         "threads": a.threads, "load_avg_1min": round(sum(loads) / len(loads), 2)}
 

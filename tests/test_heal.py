@@ -126,7 +126,8 @@ def test_training_attention_weights(dar_tiny, calib_text, tmp_path):
     assert resumed.keys() == out.keys() and all(torch.equal(v, resumed[k]) for k, v in out.items())
     assert load_dar(str(straight))[0].extra["heal"]["settings"]["weights"] == "qk"
     reloaded = load_model(str(straight), dtype="float32")[0].state_dict()
-    assert torch.equal(reloaded["model.layers.0.self_attn.q_proj.weight"], out["model.layers.0.self_attn.q_proj.weight"])
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(reloaded[q0], out[q0])
 
 
 def test_bad_input_fails_clearly(tiny_llama, dar_tiny, calib_text, tmp_path, capsys):

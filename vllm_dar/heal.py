@@ -15,9 +15,9 @@ falling early, so the projections alone run out of capacity.
 
 ``weights`` (e.g. ``"qk"``, ``"qkvo"``) also trains those attention weights of every layer (Thin Keys' QK
 fine-tune: the model learns queries and keys that survive the reduction), at their own learning rate
-``weight_lr`` (same benchmark, same 30 minutes, ``"qkvo"``: +3.7% at 1e-4, +3.4% at 2e-4). The teacher is then a frozen copy of the source model, the loss covers every position (the
-weights change in-window attention too), and the output checkpoint carries the trained weights (the source's
-other tensors byte for byte).
+``weight_lr`` (same benchmark, same 30 minutes, ``"qkvo"``: +3.7% at 1e-4, +3.4% at 2e-4). The teacher is
+then a frozen copy of the source model, the loss covers every position (the weights change in-window attention
+too), and the output checkpoint carries the trained weights (the source's other tensors byte for byte).
 
 Text: the calibration split of ``vllm_dar.data`` only (held-out files are never seen). Bounded by tokens and/or
 wall time; the learning rate warms up, then follows a cosine to 10% over the budget. The run state (projections,
@@ -158,11 +158,10 @@ def attention_weights(model, letters: str) -> dict[str, nn.Parameter]:
     return out
 
 
-def new_state(params: TrainableProjections, opt: torch.optim.Optimizer, settings: HealSettings, source: dict,
-              weights: dict[str, Tensor] | None = None):
+def new_state(params: TrainableProjections, opt: torch.optim.Optimizer, settings: HealSettings, source: dict):
     return {"format": 1, "step": 0, "tokens": 0, "seconds": 0.0, "history": [], "source": source,
             "run": {k: getattr(settings, k) for k in _RUN_FIELDS}, "params": params.state_dict(),
-            "optim": opt.state_dict(), "weights": {k: v.detach().clone() for k, v in (weights or {}).items()}}
+            "optim": opt.state_dict(), "weights": {}}
 
 
 def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections], windows: list[list[int]],
@@ -187,12 +186,11 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
         groups.append({"params": list(weights.values()), "lr": settings.weight_lr, "base_lr": settings.weight_lr})
     opt = torch.optim.Adam(groups)
     if state is None:
-        state = new_state(params, opt, settings, source={}, weights=weights)
-    state.setdefault("weights", {})
+        state = new_state(params, opt, settings, source={})
     params.load_state_dict(state["params"])
-    with torch.no_grad():
-        for name, p in weights.items():
-            p.copy_(state["weights"][name])
+    with torch.no_grad():  # a resumed run's trained weights (its --weights equal ours: _check_resume)
+        for name, saved in state.get("weights", {}).items():
+            weights[name].copy_(saved)
     opt.load_state_dict(state["optim"])
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed))
     bar = tqdm(total=settings.max_tokens, initial=state["tokens"], unit="tok", unit_scale=True, desc="healing",

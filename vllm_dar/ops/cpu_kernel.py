@@ -8,7 +8,8 @@ that MKL runs far below memory bandwidth, and its prefill allocates multi-MB sco
 same math measured no better (0.5 ms at batch 1, 35-65 s to compile per shape, recompiles on batch size).
 
 The kernel reads the paged caches in place (no gather copy). One work item = (request, projection group, tile
-of queries); its rows are (query, head of the group) pairs, so every far block is loaded once for all of them (GQA without expanding K/V, and prefill queries share the block reads):
+of queries); its rows are (query, head of the group) pairs, so every far block is loaded once for all of them
+(GQA without expanding K/V, and prefill queries share the block reads):
 
 * full width (``{s <= t: t - s < w or s < S}``): cached sinks and window history from the window cache, the
   chunk's own positions from the fresh ``key``/``value``; row-wise dot products at width D;
@@ -323,8 +324,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     // The block's rows [ns, C]: read in place when fp32, widened into scratch when bf16.
     const T* src = a.fcache + a.ftable[r * a.mf + b] * a.fbs + (g * Bf + s0 % Bf) * C;
     // The next block's rows, while this one computes (block ids jump, so the hardware prefetcher cannot), into
-    // L2 (prefetcht2): prefetching into L1 stalled on the line-fill buffers; per layer at b16 / 4K with 16-token
-    // window pages, 2 threads: 2.3 ms -> 1.1 ms with the in-register transpose (measured ad hoc, same run).
+    // L2 (prefetcht2): prefetching into L1 stalled on the line-fill buffers (see the module docstring).
     if ((b + 1) * Bf < max_lo) {
       const char* nx = reinterpret_cast<const char*>(a.fcache + a.ftable[r * a.mf + b + 1] * a.fbs + g * Bf * C);
       const int64_t bytes = std::min(Bf, max_lo - (b + 1) * Bf) * C * static_cast<int64_t>(sizeof(T));

@@ -153,3 +153,30 @@ def test_bad_input_fails_clearly(tiny_llama, dar_tiny, calib_text, tmp_path, cap
              resume=True)
     assert cli(["heal", dar_tiny, str(tmp_path / "b"), "--max-tokens", "4096"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kl_weight,lm_weight", [(1.0, 0.0), (0.5, 0.25), (0.0, 1.0)])
+def test_fused_loss_matches_plain_loss(kl_weight, lm_weight):
+    """The fused vocabulary projection and loss (blocks of rows, gradient taken in the forward pass) give the
+    loss and the hidden-state gradient of the plain computation: F.kl_div(batchmean) + F.cross_entropy."""
+    from vllm_dar.heal import _DistillHead
+
+    gen = torch.Generator().manual_seed(0)
+    n, e, vocab = 11, 8, 50
+    s_hidden = torch.randn(n, e, generator=gen, requires_grad=True)
+    t_hidden = torch.randn(n, e, generator=gen)
+    weight = torch.randn(vocab, e, generator=gen)
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[[4, 10]] = -1  # rows without a next token
+    metrics = {}
+    got = _DistillHead.apply(s_hidden, t_hidden, weight, targets, kl_weight, lm_weight, 3, metrics)
+    (g_got,) = torch.autograd.grad(got * 2.0, s_hidden)
+    s_logp = torch.log_softmax(s_hidden @ weight.T, -1)
+    kl = torch.nn.functional.kl_div(s_logp, torch.log_softmax(t_hidden @ weight.T, -1), log_target=True,
+                                    reduction="batchmean")
+    lm = torch.nn.functional.cross_entropy(s_hidden @ weight.T, targets, ignore_index=-1)
+    want = kl_weight * kl + lm_weight * lm
+    (g_want,) = torch.autograd.grad(want * 2.0, s_hidden)
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+    assert metrics["kl"] == pytest.approx(float(kl), abs=1e-5) and metrics["lm"] == pytest.approx(float(lm), abs=1e-5)

@@ -151,3 +151,26 @@ def test_reconstructed_kv_reproduce_reduced_scores():
     want = reduce_queries(q, proj.q_proj) @ reduce_kv(k, proj.k_down).repeat_interleave(4, 1).mT
     got = q @ k_rec.repeat_interleave(2, 1).mT
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("h,j,w,sinks,rk,rv,joint", CASES + [(6, 2, 9, 2, 3, 6, False), (6, 2, 40, 0, 3, 6, False)])
+def test_sdpa_query_blocks_match_one_call(h, j, w, sinks, rk, rv, joint):
+    """Blocked queries (each block reading only the keys it can see) equal one call over every key, in value
+    and in the gradients the healing fine-tune takes, for blocks smaller and larger than the window."""
+    d, t = 8, 40
+    q, k, v = qkv(1, h, j, t, d)
+    proj = random_proj(j, d, rk, rv, joint=joint)
+    for tq in (t, 23):
+        grads = []
+        for chunk in (t, 7, 16):
+            qq, kk, vv = (x.clone().requires_grad_(True) for x in (q[:, :, t - tq:], k, v))
+            pp = LayerProjections(*(x.clone().requires_grad_(True) for x in (proj.q_proj, proj.k_down, proj.v_down,
+                                                                             proj.v_up)))
+            out = dar_attention_sdpa(qq, kk, vv, pp, window=w, sink_tokens=sinks, chunk=chunk)
+            (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+            grads.append([out.detach()] + [x.grad for x in (qq, kk, vv, pp.q_proj, pp.k_down, pp.v_down, pp.v_up)])
+        want = dar_attention(q[:, :, t - tq:], k, v, proj, window=w, sink_tokens=sinks)
+        torch.testing.assert_close(grads[0][0], want, atol=2e-5, rtol=2e-5)
+        for other in grads[1:]:
+            for got, ref in zip(other, grads[0]):
+                torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)

@@ -32,7 +32,7 @@ def _cmd_heal(a) -> dict:
         torch.set_num_threads(a.threads)
     settings = HealSettings(context=a.context, max_tokens=a.max_tokens, max_minutes=a.max_minutes, lr=a.lr,
                             kl_weight=a.kl_weight, lm_weight=a.lm_weight, seed=a.seed, save_every=a.save_every,
-                            weights=a.weights, weight_lr=a.weight_lr)
+                            weights=a.weights, weight_lr=a.weight_lr, precision=a.precision)
     return heal(a.dar_dir, a.out, settings=settings, resume=a.resume, force=a.force, calib_files=a.calib,
                 progress=not a.quiet)
 
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train these attention weights of every layer: letters of 'qkvo' (q_proj, k_proj, "
                         "v_proj, o_proj); the output then carries the trained weights (default: projections only)")
     s.add_argument("--weight-lr", type=float, default=1e-4, help="learning rate of the --weights")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="matmul precision of training steps (bf16 autocast keeps fp32 parameters and losses; "
+                        "auto: bf16 where the CPU has native bf16 dot products)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--save-every", type=int, default=10, help="steps between OUT/heal_state.pt saves")
     s.add_argument("--calib", nargs="+", metavar="FILE", help="training text (default: the calibration part "

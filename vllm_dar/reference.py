@@ -151,10 +151,16 @@ def reconstruct_kv(k: Tensor, v: Tensor, proj: LayerProjections) -> tuple[Tensor
 
 
 def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections | None, *, window: int,
-                       sink_tokens: int = 0, scale: float | None = None) -> Tensor:
-    """Same result as ``dar_attention`` (queries are the last Tq positions), through one fused SDPA call over
+                       sink_tokens: int = 0, scale: float | None = None, chunk: int = 128) -> Tensor:
+    """Same result as ``dar_attention`` (queries are the last Tq positions), through fused SDPA calls over
     the concatenated keys ``[k; k~]`` with a mask that picks, per pair, the full or the reduced copy.
-    q: [B, H, Tq, D], k, v: [B, J, Tk, D] -> [B, H, Tq, D] in q's dtype (computed in fp32)."""
+    q: [B, H, Tq, D], k, v: [B, J, Tk, D] -> [B, H, Tq, D] in q's dtype (computed in fp32).
+
+    Queries run in blocks of ``chunk``; each block reads only the keys it can see: the sinks and its band of
+    full-width keys (the block plus ``window - 1`` before it), and the reduced keys older than the band's start.
+    One call over all of ``[k; k~]`` would spend three quarters of its work on masked pairs at long contexts
+    (half of ``[k; k~]`` is masked for every query, and half of the rest is in the future); blocks of 128 cut
+    a 1024-token sequence's work (forward and backward, which the healing fine-tune runs) by about 2.9x."""
     tq, tk = q.shape[2], k.shape[2]
     qf, kf, vf = q.float(), k.float(), v.float()
     if proj is None:
@@ -163,9 +169,17 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
         return out.to(q.dtype)
     full, red = dar_masks(tq, tk, window=window, sink_tokens=sink_tokens, q_offset=tk - tq, device=q.device)
     k_rec, v_rec = reconstruct_kv(kf, vf, proj.to(dtype=torch.float32, device=q.device))
-    keys = torch.cat([kf, k_rec], dim=2)  # [B, J, 2Tk, D]
-    values = torch.cat([vf, v_rec], dim=2)
-    mask = torch.cat([full, red], dim=1)  # [Tq, 2Tk]
-    out = torch.nn.functional.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=scale,
-                                                           enable_gqa=True)
-    return out.to(q.dtype)
+    outs = []
+    for a in range(0, tq, chunk):
+        b = min(tq, a + chunk)
+        first, last = tk - tq + a, tk - tq + b - 1  # positions of the block's first and last query
+        sinks = min(sink_tokens, last + 1)
+        band = max(sinks, first - window + 1)  # full-width keys: [0, sinks) and [band, last]
+        red_end = max(sinks, last - window + 1)  # reduced keys: [sinks, red_end), overlapping the band's positions
+        full_idx = [slice(0, sinks), slice(band, last + 1)] if band > sinks else [slice(0, last + 1)]
+        keys = torch.cat([kf[:, :, s] for s in full_idx] + [k_rec[:, :, sinks:red_end]], dim=2)
+        values = torch.cat([vf[:, :, s] for s in full_idx] + [v_rec[:, :, sinks:red_end]], dim=2)
+        mask = torch.cat([full[a:b, s] for s in full_idx] + [red[a:b, sinks:red_end]], dim=1)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qf[:, :, a:b], keys, values, attn_mask=mask, scale=scale, enable_gqa=True))
+    return torch.cat(outs, dim=2).to(q.dtype)

@@ -85,7 +85,8 @@ def main() -> int:
     ap.add_argument("--heal-tokens", type=int, default=None, help="training-token budget of each heal row")
     ap.add_argument("--heal-context", type=int, default=512)
     ap.add_argument("--heal-lr", type=float, default=3e-3)
-    ap.add_argument("--heal-weight-lr", type=float, default=1e-4, help="learning rate of trained attention weights")
+    ap.add_argument("--heal-weight-lr", type=float, default=2e-4, help="learning rate of trained attention weights")
+    ap.add_argument("--heal-seed", type=int, default=0, help="order of the training windows (vllm_dar.heal's seed)")
     ap.add_argument("--heal-precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="matmul precision of heal steps (vllm_dar.heal's precision)")
     ap.add_argument("--merge", metavar="JSON", help="merge the rows into this results file (rewritten in place)")
@@ -176,7 +177,8 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     from vllm_dar.heal import HealSettings, heal_projections
 
     settings = HealSettings(context=a.heal_context, max_tokens=a.heal_tokens, max_minutes=a.heal_minutes,
-                            lr=a.heal_lr, weights=weights, weight_lr=a.heal_weight_lr, precision=a.heal_precision)
+                            lr=a.heal_lr, weights=weights, weight_lr=a.heal_weight_lr, precision=a.heal_precision,
+                            seed=a.heal_seed)
     train = token_windows(tok, split_files()[0], context=settings.context, max_tokens=settings.data_tokens)
     loads = []
     t = time.time()
@@ -185,7 +187,7 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     hist = state["history"]
     return healed, {"heal_minutes": round(state["seconds"] / 60, 2), "heal_wall_minutes": round(
         (time.time() - t) / 60, 2), "train_tokens": state["tokens"], "steps": state["step"],
-        "heal_context": settings.context, "lr": settings.lr, "precision": settings.precision,
+        "heal_context": settings.context, "lr": settings.lr, "precision": settings.precision, "seed": settings.seed,
         "bf16_steps": settings.autocast().fast_dtype == torch.bfloat16 and settings.autocast()._enabled,
         **({"weights": weights, "weight_lr": settings.weight_lr} if weights else {}),
         "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],

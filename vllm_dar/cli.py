@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default="", metavar="LETTERS",
                    help="also train these attention weights of every layer: letters of 'qkvo' (q_proj, k_proj, "
                         "v_proj, o_proj); the output then carries the trained weights (default: projections only)")
-    s.add_argument("--weight-lr", type=float, default=1e-4, help="learning rate of the --weights")
+    s.add_argument("--weight-lr", type=float, default=2e-4, help="learning rate of the --weights")
     s.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="matmul precision of training steps (bf16 autocast keeps fp32 parameters and losses; "
                         "auto: bf16 where the CPU has native bf16 dot products)")

@@ -112,7 +112,7 @@ class HealSettings:
         softmaxes and losses, and runs the matmuls in bf16 (``benchmarks/heal_speed.py`` times both; the healed
         model is measured in fp32 by ``benchmarks/quality.py``). Its logits are within a KL of ~1e-3 of fp32's,
         far below the distillation KL of ~3e-2 that healing reduces."""
-        bf16 = self.precision == "bf16" or (self.precision == "auto" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and _native_bf16())
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     def lr_at(self, step: int, tokens: int, seconds: float) -> float:
@@ -136,6 +136,16 @@ class TrainableProjections(nn.Module):
     def frozen(self) -> list[LayerProjections]:
         return [LayerProjections(*(t.detach().clone() for t in (p.q_proj, p.k_down, p.v_down, p.v_up)))
                 for p in self.layers()]
+
+
+def _native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively here (AVX512-BF16 or AMX); a private torch probe, so a torch
+    without it means fp32."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
 
 
 def first_affected(cfg: DarConfig) -> int:

@@ -7,15 +7,18 @@ row that the heal rows start from, fitted or not: fitting changes values, not sh
 and the q/k/v/o attention weights trained, as ``heal --weights qkvo`` does. Settings:
 
 * ``fp32-one-call``: fp32 matmuls; each layer's DAR attention is one SDPA call over every key, full and reduced
-  (``dar_attention_sdpa(chunk=T)``, the path before query blocks);
+  (``dar_attention_sdpa(chunk=T)``; the path before query blocks also read the reduced copies of the sinks and
+  of the last ``window`` keys, which no query sees, so it was a little slower still);
 * ``fp32``: fp32 matmuls, DAR attention in query blocks of 128 (the default);
 * ``bf16``: the default path under bf16 autocast (``--precision bf16``; ``auto`` picks it on CPUs with native
   bf16 dot products).
 
-Settings take turns, one step each per round, so machine noise hits them alike; the first round is a warm-up.
-Reports each setting's median step time and tokens per second, and the ratios to ``fp32-one-call``; and, for
-what bf16 costs in accuracy, the KL between the source model's next-token distributions in fp32 and under bf16
-autocast on the same windows (per token, averaged), beside the distillation KL the steps see. Run:
+Every setting fuses ``lm_head`` with the loss (``vllm_dar.heal._DistillHead``); the unfused loss is gone, so
+its cost is not measured here. Settings take turns, one step each per round, so machine noise hits them alike;
+the first round is a warm-up. Reports each setting's median step time and tokens per second, and the ratios to
+``fp32-one-call``; and, for what bf16 costs in accuracy, the KL between the source model's next-token
+distributions in fp32 and under bf16 autocast on the same windows (per token, averaged), beside the
+distillation KL the steps see. Run:
 
     python benchmarks/heal_speed.py --json > benchmarks/results/heal_speed.json   # ~5 min on 2 cores
 """
@@ -78,9 +81,9 @@ def main() -> int:
                 if s == "fp32-one-call" else blocked
             precision = "bf16" if s == "bf16" else "fp32"
             t = time.perf_counter()
-            with torch.enable_grad(), HealSettings(max_tokens=a.context, context=a.context,
-                                                   precision=precision).autocast():
-                loss, m = distill_loss(model, ids, cfg, params.layers(), teacher=teacher)
+            with torch.enable_grad():
+                with HealSettings(max_tokens=a.context, context=a.context, precision=precision).autocast():
+                    loss, m = distill_loss(model, ids, cfg, params.layers(), teacher=teacher)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()

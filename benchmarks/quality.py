@@ -188,7 +188,7 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     return healed, {"heal_minutes": round(state["seconds"] / 60, 2), "heal_wall_minutes": round(
         (time.time() - t) / 60, 2), "train_tokens": state["tokens"], "steps": state["step"],
         "heal_context": settings.context, "lr": settings.lr, "precision": settings.precision, "seed": settings.seed,
-        "bf16_steps": settings.autocast().fast_dtype == torch.bfloat16 and settings.autocast()._enabled,
+        "bf16_steps": settings.bf16_steps(),
         **({"weights": weights, "weight_lr": settings.weight_lr} if weights else {}),
         "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
         "kl_last10": round(sum(h["kl"] for h in hist[-10:]) / len(hist[-10:]), 5),

@@ -54,6 +54,45 @@ def test_loss_decreases(dar_tiny, calib_text):
     assert not any(p.requires_grad for p in model.parameters())  # model weights stay frozen
 
 
+def test_distill_loss_is_kl_and_lm_of_the_affected_positions(dar_tiny, calib_text):
+    """distill_loss on a batch of 2 equals the plain formula: KL(full || DAR) per position from the first affected
+    one, averaged over positions and batch rows, plus the LM loss of each row's next tokens there."""
+    from vllm_dar.data import token_windows
+    from vllm_dar.heal import first_affected
+    from vllm_dar.hf import dar_attention_enabled
+
+    model, tok = load_model(dar_tiny, dtype="float32")
+    cfg, proj = load_dar(dar_tiny)
+    ids = torch.tensor(token_windows(tok, calib_text, context=CTX, max_windows=2))  # [2, T]
+    start = first_affected(cfg)
+    with torch.no_grad():
+        got, m = distill_loss(model, ids, cfg, proj, kl_weight=0.7, lm_weight=0.3)
+        t_logp = torch.log_softmax(model(ids).logits[:, start:], -1)
+        with dar_attention_enabled(model, cfg, proj):
+            s_logits = model(ids).logits[:, start:]
+    s_logp = torch.log_softmax(s_logits, -1)
+    kl = torch.nn.functional.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True,
+                                    reduction="batchmean")
+    lm = torch.nn.functional.cross_entropy(s_logits[:, :-1].flatten(0, 1), ids[:, start + 1:].flatten())
+    assert m["kl"] == pytest.approx(float(kl), rel=1e-4) and m["lm"] == pytest.approx(float(lm), rel=1e-4)
+    assert float(got) == pytest.approx(0.7 * float(kl) + 0.3 * float(lm), rel=1e-4)
+
+
+def test_projections_only_runs_resume_whatever_weight_lr(dar_tiny, calib_text, tmp_path):
+    """--weight-lr is fixed by resume only when weights are trained: a projections-only run saved under the old
+    default (1e-4) resumes under the new one."""
+    out = str(tmp_path / "run")
+    heal(dar_tiny, out, settings=settings(weight_lr=1e-4), calib_files=calib_text, progress=False,
+         on_step=lambda m: True)
+    summary = heal(dar_tiny, out, settings=settings(), calib_files=calib_text, progress=False, resume=True)
+    assert summary["finished"]
+    heal(dar_tiny, str(tmp_path / "w"), settings=settings(weights="q", weight_lr=1e-4), calib_files=calib_text,
+         progress=False, on_step=lambda m: True)
+    with pytest.raises(DarConfigError, match="--weight-lr"):
+        heal(dar_tiny, str(tmp_path / "w"), settings=settings(weights="q"), calib_files=calib_text,
+             progress=False, resume=True)
+
+
 def test_resume_continues_the_same_run(dar_tiny, calib_text, tmp_path):
     straight = tmp_path / "straight"
     heal(dar_tiny, str(straight), settings=settings(), calib_files=calib_text, progress=False)

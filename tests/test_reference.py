@@ -153,16 +153,25 @@ def test_reconstructed_kv_reproduce_reduced_scores():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("h,j,w,sinks,rk,rv,joint", CASES + [(6, 2, 9, 2, 3, 6, False), (6, 2, 40, 0, 3, 6, False)])
+BLOCK_CASES = CASES + [
+    (6, 2, 9, 2, 3, 6, False),   # window between the block sizes
+    (6, 2, 40, 0, 3, 6, False),  # window = sequence: nothing reduced
+    (6, 2, 50, 2, 3, 6, False),  # window longer than the sequence
+    (6, 2, 5, 9, 3, 6, False),   # more sinks than a block of 7 holds
+    (6, 2, 0, 30, 3, 6, False),  # uniform, sinks past the 23-query run's first query (position 17)
+]
+
+
+@pytest.mark.parametrize("h,j,w,sinks,rk,rv,joint", BLOCK_CASES)
 def test_sdpa_query_blocks_match_one_call(h, j, w, sinks, rk, rv, joint):
     """Blocked queries (each block reading only the keys it can see) equal one call over every key, in value
-    and in the gradients the healing fine-tune takes, for blocks smaller and larger than the window."""
+    and in the gradients the healing fine-tune takes, for blocks of 1, smaller and larger than the window."""
     d, t = 8, 40
-    q, k, v = qkv(1, h, j, t, d)
+    q, k, v = qkv(2, h, j, t, d)
     proj = random_proj(j, d, rk, rv, joint=joint)
-    for tq in (t, 23):
+    for tq in (t, 23, 1):
         grads = []
-        for chunk in (t, 7, 16):
+        for chunk in (t, 1, 7, 16):
             qq, kk, vv = (x.clone().requires_grad_(True) for x in (q[:, :, t - tq:], k, v))
             pp = LayerProjections(*(x.clone().requires_grad_(True) for x in (proj.q_proj, proj.k_down, proj.v_down,
                                                                              proj.v_up)))

@@ -17,13 +17,15 @@ falling early, so the projections alone run out of capacity.
 fine-tune: the model learns queries and keys that survive the reduction), at their own learning rate
 ``weight_lr``. The teacher is then a frozen copy of the source model, the loss covers every position (the
 weights change in-window attention too), and the output checkpoint carries the trained weights (the source's
-other tensors byte for byte). Same benchmark, same 30 minutes, ``"qkvo"``: +3.7% (fp32 steps, 1e-4), and +2.2%
-with the faster steps below at 2e-4 (257K tokens instead of 158K).
+other tensors byte for byte). Same benchmark, same 30 minutes, ``"qkvo"``: +3.7% (fp32 steps, 1e-4, 158K
+tokens); with the faster steps below at 2e-4, +2.25%, +3.48% and +3.13% over three window orders (234-257K
+tokens).
 
-Speed (``benchmarks/heal_speed.py``): a step runs its matmuls under bf16 autocast where the CPU has native bf16
-dot products (``precision``; parameters, Adam state, norms, softmaxes and the loss stay fp32), DAR attention in
-query blocks that read only the keys they see (``dar_attention_sdpa``), and ``lm_head`` with the loss fused over
-blocks of rows (``_DistillHead``: no [tokens, vocab] tensor lives longer than a block).
+Speed (``benchmarks/heal_speed.py``): a step's forward pass runs under bf16 autocast where the CPU has native
+bf16 dot products (``precision``: matmuls and attention in bf16; parameters, Adam state, norms and the loss stay
+fp32), DAR attention runs in query blocks that read only the keys they see (``dar_attention_sdpa``), and
+``lm_head`` runs fused with the loss over blocks of rows (``_DistillHead``: no [tokens, vocab] tensor lives
+longer than a block).
 
 Text: the calibration split of ``vllm_dar.data`` only (held-out files are never seen). Bounded by tokens and/or
 wall time; the learning rate warms up, then follows a cosine to 10% over the budget. The run state (projections,
@@ -75,8 +77,8 @@ class HealSettings:
     data_tokens: int = 1 << 20     # calibration-split tokens to cycle through (shuffled windows)
     weights: str = ""              # attention weights trained too: letters of "qkvo" ("" = projections only)
     weight_lr: float = 2e-4
-    precision: str = "auto"        # matmuls of the training step: "fp32", "bf16" (autocast), "auto" (bf16 where
-                                   #   the CPU has native bf16 dot products, else fp32)
+    precision: str = "auto"        # training steps: "fp32", "bf16" (autocast), "auto" (bf16 where the CPU has
+                                   #   native bf16 dot products, else fp32)
 
     def __post_init__(self):
         if self.max_tokens is None and self.max_minutes is None:
@@ -107,13 +109,16 @@ class HealSettings:
         fr += [seconds / (60 * self.max_minutes)] if self.max_minutes else []
         return min(1.0, max(fr))
 
+    def bf16_steps(self) -> bool:
+        """Whether training steps run under bf16 autocast (``precision``, with "auto" resolved on this CPU)."""
+        return self.precision == "bf16" or (self.precision == "auto" and _native_bf16())
+
     def autocast(self):
-        """The context the training step runs in: bf16 autocast keeps fp32 parameters, optimizer state, norms,
-        softmaxes and losses, and runs the matmuls in bf16 (``benchmarks/heal_speed.py`` times both; the healed
-        model is measured in fp32 by ``benchmarks/quality.py``). Its logits are within a KL of ~1e-3 of fp32's,
-        far below the distillation KL of ~3e-2 that healing reduces."""
-        bf16 = self.precision == "bf16" or (self.precision == "auto" and _native_bf16())
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        """The context a training step's forward pass runs in. Under bf16 autocast the matmuls and attention run in
+        bf16 while parameters, Adam state, norms, the loss's softmaxes and the loss stay fp32
+        (``benchmarks/heal_speed.py`` times the settings and measures the full model's fp32-vs-bf16 KL; the healed
+        model is measured in fp32 by ``benchmarks/quality.py``)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_steps())
 
     def lr_at(self, step: int, tokens: int, seconds: float) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps)
@@ -139,12 +144,11 @@ class TrainableProjections(nn.Module):
 
 
 def _native_bf16() -> bool:
-    """Whether oneDNN runs bf16 matmuls natively here (AVX512-BF16 or AMX); a private torch probe, so a torch
-    without it means fp32."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    """Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16, which
+    loses precision without gaining speed. Private torch probes, so a torch without them means fp32."""
     try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
         return False
 
 
@@ -289,9 +293,10 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("base_lr", settings.lr) / settings.lr  # runs saved before weights: one group
             ids = torch.tensor([windows[int(order[state["step"] % len(windows)])]])  # [1, T]
-            with torch.enable_grad(), settings.autocast():
-                loss, m = distill_loss(model, ids, cfg, params.layers(), kl_weight=settings.kl_weight,
-                                       lm_weight=settings.lm_weight, teacher=teacher)
+            with torch.enable_grad():
+                with settings.autocast():  # the forward pass only, as torch advises for autocast
+                    loss, m = distill_loss(model, ids, cfg, params.layers(), kl_weight=settings.kl_weight,
+                                           lm_weight=settings.lm_weight, teacher=teacher)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
@@ -336,6 +341,8 @@ def _check_resume(state: dict, settings: HealSettings, source: dict, out: str) -
     defaults = {k: f.default for k, f in HealSettings.__dataclass_fields__.items()}
     for k in _RUN_FIELDS:
         was = state["run"].get(k, defaults[k])  # fields added later took their defaults in older runs
+        if k == "weight_lr" and not settings.weights and not state["run"].get("weights"):
+            continue  # projections-only runs never use it (and older runs recorded another default)
         if was != getattr(settings, k):
             raise DarConfigError(f"--{k.replace('_', '-')}: {getattr(settings, k)!r} differs from the run being "
                                  f"resumed in {out} ({was!r})")
@@ -387,8 +394,8 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
     if not finished:
         return summary
     record = {k: v for k, v in summary.items() if k not in ("out", "finished", "wall_minutes_this_run")}
-    record.update(settings={k: v for k, v in asdict(settings).items()}, source=source["dar_dir"],
-                  train_windows=len(windows))
+    record.update(settings={k: v for k, v in asdict(settings).items()}, bf16_steps=settings.bf16_steps(),
+                  source=source["dar_dir"], train_windows=len(windows))
     healed_cfg = DarConfig(**{**cfg.__dict__, "method": f"{cfg.method}+heal",
                               "extra": {**cfg.extra, "heal": record}})
     # replaces out (and its live state) atomically; trained attention weights replace the source's

@@ -154,10 +154,12 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
                        sink_tokens: int = 0, scale: float | None = None, chunk: int = 128) -> Tensor:
     """Same result as ``dar_attention`` (queries are the last Tq positions), through fused SDPA calls over
     the concatenated keys ``[k; k~]`` with a mask that picks, per pair, the full or the reduced copy.
-    q: [B, H, Tq, D], k, v: [B, J, Tk, D] -> [B, H, Tq, D] in q's dtype (computed in fp32).
+    q: [B, H, Tq, D], k, v: [B, J, Tk, D] -> [B, H, Tq, D] in q's dtype (computed in fp32, unless an autocast
+    context, as the healing fine-tune's bf16 steps, lowers its matmuls and SDPA).
 
     Queries run in blocks of ``chunk``; each block reads only the keys it can see: the sinks and its band of
-    full-width keys (the block plus ``window - 1`` before it), and the reduced keys older than the band's start.
+    full-width keys (the block plus ``window - 1`` before it; none when ``window`` is 0), and the reduced keys
+    up to ``window`` before its last query.
     One call over all of ``[k; k~]`` would spend three quarters of its work on masked pairs at long contexts
     (half of ``[k; k~]`` is masked for every query, and half of the rest is in the future); blocks of 128 cut
     a 1024-token sequence's work (forward and backward, which the healing fine-tune runs) by about 2.9x."""
@@ -167,6 +169,8 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
         out = torch.nn.functional.scaled_dot_product_attention(
             qf, kf, vf, is_causal=tq == tk, scale=scale, enable_gqa=True)
         return out.to(q.dtype)
+    if tq == 0:
+        return q.clone()
     full, red = dar_masks(tq, tk, window=window, sink_tokens=sink_tokens, q_offset=tk - tq, device=q.device)
     k_rec, v_rec = reconstruct_kv(kf, vf, proj.to(dtype=torch.float32, device=q.device))
     outs = []
@@ -174,7 +178,7 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
         b = min(tq, a + chunk)
         first, last = tk - tq + a, tk - tq + b - 1  # positions of the block's first and last query
         sinks = min(sink_tokens, last + 1)
-        band = max(sinks, first - window + 1)  # full-width keys: [0, sinks) and [band, last]
+        band = max(sinks, first - window + 1) if window > 0 else last + 1  # full-width: [0, sinks), [band, last]
         red_end = max(sinks, last - window + 1)  # reduced keys: [sinks, red_end), overlapping the band's positions
         full_idx = [slice(0, sinks), slice(band, last + 1)] if band > sinks else [slice(0, last + 1)]
         keys = torch.cat([kf[:, :, s] for s in full_idx] + [k_rec[:, :, sinks:red_end]], dim=2)

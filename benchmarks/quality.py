@@ -27,6 +27,7 @@ import torch
 from vllm_dar.convert import calibrate_model, plan
 from vllm_dar.data import split_files, token_windows
 from vllm_dar.evaluate import perplexity
+from vllm_dar.heal import PRECISIONS
 from vllm_dar.hf import model_shape
 
 # name -> (description, plan kwargs). Every DAR row keeps <= ~30% of the full KV bytes at context 2048.
@@ -87,7 +88,7 @@ def main() -> int:
     ap.add_argument("--heal-lr", type=float, default=3e-3)
     ap.add_argument("--heal-weight-lr", type=float, default=2e-4, help="learning rate of trained attention weights")
     ap.add_argument("--heal-seed", type=int, default=0, help="order of the training windows (vllm_dar.heal's seed)")
-    ap.add_argument("--heal-precision", choices=("auto", "fp32", "bf16"), default="auto",
+    ap.add_argument("--heal-precision", choices=PRECISIONS, default="auto",
                     help="matmul precision of heal steps (vllm_dar.heal's precision)")
     ap.add_argument("--merge", metavar="JSON", help="merge the rows into this results file (rewritten in place)")
     ap.add_argument("--json", action="store_true")

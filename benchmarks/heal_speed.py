@@ -25,7 +25,6 @@ distillation KL the steps see. Run:
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import os
@@ -38,7 +37,7 @@ from quality import ROWS, plan_fraction
 from vllm_dar import hf
 from vllm_dar.convert import calibrate_model, plan
 from vllm_dar.data import split_files, token_windows
-from vllm_dar.heal import HealSettings, TrainableProjections, attention_weights, distill_loss
+from vllm_dar.heal import HealSettings, train_step, trainables
 from vllm_dar.reference import dar_attention_sdpa
 
 SETTINGS = ("fp32-one-call", "fp32", "bf16")
@@ -63,15 +62,9 @@ def main() -> int:
     windows = token_windows(AutoTokenizer.from_pretrained(a.model), split_files()[0], context=a.context,
                             max_windows=a.rounds + 1)
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    teacher = copy.deepcopy(model).eval()
-    weights = attention_weights(model, "qkvo")
-    for p in weights.values():
-        p.requires_grad_(True)
-    params = TrainableProjections(proj)
-    opt = torch.optim.Adam([{"params": list(params.parameters()), "lr": 1e-3},
-                            {"params": list(weights.values()), "lr": 1e-5}])
+    run = {p: HealSettings(max_tokens=a.context, context=a.context, weights="qkvo", precision=p)
+           for p in ("fp32", "bf16")}  # heal's default learning rates
+    teacher, _, params, opt = trainables(model, proj, run["fp32"])
     blocked = hf.dar_attention_sdpa
     times, kls = {s: [] for s in SETTINGS}, []
     for r in range(a.rounds + 1):
@@ -79,14 +72,8 @@ def main() -> int:
         for s in SETTINGS:
             hf.dar_attention_sdpa = functools.partial(dar_attention_sdpa, chunk=1 << 30) \
                 if s == "fp32-one-call" else blocked
-            precision = "bf16" if s == "bf16" else "fp32"
             t = time.perf_counter()
-            with torch.enable_grad():
-                with HealSettings(max_tokens=a.context, context=a.context, precision=precision).autocast():
-                    loss, m = distill_loss(model, ids, cfg, params.layers(), teacher=teacher)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
+            m = train_step(model, cfg, ids, params, opt, run["bf16" if s == "bf16" else "fp32"], teacher)
             if r:
                 times[s].append(time.perf_counter() - t)
                 kls.append(m["kl"])
@@ -96,7 +83,7 @@ def main() -> int:
         for w in windows[1:]:
             ids = torch.tensor([w])
             ref = torch.log_softmax(teacher(ids).logits.float(), -1)[0]
-            with HealSettings(max_tokens=a.context, context=a.context, precision="bf16").autocast():
+            with run["bf16"].autocast():
                 low = torch.log_softmax(teacher(ids).logits.float(), -1)[0]
             bf16_kl.append(float(torch.nn.functional.kl_div(low, ref, log_target=True, reduction="batchmean")))
     med = {s: statistics.median(v) for s, v in times.items()}

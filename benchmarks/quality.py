@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--heal-context", type=int, default=512)
     ap.add_argument("--heal-lr", type=float, default=3e-3)
     ap.add_argument("--heal-weight-lr", type=float, default=2e-4, help="learning rate of trained attention weights")
+    ap.add_argument("--heal-average-tail", type=float, default=0.25,
+                    help="fraction of the budget whose steps' parameters are averaged (vllm_dar.heal's average_tail)")
     ap.add_argument("--heal-seed", type=int, default=0, help="order of the training windows (vllm_dar.heal's seed)")
     ap.add_argument("--heal-precision", choices=PRECISIONS, default="auto",
                     help="matmul precision of heal steps (vllm_dar.heal's precision)")
@@ -179,7 +181,7 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
 
     settings = HealSettings(context=a.heal_context, max_tokens=a.heal_tokens, max_minutes=a.heal_minutes,
                             lr=a.heal_lr, weights=weights, weight_lr=a.heal_weight_lr, precision=a.heal_precision,
-                            seed=a.heal_seed)
+                            seed=a.heal_seed, average_tail=a.heal_average_tail)
     train = token_windows(tok, split_files()[0], context=settings.context, max_tokens=settings.data_tokens)
     loads = []
     t = time.time()
@@ -189,7 +191,8 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     return healed, {"heal_minutes": round(state["seconds"] / 60, 2), "heal_wall_minutes": round(
         (time.time() - t) / 60, 2), "train_tokens": state["tokens"], "steps": state["step"],
         "heal_context": settings.context, "lr": settings.lr, "precision": settings.precision, "seed": settings.seed,
-        "bf16_steps": settings.bf16_steps(),
+        "bf16_steps": settings.bf16_steps(), "average_tail": settings.average_tail,
+        "averaged_steps": state.get("average", {}).get("n", 0),
         **({"weights": weights, "weight_lr": settings.weight_lr} if weights else {}),
         "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
         "kl_last10": round(sum(h["kl"] for h in hist[-10:]) / len(hist[-10:]), 5),

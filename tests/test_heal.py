@@ -93,18 +93,67 @@ def test_projections_only_runs_resume_whatever_weight_lr(dar_tiny, calib_text, t
              progress=False, resume=True)
 
 
+def test_runs_saved_before_averaging_resume_without_it(dar_tiny, calib_text, tmp_path):
+    """A run state saved before --average-tail existed averaged nothing: it resumes under --average-tail 0 and
+    refuses the new default rather than averaging a tail it only partly saw."""
+    out = str(tmp_path / "run")
+    heal(dar_tiny, out, settings=settings(average_tail=0.0), calib_files=calib_text, progress=False,
+         on_step=lambda m: True)
+    path = os.path.join(out, STATE_FILE)
+    state = torch.load(path, weights_only=False)
+    del state["run"]["average_tail"]
+    torch.save(state, path)
+    with pytest.raises(DarConfigError, match="--average-tail: 0.25 differs"):
+        heal(dar_tiny, out, settings=settings(), calib_files=calib_text, progress=False, resume=True)
+    summary = heal(dar_tiny, out, settings=settings(average_tail=0.0), calib_files=calib_text, progress=False,
+                   resume=True)
+    assert summary["finished"] and summary["averaged_steps"] == 0
+
+
+@pytest.mark.parametrize("tail,averaged", [(0.5, [3, 4, 5, 6]), (0.0, [])])
+def test_output_is_the_mean_of_the_tail(dar_tiny, calib_text, tail, averaged):
+    """--average-tail: the output projections and trained weights are the mean of the iterates after each step
+    whose budget fraction is in the tail (6 steps, tail 0.5: steps 3-6); with 0, the last step's."""
+    import copy
+
+    from vllm_dar.data import token_windows
+
+    model, tok = load_model(dar_tiny, dtype="float32")
+    cfg, proj = load_dar(dar_tiny)
+    windows = token_windows(tok, calib_text, context=CTX, max_windows=3)
+    saves = []
+    healed, state, finished = heal_projections(
+        model, cfg, proj, windows, settings(max_tokens=6 * CTX, average_tail=tail, weights="qk", weight_lr=3e-3),
+        progress=False, save=lambda s: saves.append(copy.deepcopy({k: s[k] for k in ("params", "weights")})))
+    assert finished and len(saves) == 7  # after each step, then the output
+    steps = [saves[i - 1] for i in (averaged or [6])]
+    want = {g: {k: torch.stack([s[g][k] for s in steps]).mean(0) for k in steps[0][g]} for g in steps[0]}
+    assert state.get("average", {}).get("n", 0) == len(averaged)
+    for g, tensors in want.items():
+        for k, v in tensors.items():
+            torch.testing.assert_close(saves[-1][g][k], v, rtol=1e-5, atol=1e-6)
+    got = {f"{f}.{i}": getattr(p, f) for i, p in enumerate(healed) for f in ("q_proj", "k_down", "v_down", "v_up")}
+    for k, v in got.items():
+        torch.testing.assert_close(v, want["params"][k], rtol=1e-5, atol=1e-6)
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(model.state_dict()[q0], want["weights"][q0], rtol=1e-5, atol=1e-6)
+    if averaged:  # the mean differs from the last step's
+        assert not torch.allclose(want["params"]["k_down.0"], steps[-1]["params"]["k_down.0"])
+
+
 def test_resume_continues_the_same_run(dar_tiny, calib_text, tmp_path):
     straight = tmp_path / "straight"
-    heal(dar_tiny, str(straight), settings=settings(), calib_files=calib_text, progress=False)
+    run = settings(average_tail=0.75)  # steps 1-4 averaged: the stop below falls inside the tail
+    heal(dar_tiny, str(straight), settings=run, calib_files=calib_text, progress=False)
     parted = tmp_path / "parted"
-    first = heal(dar_tiny, str(parted), settings=settings(), calib_files=calib_text, progress=False,
+    first = heal(dar_tiny, str(parted), settings=run, calib_files=calib_text, progress=False,
                  on_step=lambda m: m["step"] == 2)  # stop after step 2, as a crash would after its save
-    assert not first["finished"] and first["steps"] == 2
+    assert not first["finished"] and first["steps"] == 2 and first["averaged_steps"] == 2
     assert os.listdir(parted) == [STATE_FILE]  # nothing but the run state until the run finishes
-    second = heal(dar_tiny, str(parted), settings=settings(), calib_files=calib_text, progress=False,
-                  resume=True)
+    second = heal(dar_tiny, str(parted), settings=run, calib_files=calib_text, progress=False, resume=True)
     assert second["finished"] and second["steps"] == 4 and second["tokens"] == 4 * CTX
-    # Same data order, Adam moments and learning-rate schedule: the parted run ends where the straight one does.
+    assert second["averaged_steps"] == 4
+    # Same data order, Adam moments, schedule and running mean: the parted run ends where the straight one does.
     assert projections_equal(load_dar(str(straight))[1], load_dar(str(parted))[1])
 
 
@@ -186,6 +235,9 @@ def test_bad_input_fails_clearly(tiny_llama, dar_tiny, calib_text, tmp_path, cap
         settings(weights="q", weight_lr=0)
     with pytest.raises(DarConfigError, match="--precision: 'fp16'"):
         settings(precision="fp16")
+    for tail in (-0.1, 1.5, float("nan")):
+        with pytest.raises(DarConfigError, match="--average-tail"):
+            settings(average_tail=tail)
     # A run of other --weights cannot be resumed under different ones.
     heal(dar_tiny, str(tmp_path / "c"), settings=settings(), calib_files=calib_text, progress=False,
          on_step=lambda m: True)

@@ -28,7 +28,10 @@ fp32), DAR attention runs in query blocks that read only the keys they see (``da
 longer than a block).
 
 Text: the calibration split of ``vllm_dar.data`` only (held-out files are never seen). Bounded by tokens and/or
-wall time; the learning rate warms up, then follows a cosine to 10% over the budget. The run state (projections,
+wall time; the learning rate warms up, then follows a cosine to 10% over the budget. ``average_tail``: the output
+is the mean of the trained parameters after each step in the last fraction of the budget (Polyak/SWA-style tail
+averaging), not the last step's: with one window per step, the last step's parameters lean toward the last few
+windows seen, and which windows those are depends on the seed. The run state (projections,
 Adam moments, step, tokens, seconds, data cursor) is saved to ``OUT/heal_state.pt`` every ``save_every`` steps and
 on Ctrl-C; ``resume`` continues from it. The result is an ordinary DAR-converted checkpoint (``write_converted``),
 with the final state moved to ``OUT/dar/heal_state.pt`` (vLLM never reads that folder).
@@ -56,7 +59,8 @@ STATE_FILE = "heal_state.pt"
 FINAL_STATE = os.path.join("dar", STATE_FILE)
 _FIELDS = ("q_proj", "k_down", "v_down", "v_up")
 _RUN_FIELDS = ("context", "lr", "warmup_steps", "kl_weight", "lm_weight", "seed", "data_tokens", "weights",
-               "weight_lr")  # fixed by resume
+               "weight_lr", "average_tail")  # fixed by resume
+_BEFORE = {"average_tail": 0.0}  # run fields added later: the value runs saved before them had
 WEIGHT_LETTERS = "qkvo"  # self_attn.{q,k,v,o}_proj
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -79,6 +83,8 @@ class HealSettings:
     weight_lr: float = 2e-4
     precision: str = "auto"        # training steps: "fp32", "bf16" (autocast), "auto" (bf16 where the CPU has
                                    #   native bf16 dot products, else fp32)
+    average_tail: float = 0.25     # the output is the mean of the trained parameters after each step of this last
+                                   #   fraction of the budget (0: the last step's)
 
     def __post_init__(self):
         if self.max_tokens is None and self.max_minutes is None:
@@ -97,6 +103,8 @@ class HealSettings:
         if set(self.weights) - set(WEIGHT_LETTERS) or len(set(self.weights)) != len(self.weights):
             raise DarConfigError(f"--weights: {self.weights!r} must be distinct letters of {WEIGHT_LETTERS!r} "
                                  "(q_proj, k_proj, v_proj, o_proj)")
+        if not 0 <= self.average_tail <= 1:
+            raise DarConfigError(f"--average-tail: {self.average_tail} must be in [0, 1]")
         if self.precision not in PRECISIONS:
             raise DarConfigError(f"--precision: {self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.kl_weight < 0 or self.lm_weight < 0 or self.kl_weight + self.lm_weight == 0:
@@ -242,16 +250,11 @@ def new_state(params: TrainableProjections, opt: torch.optim.Optimizer, settings
             "optim": opt.state_dict(), "weights": {}}
 
 
-def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections], windows: list[list[int]],
-                     settings: HealSettings, *, state: dict | None = None, save: Callable[[dict], None] | None = None,
-                     progress: bool = True, on_step: Callable[[dict], bool | None] | None = None):
-    """The training loop on in-memory objects. ``windows``: token id lists of ``settings.context`` tokens,
-    visited in a seeded shuffled order (cycled). ``state``: a saved state to continue from. ``save(state)`` is
-    called every ``save_every`` steps, at the end and on Ctrl-C; ``on_step(metrics)`` returning True stops early.
-    With ``settings.weights`` the model's attention weights named there are trained in place (``state["weights"]``
-    holds them; the teacher is a frozen copy taken first). Returns (projections, state, finished)."""
-    from tqdm import tqdm
-
+def trainables(model, projections: list[LayerProjections], settings: HealSettings):
+    """What a run trains, set up on ``model``: every model weight frozen except the attention weights named by
+    ``settings.weights``. Returns (teacher, weights, params, opt): the teacher is a frozen copy of the source model
+    when weights are trained (else None: the student with DAR attention off); weights by checkpoint name; the
+    projections as parameters; Adam over both, one group each, with the ``base_lr`` the schedule scales."""
     for p in model.parameters():
         p.requires_grad_(False)
     teacher = copy.deepcopy(model).eval() if settings.weights else None
@@ -262,7 +265,34 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
         for p in weights.values():
             p.requires_grad_(True)
         groups.append({"params": list(weights.values()), "lr": settings.weight_lr, "base_lr": settings.weight_lr})
-    opt = torch.optim.Adam(groups)
+    return teacher, weights, params, torch.optim.Adam(groups)
+
+
+def train_step(model, cfg: DarConfig, ids: Tensor, params: TrainableProjections, opt: torch.optim.Optimizer,
+               settings: HealSettings, teacher=None) -> dict:
+    """One optimiser step on token ids [B, T]: the forward pass under ``settings.autocast()`` (only the forward,
+    as torch advises), backward and the Adam step outside it. Returns the loss's metrics."""
+    with torch.enable_grad():
+        with settings.autocast():
+            loss, m = distill_loss(model, ids, cfg, params.layers(), kl_weight=settings.kl_weight,
+                                   lm_weight=settings.lm_weight, teacher=teacher)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    opt.step()
+    return m
+
+
+def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections], windows: list[list[int]],
+                     settings: HealSettings, *, state: dict | None = None, save: Callable[[dict], None] | None = None,
+                     progress: bool = True, on_step: Callable[[dict], bool | None] | None = None):
+    """The training loop on in-memory objects. ``windows``: token id lists of ``settings.context`` tokens,
+    visited in a seeded shuffled order (cycled). ``state``: a saved state to continue from. ``save(state)`` is
+    called every ``save_every`` steps, at the end and on Ctrl-C; ``on_step(metrics)`` returning True stops early.
+    With ``settings.weights`` the model's attention weights named there are trained in place (``state["weights"]``
+    holds them; the teacher is a frozen copy taken first). Returns (projections, state, finished)."""
+    from tqdm import tqdm
+
+    teacher, weights, params, opt = trainables(model, projections, settings)
     if state is None:
         state = new_state(params, opt, settings, source={})
     params.load_state_dict(state["params"])
@@ -293,17 +323,14 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("base_lr", settings.lr) / settings.lr  # runs saved before weights: one group
             ids = torch.tensor([windows[int(order[state["step"] % len(windows)])]])  # [1, T]
-            with torch.enable_grad():
-                with settings.autocast():  # the forward pass only, as torch advises for autocast
-                    loss, m = distill_loss(model, ids, cfg, params.layers(), kl_weight=settings.kl_weight,
-                                           lm_weight=settings.lm_weight, teacher=teacher)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
+            m = train_step(model, cfg, ids, params, opt, settings, teacher)
             last_step = time.time() - t0
             state["step"] += 1
             state["tokens"] += ids.numel()
             state["seconds"] += last_step
+            if settings.average_tail and settings.progress(state["tokens"], state["seconds"]) >= \
+                    1 - settings.average_tail:
+                _accumulate(state, params, weights)
             m.update(step=state["step"], tokens=state["tokens"], seconds=round(state["seconds"], 1), lr=lr)
             state["history"].append({k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()})
             bar.update(ids.numel())
@@ -320,8 +347,28 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
         for p in weights.values():
             p.requires_grad_(False)
     state["done"] = finished
+    if finished and state.get("average"):  # the output is the tail's mean (a finished run resumed stays finished)
+        with torch.no_grad():
+            params.load_state_dict(state["average"]["params"])
+            for k, v in state["average"]["weights"].items():
+                weights[k].copy_(v)
     snapshot()
     return params.frozen(), state, finished
+
+
+def _accumulate(state: dict, params: TrainableProjections, weights: dict[str, nn.Parameter]) -> None:
+    """Add the current trained parameters to the running mean ``state["average"]`` (saved with the run state, so a
+    resumed run keeps averaging where it stopped)."""
+    now = {"params": params.state_dict(), "weights": {k: v.detach() for k, v in weights.items()}}
+    avg = state.get("average")
+    if not avg:
+        state["average"] = {"n": 1, **{g: {k: v.detach().clone() for k, v in t.items()} for g, t in now.items()}}
+        return
+    avg["n"] += 1
+    with torch.no_grad():
+        for g, t in now.items():
+            for k, v in t.items():
+                avg[g][k].lerp_(v, 1 / avg["n"])
 
 
 def _state_path(out: str) -> str | None:
@@ -340,7 +387,7 @@ def _save_state(path: str, state: dict) -> None:
 def _check_resume(state: dict, settings: HealSettings, source: dict, out: str) -> None:
     defaults = {k: f.default for k, f in HealSettings.__dataclass_fields__.items()}
     for k in _RUN_FIELDS:
-        was = state["run"].get(k, defaults[k])  # fields added later took their defaults in older runs
+        was = state["run"].get(k, _BEFORE.get(k, defaults[k]))  # older runs: the field's default back then
         if k == "weight_lr" and not settings.weights and not state["run"].get("weights"):
             continue  # projections-only runs never use it (and older runs recorded another default)
         if was != getattr(settings, k):
@@ -388,7 +435,8 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
         model, cfg, projections, windows, settings, state=state, progress=progress, on_step=on_step,
         save=lambda s: _save_state(live, {**s, "source": source}))
     summary = {"out": out, "finished": finished, "steps": state["step"], "tokens": state["tokens"],
-               "minutes": round(state["seconds"] / 60, 2), "wall_minutes_this_run": round((time.time() - t0) / 60, 2),
+               "minutes": round(state["seconds"] / 60, 2), "averaged_steps": state.get("average", {}).get("n", 0),
+               "wall_minutes_this_run": round((time.time() - t0) / 60, 2),
                "kl_first": state["history"][0]["kl"] if state["history"] else None,
                "kl_last": state["history"][-1]["kl"] if state["history"] else None}
     if not finished:

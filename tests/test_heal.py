@@ -125,20 +125,44 @@ def test_output_is_the_mean_of_the_tail(dar_tiny, calib_text, tail, averaged):
     healed, state, finished = heal_projections(
         model, cfg, proj, windows, settings(max_tokens=6 * CTX, average_tail=tail, weights="qk", weight_lr=3e-3),
         progress=False, save=lambda s: saves.append(copy.deepcopy({k: s[k] for k in ("params", "weights")})))
-    assert finished and len(saves) == 7  # after each step, then the output
+    assert finished and len(saves) == 7  # after each step, then at the end
     steps = [saves[i - 1] for i in (averaged or [6])]
     want = {g: {k: torch.stack([s[g][k] for s in steps]).mean(0) for k in steps[0][g]} for g in steps[0]}
     assert state.get("average", {}).get("n", 0) == len(averaged)
-    for g, tensors in want.items():
-        for k, v in tensors.items():
-            torch.testing.assert_close(saves[-1][g][k], v, rtol=1e-5, atol=1e-6)
     got = {f"{f}.{i}": getattr(p, f) for i, p in enumerate(healed) for f in ("q_proj", "k_down", "v_down", "v_up")}
     for k, v in got.items():
         torch.testing.assert_close(v, want["params"][k], rtol=1e-5, atol=1e-6)
-    q0 = "model.layers.0.self_attn.q_proj.weight"
-    torch.testing.assert_close(model.state_dict()[q0], want["weights"][q0], rtol=1e-5, atol=1e-6)
+    live = model.state_dict()
+    assert sorted(want["weights"]) == sorted(k for k in live if k.endswith(("q_proj.weight", "k_proj.weight")))
+    for k, v in want["weights"].items():
+        torch.testing.assert_close(live[k], v, rtol=1e-5, atol=1e-6)
+    # The run state keeps the last step's parameters (with their Adam moments) for a resume to continue from.
+    assert all(torch.equal(saves[-1][g][k], saves[5][g][k]) for g in saves[5] for k in saves[5][g])
     if averaged:  # the mean differs from the last step's
         assert not torch.allclose(want["params"]["k_down.0"], steps[-1]["params"]["k_down.0"])
+
+
+def test_resuming_a_finished_run(dar_tiny, calib_text, tmp_path):
+    """A finished run resumed under its budget (tokens or time) trains no further and writes the same output;
+    under a larger budget it continues from its last step and averages the new tail only."""
+    for bound in ({"max_tokens": 4 * CTX}, {"max_tokens": None, "max_minutes": 1e-4}):  # 1e-4 min: one step
+        out = tmp_path / f"run{len(bound)}"
+        run = settings(average_tail=0.5, weights="q", **bound)
+        first = heal(dar_tiny, str(out), settings=run, calib_files=calib_text, progress=False)
+        before = safetensors_dict(out / "dar" / "projections.safetensors")
+        if "max_minutes" in bound:  # as real time-bound runs end: short of the budget, the next step would pass it
+            path = out / "dar" / STATE_FILE
+            state = torch.load(path, weights_only=False)
+            state["seconds"] = 60 * bound["max_minutes"] * 0.99
+            torch.save(state, path)
+        again = heal(dar_tiny, str(out), settings=run, calib_files=calib_text, progress=False, resume=True)
+        assert again["finished"] and again["steps"] == first["steps"], (first, again)
+        after = safetensors_dict(out / "dar" / "projections.safetensors")
+        assert all(torch.equal(v, after[k]) for k, v in before.items())
+    longer = heal(dar_tiny, str(tmp_path / "run1"), settings=settings(average_tail=0.5, weights="q",
+                  max_tokens=8 * CTX), calib_files=calib_text, progress=False, resume=True)
+    # Steps 5-8: the new tail without the old one (steps 2-4 of 4); step 4, in the new tail too, ran before.
+    assert longer["steps"] == 8 and longer["averaged_steps"] == 4
 
 
 def test_resume_continues_the_same_run(dar_tiny, calib_text, tmp_path):

@@ -43,6 +43,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -288,8 +289,10 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
     """The training loop on in-memory objects. ``windows``: token id lists of ``settings.context`` tokens,
     visited in a seeded shuffled order (cycled). ``state``: a saved state to continue from. ``save(state)`` is
     called every ``save_every`` steps, at the end and on Ctrl-C; ``on_step(metrics)`` returning True stops early.
-    With ``settings.weights`` the model's attention weights named there are trained in place (``state["weights"]``
-    holds them; the teacher is a frozen copy taken first). Returns (projections, state, finished)."""
+    With ``settings.weights`` the model's attention weights named there are trained in place (the teacher is a
+    frozen copy taken first). Returns (projections, state, finished); when finished, the returned projections and
+    the model's weights are the output (the tail's mean under ``average_tail``), while ``state["params"]`` and
+    ``state["weights"]`` keep the last step's, which a resumed run continues from."""
     from tqdm import tqdm
 
     teacher, weights, params, opt = trainables(model, projections, settings)
@@ -300,13 +303,16 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
         for name, saved in state.get("weights", {}).items():
             weights[name].copy_(saved)
     opt.load_state_dict(state["optim"])
+    budget = [settings.max_tokens, settings.max_minutes]
+    if state.get("average") and state["average"].get("budget") != budget:
+        del state["average"]  # resumed under another budget: its tail starts elsewhere
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed))
     bar = tqdm(total=settings.max_tokens, initial=state["tokens"], unit="tok", unit_scale=True, desc="healing",
                disable=not progress, dynamic_ncols=True)
-    finished, last_step = False, 0.0
+    finished, last_step = False, state.get("last_step", 0.0)  # a finished time-bound run resumed stays finished
 
     def snapshot():
-        state.update(params=params.state_dict(), optim=opt.state_dict(),
+        state.update(params={k: v.detach().clone() for k, v in params.state_dict().items()}, optim=opt.state_dict(),
                      weights={k: v.detach().clone() for k, v in weights.items()})
         if save is not None:
             save(state)
@@ -328,9 +334,10 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
             state["step"] += 1
             state["tokens"] += ids.numel()
             state["seconds"] += last_step
+            state["last_step"] = last_step
             if settings.average_tail and settings.progress(state["tokens"], state["seconds"]) >= \
                     1 - settings.average_tail:
-                _accumulate(state, params, weights)
+                _accumulate(state, params, weights, budget)
             m.update(step=state["step"], tokens=state["tokens"], seconds=round(state["seconds"], 1), lr=lr)
             state["history"].append({k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()})
             bar.update(ids.numel())
@@ -347,22 +354,26 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
         for p in weights.values():
             p.requires_grad_(False)
     state["done"] = finished
-    if finished and state.get("average"):  # the output is the tail's mean (a finished run resumed stays finished)
+    snapshot()  # the last step's parameters, with its Adam moments: what a resumed run continues from
+    if finished and state.get("average"):  # the output: the tail's mean, in place (the model's weights too)
         with torch.no_grad():
             params.load_state_dict(state["average"]["params"])
             for k, v in state["average"]["weights"].items():
                 weights[k].copy_(v)
-    snapshot()
+    elif finished and settings.average_tail:
+        warnings.warn(f"--average-tail {settings.average_tail}: no step ended in the tail (each step is a larger "
+                      "share of the budget); the output is the last step's", stacklevel=2)
     return params.frozen(), state, finished
 
 
-def _accumulate(state: dict, params: TrainableProjections, weights: dict[str, nn.Parameter]) -> None:
+def _accumulate(state: dict, params: TrainableProjections, weights: dict[str, nn.Parameter], budget: list) -> None:
     """Add the current trained parameters to the running mean ``state["average"]`` (saved with the run state, so a
-    resumed run keeps averaging where it stopped)."""
+    resumed run keeps averaging where it stopped; ``budget`` tells a resume under another budget to start over)."""
     now = {"params": params.state_dict(), "weights": {k: v.detach() for k, v in weights.items()}}
     avg = state.get("average")
     if not avg:
-        state["average"] = {"n": 1, **{g: {k: v.detach().clone() for k, v in t.items()} for g, t in now.items()}}
+        state["average"] = {"n": 1, "budget": budget,
+                            **{g: {k: v.detach().clone() for k, v in t.items()} for g, t in now.items()}}
         return
     avg["n"] += 1
     with torch.no_grad():
@@ -447,6 +458,7 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
     healed_cfg = DarConfig(**{**cfg.__dict__, "method": f"{cfg.method}+heal",
                               "extra": {**cfg.extra, "heal": record}})
     # replaces out (and its live state) atomically; trained attention weights replace the source's
-    write_converted(dar_dir, out, healed_cfg, healed, force=True, weights=state["weights"] or None)
+    trained = {k: p.detach() for k, p in attention_weights(model, settings.weights).items()}  # the output's (mean)
+    write_converted(dar_dir, out, healed_cfg, healed, force=True, weights=trained or None)
     _save_state(os.path.join(out, FINAL_STATE), {**state, "source": source})
     return summary

@@ -87,7 +87,7 @@ def main() -> int:
     ap.add_argument("--heal-context", type=int, default=512)
     ap.add_argument("--heal-lr", type=float, default=3e-3)
     ap.add_argument("--heal-weight-lr", type=float, default=2e-4, help="learning rate of trained attention weights")
-    ap.add_argument("--heal-average-tail", type=float, default=0.25,
+    ap.add_argument("--heal-average-tail", type=float, default=0.0,
                     help="fraction of the budget whose steps' parameters are averaged (vllm_dar.heal's average_tail)")
     ap.add_argument("--heal-seed", type=int, default=0, help="order of the training windows (vllm_dar.heal's seed)")
     ap.add_argument("--heal-precision", choices=PRECISIONS, default="auto",

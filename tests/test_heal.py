@@ -94,19 +94,18 @@ def test_projections_only_runs_resume_whatever_weight_lr(dar_tiny, calib_text, t
 
 
 def test_runs_saved_before_averaging_resume_without_it(dar_tiny, calib_text, tmp_path):
-    """A run state saved before --average-tail existed averaged nothing: it resumes under --average-tail 0 and
-    refuses the new default rather than averaging a tail it only partly saw."""
+    """A run state saved before --average-tail existed averaged nothing: it resumes under the default (0) and
+    refuses --average-tail 0.25 rather than averaging a tail it only partly saw."""
     out = str(tmp_path / "run")
-    heal(dar_tiny, out, settings=settings(average_tail=0.0), calib_files=calib_text, progress=False,
-         on_step=lambda m: True)
+    heal(dar_tiny, out, settings=settings(), calib_files=calib_text, progress=False, on_step=lambda m: True)
     path = os.path.join(out, STATE_FILE)
     state = torch.load(path, weights_only=False)
     del state["run"]["average_tail"]
     torch.save(state, path)
     with pytest.raises(DarConfigError, match="--average-tail: 0.25 differs"):
-        heal(dar_tiny, out, settings=settings(), calib_files=calib_text, progress=False, resume=True)
-    summary = heal(dar_tiny, out, settings=settings(average_tail=0.0), calib_files=calib_text, progress=False,
-                   resume=True)
+        heal(dar_tiny, out, settings=settings(average_tail=0.25), calib_files=calib_text, progress=False,
+             resume=True)
+    summary = heal(dar_tiny, out, settings=settings(), calib_files=calib_text, progress=False, resume=True)
     assert summary["finished"] and summary["averaged_steps"] == 0
 
 

@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="matmul precision of training steps (bf16 autocast keeps fp32 parameters and losses; "
                         "auto: bf16 where the CPU has native bf16 dot products)")
-    s.add_argument("--average-tail", type=float, default=0.25, metavar="FRACTION",
-                   help="write the mean of the trained parameters over this last fraction of the budget (0: the "
-                        "last step's)")
+    s.add_argument("--average-tail", type=float, default=0.0, metavar="FRACTION",
+                   help="write the mean of the trained parameters over this last fraction of the budget (default "
+                        "0: the last step's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--save-every", type=int, default=10, help="steps between OUT/heal_state.pt saves")
     s.add_argument("--calib", nargs="+", metavar="FILE", help="training text (default: the calibration part "

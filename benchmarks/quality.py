@@ -177,7 +177,7 @@ def main() -> int:
 def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     """Heal ``proj`` (and the attention ``weights`` of ``model``, in place) within the row budget; returns
     (healed projections, cost)."""
-    from vllm_dar.heal import HealSettings, heal_projections
+    from vllm_dar.heal import HealSettings, averaged_steps, heal_projections
 
     settings = HealSettings(context=a.heal_context, max_tokens=a.heal_tokens, max_minutes=a.heal_minutes,
                             lr=a.heal_lr, weights=weights, weight_lr=a.heal_weight_lr, precision=a.heal_precision,
@@ -192,7 +192,7 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
         (time.time() - t) / 60, 2), "train_tokens": state["tokens"], "steps": state["step"],
         "heal_context": settings.context, "lr": settings.lr, "precision": settings.precision, "seed": settings.seed,
         "bf16_steps": settings.bf16_steps(), "average_tail": settings.average_tail,
-        "averaged_steps": state.get("average", {}).get("n", 0),
+        "averaged_steps": averaged_steps(state),
         **({"weights": weights, "weight_lr": settings.weight_lr} if weights else {}),
         "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
         "kl_last10": round(sum(h["kl"] for h in hist[-10:]) / len(hist[-10:]), 5),

@@ -12,7 +12,7 @@ from vllm_dar.checkpoint import load_dar
 from vllm_dar.cli import main as cli
 from vllm_dar.config import DarConfigError
 from vllm_dar.convert import convert
-from vllm_dar.heal import STATE_FILE, HealSettings, distill_loss, heal, heal_projections
+from vllm_dar.heal import STATE_FILE, HealSettings, averaged_steps, distill_loss, heal, heal_projections
 from vllm_dar.hf import load_model
 
 CTX = 64
@@ -127,7 +127,7 @@ def test_output_is_the_mean_of_the_tail(dar_tiny, calib_text, tail, averaged):
     assert finished and len(saves) == 7  # after each step, then at the end
     steps = [saves[i - 1] for i in (averaged or [6])]
     want = {g: {k: torch.stack([s[g][k] for s in steps]).mean(0) for k in steps[0][g]} for g in steps[0]}
-    assert state.get("average", {}).get("n", 0) == len(averaged)
+    assert averaged_steps(state) == len(averaged)
     got = {f"{f}.{i}": getattr(p, f) for i, p in enumerate(healed) for f in ("q_proj", "k_down", "v_down", "v_up")}
     for k, v in got.items():
         torch.testing.assert_close(v, want["params"][k], rtol=1e-5, atol=1e-6)

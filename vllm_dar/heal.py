@@ -367,6 +367,11 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
     return params.frozen(), state, finished
 
 
+def averaged_steps(state: dict) -> int:
+    """How many steps' parameters the run state's tail average holds (0: none, the output is the last step's)."""
+    return state.get("average", {}).get("n", 0)
+
+
 def _accumulate(state: dict, params: TrainableProjections, weights: dict[str, nn.Parameter], budget: list) -> None:
     """Add the current trained parameters to the running mean ``state["average"]`` (saved with the run state, so a
     resumed run keeps averaging where it stopped; ``budget`` tells a resume under another budget to start over)."""
@@ -447,7 +452,7 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
         model, cfg, projections, windows, settings, state=state, progress=progress, on_step=on_step,
         save=lambda s: _save_state(live, {**s, "source": source}))
     summary = {"out": out, "finished": finished, "steps": state["step"], "tokens": state["tokens"],
-               "minutes": round(state["seconds"] / 60, 2), "averaged_steps": state.get("average", {}).get("n", 0),
+               "minutes": round(state["seconds"] / 60, 2), "averaged_steps": averaged_steps(state),
                "wall_minutes_this_run": round((time.time() - t0) / 60, 2),
                "kl_first": state["history"][0]["kl"] if state["history"] else None,
                "kl_last": state["history"][-1]["kl"] if state["history"] else None}

@@ -11,13 +11,15 @@ Learned rows: ``fit``-suffixed rows refine a row's projections layer-wise (``--m
 from a row's conversion and run ``vllm_dar.heal`` (distillation from the full model, projections only) within
 ``--heal-minutes``/``--heal-tokens``; both keep the bytes of the row they start from and record their cost.
 ``heal-qkvo-*`` rows also train every layer's q/k/v/o attention weights (``--heal-weight-lr``); their perplexity
-is the trained model's, still compared with the original full model.
+is the trained model's, still compared with the original full model. ``delta_by_half``: each row against the
+full model over the first and the second half of the window's positions.
 ``--merge`` puts the rows into an existing results JSON (same model and held-out text), replacing same-named rows.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -150,7 +152,7 @@ def main() -> int:
         row = {"row": name, "setting": desc, "perplexity": round(res["perplexity"], 3),
                "delta_vs_full": round(res["perplexity"] / full["perplexity"] - 1, 4),
                "kv_fraction": round(frac, 4), "top1_agreement": round(res.get("top1_agreement", 1.0), 4),
-               "seconds": round(time.time() - t, 1)}
+               "delta_by_half": delta_by_half(res, full), "seconds": round(time.time() - t, 1)}
         if cost is not None and (start is not None or kw.get("method") == "fit"):
             row["cost"] = cost
         if kw is not None:
@@ -242,6 +244,15 @@ def markdown(out: dict) -> str:
             lines.append(f"| {r['row']} | {c['starts_from']} | {minutes:.1f}{load} | {c['calib_tokens']} | "
                          f"{c.get('train_tokens', 0)} |")
     return "\n".join(lines)
+
+
+def delta_by_half(res: dict, full: dict) -> list[float]:
+    """Perplexity against the full model's over the first and the second half of the positions of the windows
+    (distant tokens, which DAR reduces, weigh more in the second half)."""
+    n = len(full["position_nll"])
+    halves = [slice(0, n // 2), slice(n // 2, n)]
+    return [round(math.exp(float(res["position_nll"][h].mean() - full["position_nll"][h].mean())) - 1, 4)
+            for h in halves]
 
 
 def plan_fraction(shape, context: int) -> float:

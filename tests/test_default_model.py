@@ -42,6 +42,11 @@ def test_dar_perplexity_close_to_stock_and_window_limit_exact(default_model, rea
     # A converted model is worse than stock but not broken: measured about +10% here at 512 tokens.
     assert full["perplexity"] < dar["perplexity"] < 1.5 * full["perplexity"]
     assert dar["top1_agreement"] > 0.75
+    # Per position: the mean over positions is the perplexity's NLL, and every position within the first window
+    # (64: its keys are all full width) scores as in the full model; beyond it, the reduced keys cost.
+    assert float(full["position_nll"].mean()) == pytest.approx(full["nll"], rel=1e-5)
+    torch.testing.assert_close(dar["position_nll"][:64], full["position_nll"][:64], rtol=1e-4, atol=1e-4)
+    assert float(dar["position_nll"][64:].mean()) > float(full["position_nll"][64:].mean())
     # A window covering the whole context is standard attention: the same perplexity to fp32 rounding.
     wide = DarConfig(**{**cfg.__dict__, "window": (512,) * 30})
     same = perplexity(model, windows, cfg=wide, projections=proj, progress=False)

@@ -40,20 +40,24 @@ def perplexity(model, windows: list[list[int]], *, cfg: DarConfig | None = None,
 
     The result's ``argmax`` holds the greedy next-token choice at every position; given another model's
     (``reference_argmax``), ``top1_agreement`` is the fraction of positions where both choose the same token
-    (teacher-forced greedy agreement).
+    (teacher-forced greedy agreement). When every window has the same length, ``position_nll`` [T-1] is the mean
+    NLL of the prediction at each position (position t predicts token t+1).
     """
     nll, count, same = 0.0, 0, 0
-    argmax = []
+    argmax, by_position = [], []
     with _dar_context(model, cfg, projections):
         for i, ids in enumerate(tqdm(windows, desc="scoring", unit="window", disable=not progress)):
             x = torch.tensor([ids])
             logits = model(x, use_cache=False).logits[0, :-1].float()  # [T-1, V]
-            nll += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            by_position.append(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none"))
+            nll += float(by_position[-1].sum())
             count += len(ids) - 1
             argmax.append(logits.argmax(-1))
             if reference_argmax is not None:
                 same += int((argmax[-1] == reference_argmax[i]).sum())
     result = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "argmax": argmax}
+    if len({len(w) for w in windows}) == 1:  # windows of one length: the mean NLL at each position
+        result["position_nll"] = torch.stack(by_position).mean(0)
     if reference_argmax is not None:
         result["top1_agreement"] = same / count
     return result

@@ -80,13 +80,16 @@ def main() -> int:
                     help="default: every row except the (slow) heal rows")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--wide-eval-windows", type=int, default=0,
+                    help="also score every row on this many held-out windows (the first --eval-windows of them are "
+                         "the main table's); recorded as the row's 'wide'")
     ap.add_argument("--calib-tokens", type=int, default=8 * 2048)
     ap.add_argument("--kv-budget", type=float, default=None,
                     help="budget for the calibrated rows (default: what the 'dar' row costs)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--heal-minutes", type=float, default=30.0, help="wall-time budget of each heal row")
     ap.add_argument("--heal-tokens", type=int, default=None, help="training-token budget of each heal row")
-    ap.add_argument("--heal-context", type=int, default=512)
+    ap.add_argument("--heal-context", type=int, default=None, help="tokens per training sequence (default: --context)")
     ap.add_argument("--heal-lr", type=float, default=3e-3)
     ap.add_argument("--heal-weight-lr", type=float, default=2e-4, help="learning rate of trained attention weights")
     ap.add_argument("--heal-average-tail", type=float, default=0.0,
@@ -120,6 +123,9 @@ def main() -> int:
     windows = token_windows(tok, split_files()[1], context=a.context, max_windows=a.eval_windows)
     shape = model_shape(model)
     full = perplexity(model, windows)
+    wide_windows = token_windows(tok, split_files()[1], context=a.context, max_windows=a.wide_eval_windows) \
+        if a.wide_eval_windows else None
+    wide_full = perplexity(model, wide_windows) if wide_windows else None
     results = []
     for name in a.rows:
         start = HEAL_ROWS.get(name)
@@ -147,12 +153,20 @@ def main() -> int:
                 cost["starts_from"] = name.removesuffix("-fit") if name != "fit" else "dar"
             frac = cfg.kv_fraction(a.context)
             res = perplexity(model, windows, cfg=cfg, projections=proj, reference_argmax=full["argmax"])
+            if wide_windows:
+                res["wide"] = perplexity(model, wide_windows, cfg=cfg, projections=proj)
             if restore is not None:  # later rows start from the source weights
                 model.load_state_dict(restore)
         row = {"row": name, "setting": desc, "perplexity": round(res["perplexity"], 3),
                "delta_vs_full": round(res["perplexity"] / full["perplexity"] - 1, 4),
                "kv_fraction": round(frac, 4), "top1_agreement": round(res.get("top1_agreement", 1.0), 4),
                "delta_by_half": delta_by_half(res, full), "seconds": round(time.time() - t, 1)}
+        if wide_windows:
+            w = res.get("wide", wide_full)
+            row["wide"] = {"eval_tokens": wide_full["tokens"], "perplexity": round(w["perplexity"], 3),
+                           "full_perplexity": round(wide_full["perplexity"], 3),
+                           "delta_vs_full": round(w["perplexity"] / wide_full["perplexity"] - 1, 4),
+                           "delta_by_half": delta_by_half(w, wide_full)}
         if cost is not None and (start is not None or kw.get("method") == "fit"):
             row["cost"] = cost
         if kw is not None:
@@ -181,7 +195,7 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     (healed projections, cost)."""
     from vllm_dar.heal import HealSettings, averaged_steps, heal_projections
 
-    settings = HealSettings(context=a.heal_context, max_tokens=a.heal_tokens, max_minutes=a.heal_minutes,
+    settings = HealSettings(context=a.heal_context or a.context, max_tokens=a.heal_tokens, max_minutes=a.heal_minutes,
                             lr=a.heal_lr, weights=weights, weight_lr=a.heal_weight_lr, precision=a.heal_precision,
                             seed=a.heal_seed, average_tail=a.heal_average_tail)
     train = token_windows(tok, split_files()[0], context=settings.context, max_tokens=settings.data_tokens)
@@ -235,14 +249,15 @@ def markdown(out: dict) -> str:
                      f"{r['kv_fraction']:.1%} | {r['top1_agreement']:.1%} |")
     costs = [r for r in out["rows"] if "cost" in r]
     if costs:
-        lines += ["", "| row | starts from | minutes on this machine | calibration tokens | training tokens |",
-                  "|---|---|---|---|---|"]
+        lines += ["", ("| row | starts from | minutes on this machine | calibration tokens "
+                       "| training tokens (context) |"), "|---|---|---|---|---|"]
         for r in costs:
             c = r["cost"]
             minutes = c["convert_minutes"] + c.get("heal_wall_minutes", 0)
             load = f" (load {c['load_avg_1min']}, {c['threads']} thread(s))" if "load_avg_1min" in c else ""
+            ctx = f" ({c['heal_context']})" if "heal_context" in c else ""
             lines.append(f"| {r['row']} | {c['starts_from']} | {minutes:.1f}{load} | {c['calib_tokens']} | "
-                         f"{c.get('train_tokens', 0)} |")
+                         f"{c.get('train_tokens', 0)}{ctx} |")
     return "\n".join(lines)
 
 

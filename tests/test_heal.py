@@ -301,3 +301,15 @@ def test_fused_loss_matches_plain_loss(kl_weight, lm_weight, precision):
     torch.testing.assert_close(g_got, g_want, atol=tol, rtol=tol)
     assert metrics["kl"] == pytest.approx(float(kl.detach()), abs=tol)
     assert metrics["lm"] == pytest.approx(float(lm.detach()), abs=tol)
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    """`vllm-dar heal` without flags runs HealSettings' defaults (the CLI spells each default again), and
+    heals at convert's default context, the one the conversion's bytes and calibration assume."""
+    from vllm_dar.cli import build_parser
+
+    a = build_parser().parse_args(["heal", "in", "out", "--max-minutes", "30"])
+    for k, v in vars(HealSettings(max_minutes=30)).items():
+        if hasattr(a, k):
+            assert getattr(a, k) == v, k
+    assert a.context == build_parser().parse_args(["convert", "in", "out"]).context

@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--max-tokens", type=int, default=None, help="training token budget")
     s.add_argument("--max-minutes", type=float, default=None, help="wall-time budget of the training loop")
-    s.add_argument("--context", type=int, default=512, help="tokens per training sequence")
+    s.add_argument("--context", type=int, default=2048,
+                   help="tokens per training sequence; heal at the context you serve: distances beyond it are never "
+                        "trained (default: 2048, convert's --context)")
     s.add_argument("--lr", type=float, default=3e-3)
     s.add_argument("--kl-weight", type=float, default=1.0, help="weight of KL(full model || DAR model)")
     s.add_argument("--lm-weight", type=float, default=0.0, help="weight of the DAR model's LM loss")

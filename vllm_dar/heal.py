@@ -71,7 +71,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class HealSettings:
     """Hyper-parameters and bounds of one healing run (errors name the CLI flag)."""
 
-    context: int = 512             # tokens per training sequence
+    context: int = 2048            # tokens per training sequence: the longest distance a step trains
     max_tokens: int | None = None  # stop before exceeding this many training tokens
     max_minutes: float | None = None  # stop when the next step would pass this wall time
     lr: float = 3e-3

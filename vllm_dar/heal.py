@@ -19,7 +19,8 @@ fine-tune: the model learns queries and keys that survive the reduction), at the
 weights change in-window attention too), and the output checkpoint carries the trained weights (the source's
 other tensors byte for byte). Same benchmark, same 30 minutes, ``"qkvo"``: +3.7% (fp32 steps, 1e-4, 158K
 tokens, context 1024); with the faster steps below at 2e-4, +2.25%, +3.48% and +3.13% over three window orders
-(234-257K tokens at context 1024), and +1.82%, +0.96% and +1.40% (184-211K tokens) over the same orders at context 2048.
+(234-257K tokens at context 1024), and +1.82%, +0.96% and +1.40% over the same orders at context 2048 (184-211K
+tokens).
 
 ``context``: the tokens of one training sequence, so the longest query-key distance a step trains. Heal at the
 context you serve: the benchmark scores windows of 2048 tokens, and a heal at 1024 (more steps, 20-30% more tokens

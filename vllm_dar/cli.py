@@ -54,6 +54,7 @@ def _cmd_eval(a) -> dict:
     model, tokenizer, cfg, proj = load_for_eval(a.model, a.dtype)
     result = perplexity(model, _text_windows(tokenizer, a), cfg=cfg, projections=proj, progress=not a.quiet)
     del result["argmax"]
+    result.pop("position_nll", None)  # per-position tensor: the CLI prints JSON
     result.update(kv_report(cfg, model.config, a.context, model.dtype))
     result.update(model=a.model, engine="hf", context=a.context, dtype=str(model.dtype).removeprefix("torch."))
     return result

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from vllm_dar.versions import SKIP_ENV, SUPPORTED_VLLM, check_vllm_version, installed_vllm_version
+from vllm_dar.versions import SUPPORTED_VLLM, check_vllm_version, installed_vllm_version
+
+SKIP_ENV = "VLLM_DAR_SKIP_VERSION_CHECK"  # defined in vllm_dar.envs
 
 
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.4", "0.32.5.dev3+g1a2b.cpu"])

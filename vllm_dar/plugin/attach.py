@@ -26,7 +26,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from vllm_dar.ops.paged import PagedProjections
 
-from .kernels import DarOps, select_ops
+from vllm_dar.ops import DarOps, select_ops
 from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model, shard_projections
 from .spec import DarFarCache, dar_block_size, far_block_sizes, window_spec
 
@@ -59,7 +59,7 @@ class DarImplMixin:
 
     window_backend: ClassVar[type]  # the backend a DAR layer moves onto (its window cache group's builder)
     far_backend: ClassVar[type]  # the backend of the far cache companion
-    ops_kind: ClassVar[str | None] = None  # ``select_ops`` kind; None: ``VLLM_DAR_KERNELS``
+    ops_kind: ClassVar[str | None] = None  # ``select_ops`` kind; None: ``VLLM_DAR_OPS``
 
     def _init_dar(self) -> DarModel | None:
         """The served model's DAR state (None without a ``dar`` section); refuses unsupported engine settings."""

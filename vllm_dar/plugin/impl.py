@@ -2,7 +2,7 @@
 
 For a DAR model each layer attaches its DAR state once its weights are loaded (``vllm_dar.plugin.attach``) and
 moves onto ``DarWindowBackend``; ``do_kv_cache_update`` and ``forward`` are then glue: metadata in, the selected
-ops out (``VLLM_DAR_KERNELS``, ``vllm_dar.plugin.kernels``).
+ops out (``vllm_dar.ops.select_ops``).
 """
 from __future__ import annotations
 

@@ -34,7 +34,6 @@ module is imported: in the worker when the spec is built, in the engine core whe
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +45,8 @@ from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from vllm_dar import envs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,8 +192,6 @@ def _register() -> None:
 _register()
 
 
-DEFAULT_BLOCK_SIZE = 16
-
 
 def dar_block_size(vllm_config: VllmConfig) -> int:
     """Tokens per window-cache block: ``--block-size`` when the user gave one, else ``VLLM_DAR_BLOCK_SIZE``
@@ -200,10 +199,7 @@ def dar_block_size(vllm_config: VllmConfig) -> int:
     cache = vllm_config.cache_config
     if getattr(cache, "user_specified_block_size", False):
         return cache.block_size
-    value = os.environ.get("VLLM_DAR_BLOCK_SIZE", str(DEFAULT_BLOCK_SIZE))
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"vllm-dar: VLLM_DAR_BLOCK_SIZE={value!r}: expected a positive integer")
-    return int(value)
+    return envs.VLLM_DAR_BLOCK_SIZE
 
 
 def window_spec(layer, vllm_config: VllmConfig, *, window: int, sink_tokens: int) -> DarWindowSpec:

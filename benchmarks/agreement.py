@@ -50,7 +50,7 @@ def spawn(model: str, dtype: str, batch: list[list[int]], max_tokens: int, quiet
     with tempfile.TemporaryDirectory() as tmp:
         job = os.path.join(tmp, "job.json")
         harness.write_json(job, {"model": model, "dtype": dtype, "batch": batch, "max_tokens": max_tokens})
-        return harness.run_worker(__file__, ["--worker", job], quiet=quiet)[0]["tokens"]
+        return harness.run_worker(__file__, ["--worker", job], show_output=not quiet)[0]["tokens"]
 
 
 def reference(model: str, batch: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -94,7 +94,7 @@ def spawn(args: argparse.Namespace, model: str) -> dict:
             "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens)]
     if args.max_num_batched_tokens is not None:
         argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    return harness.run_worker(__file__, argv, quiet=args.json)[0]
+    return harness.run_worker(__file__, argv, show_output=not args.json)[0]
 
 
 def main() -> None:

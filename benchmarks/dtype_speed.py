@@ -74,7 +74,7 @@ def spawn(args: argparse.Namespace, name: str) -> dict:
     argv = ["--worker", name, "--models-dir", args.models_dir, "--batch", str(args.batch),
             "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
             "--kv-gib", str(args.kv_gib)]
-    return harness.run_worker(__file__, argv, quiet=args.json)[0]
+    return harness.run_worker(__file__, argv, show_output=not args.json)[0]
 
 
 def main() -> int:

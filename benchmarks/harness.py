@@ -46,29 +46,29 @@ def dar_ops(ops: str | None) -> str:
 
 # ---------------------------------------------------------------- engines in subprocesses
 
-def run_worker(script: str, argv: Sequence[str], *, env: dict[str, str] | None = None, quiet: bool = False,
-               log_name: str | None = None) -> tuple[dict, list[str]]:
+def run_worker(script: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
+               show_output: bool = False, log_name: str | None = None) -> tuple[dict, list[str]]:
     """Run ``python SCRIPT *argv --out FILE`` in a fresh interpreter and return (the JSON object it wrote to
     FILE, its output lines). One engine per process: vLLM engines free their memory badly, and a crash stays
     there.
 
-    Output: with ``log_name``, to a temporary log file (its lines come back; it is deleted on success and
-    kept, named, on failure); without, inherited, or dropped when ``quiet`` (no lines come back). A failed
-    worker raises SystemExit with the exit status (and the log's last 40 lines on stderr).
+    Output (stdout and stderr): with ``show_output``, inherited (no lines come back); else to a temporary log
+    file named after ``log_name`` (default: the script), deleted on success and kept on failure. A failed
+    worker raises SystemExit naming its exit status and log, after the log's last 40 lines on stderr.
     """
     with tempfile.TemporaryDirectory(prefix="vllm-dar-bench-") as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, os.path.abspath(script), *argv, "--out", out]
-        if log_name:
-            fd, log_path = tempfile.mkstemp(prefix=f"{log_name}-", suffix=".log")
+        lines, log_path = [], None
+        if show_output:
+            done = subprocess.run(cmd, check=False, env=env)
+        else:
+            name = log_name or os.path.splitext(os.path.basename(script))[0]
+            fd, log_path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
             with os.fdopen(fd, "w") as log:
                 done = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env)
             with open(log_path) as f:
                 lines = f.readlines()
-        else:
-            sink = subprocess.DEVNULL if quiet else None
-            done = subprocess.run(cmd, check=False, stdout=sink, stderr=sink, env=env)
-            lines, log_path = [], None
         if done.returncode:
             sys.stderr.write("".join(lines[-40:]))
             where = f"; log: {log_path}" if log_path else ""

@@ -148,7 +148,7 @@ def test_run_worker_returns_the_result_and_names_a_failure(tmp_path):
                       "json.dump({'got': args[0]}, open(args[args.index('--out') + 1], 'w'))\n")
     result, lines = harness.run_worker(str(script), ["ok"], log_name="bench-test")
     assert result == {"got": "ok"} and lines == ["engine log line\n"]
-    assert harness.run_worker(str(script), ["ok"], quiet=True) == ({"got": "ok"}, [])
+    assert harness.run_worker(str(script), ["ok"], show_output=True) == ({"got": "ok"}, [])
     with pytest.raises(SystemExit, match=r"worker fail failed \(exit 3\); log: .*bench-test-"):
         harness.run_worker(str(script), ["fail"], log_name="bench-test")
 

@@ -17,13 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from dtype_speed import agreement  # noqa: E402  (same metric as the stock dtype benchmark)
+import harness
 
 LENGTHS = (20, 64, 200, 700)
 
@@ -50,14 +46,11 @@ def run_vllm(model: str, dtype: str, batch: list[list[int]], max_tokens: int) ->
 
 
 def spawn(model: str, dtype: str, batch: list[list[int]], max_tokens: int, quiet: bool) -> list[list[int]]:
+    """Greedy tokens of ``run_vllm`` in a fresh interpreter (the prompts go through a job file)."""
     with tempfile.TemporaryDirectory() as tmp:
-        job, out = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
-        with open(job, "w") as f:
-            json.dump({"model": model, "dtype": dtype, "batch": batch, "max_tokens": max_tokens}, f)
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", job, out], check=True,
-                       stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.DEVNULL if quiet else None)
-        with open(out) as f:
-            return json.load(f)
+        job = os.path.join(tmp, "job.json")
+        harness.write_json(job, {"model": model, "dtype": dtype, "batch": batch, "max_tokens": max_tokens})
+        return harness.run_worker(__file__, ["--worker", job], show_output=not quiet)[0]["tokens"]
 
 
 def reference(model: str, batch: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -70,18 +63,18 @@ def reference(model: str, batch: list[list[int]], max_tokens: int) -> list[list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dar", help="DAR-converted fp32 checkpoint (required)")
-    ap.add_argument("--stock", default=os.path.join(REPO, "models/smollm2-135m-f32"))
+    ap.add_argument("--stock", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true", help="print only the JSON result (engine logs silenced)")
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/agreement.json")
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        with open(args.worker[0]) as f:
+        with open(args.worker) as f:
             job = json.load(f)
         tokens = run_vllm(job["model"], job["dtype"], job["batch"], job["max_tokens"])
-        with open(args.worker[1], "w") as f:
-            json.dump(tokens, f)
+        harness.write_json(args.out, {"tokens": tokens}, indent=None)
         return
     if not args.dar:
         ap.error("--dar is required")
@@ -93,15 +86,14 @@ def main() -> None:
     result = {
         "settings": {"dar": args.dar, "stock": args.stock, "prompt_lengths": [len(p) for p in batch],
                      "max_tokens": args.max_tokens},
-        "dar_vllm_fp32_vs_reference": agreement(got["dar", "float32"], ref),
-        "dar_vllm_bf16_vs_reference": agreement(got["dar", "bfloat16"], ref),
-        "dar_vllm_bf16_vs_fp32": agreement(got["dar", "bfloat16"], got["dar", "float32"]),
-        "stock_vllm_bf16_vs_fp32": agreement(got["stock", "bfloat16"], got["stock", "float32"]),
+        "dar_vllm_fp32_vs_reference": harness.token_agreement(got["dar", "float32"], ref),
+        "dar_vllm_bf16_vs_reference": harness.token_agreement(got["dar", "bfloat16"], ref),
+        "dar_vllm_bf16_vs_fp32": harness.token_agreement(got["dar", "bfloat16"], got["dar", "float32"]),
+        "stock_vllm_bf16_vs_fp32": harness.token_agreement(got["stock", "bfloat16"], got["stock", "float32"]),
     }
     text = json.dumps(result, indent=2)
     if args.save:
-        with open(os.path.join(REPO, "benchmarks/results/agreement.json"), "w") as f:
-            f.write(text + "\n")
+        harness.write_json(os.path.join(harness.RESULTS, "agreement.json"), result)
     print(text)
 
 

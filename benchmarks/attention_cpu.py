@@ -30,8 +30,10 @@ import statistics
 import sys
 import time
 
+import harness
 import torch
 
+from vllm_dar.config import DarConfig, ModelShape
 from vllm_dar.ops import batched, cpu_kernel, paged
 from vllm_dar.ops.batched import dar_paged_attention_batched
 from vllm_dar.ops.paged import PagedProjections
@@ -40,15 +42,17 @@ from vllm_dar.reference import LayerProjections
 H, J, D, RK, RV, W, S, BLOCK = 9, 3, 64, 16, 16, 64, 4, 128
 WBLOCK, FBLOCK = 16, 64  # the plugin's default window block and the far block whose page equals it (r=16/16)
 SCALE = D ** -0.5
+# One layer of vllm_dar.config's byte model at these shapes.
+LAYER = DarConfig.uniform(ModelShape(num_layers=1, num_heads=H, num_kv_heads=J, head_dim=D), window=W,
+                          key_rank=RK, value_rank=RV, sink_tokens=S)
 
 
 def read_bandwidth() -> dict:
-    x = torch.ones(64 << 20)  # 256 MB fp32
-    y = torch.empty_like(x)
-    x.sum(), y.copy_(x)
-    t_sum = min(_timed(lambda: x.sum()) for _ in range(5))
-    t_cpy = min(_timed(lambda: y.copy_(x)) for _ in range(5))
-    return {"read_GBps": x.nbytes / t_sum / 1e9, "memcpy_GBps": x.nbytes / t_cpy / 1e9}
+    """harness's probe at this process's thread count, in process CPU time: ``sum``, and ``copy`` as bytes
+    copied."""
+    n = torch.get_num_threads()
+    bw = harness.memory_bandwidth(mib=256, repeats=5, threads=n, timer=time.process_time)
+    return {"read_GBps": bw[f"read_{n}t"] / 1e9, "memcpy_GBps": bw[f"copy_{n}t"] / 2 / 1e9}
 
 
 def _timed(fn) -> float:
@@ -146,14 +150,9 @@ class Batch:
                                         s_aux=None, **self._stock)
 
     def bytes_read(self) -> dict:
-        """Cache bytes a decode step must read (ideal, no block rounding)."""
-        it = torch.empty((), dtype=self.dtype).element_size()
-        dar = stock = 0
-        for s, _ in self.reqs:
-            far = max(0, s - W - S)
-            dar += far * J * (RK + RV) * it + (s - far) * J * 2 * D * it
-            stock += s * J * 2 * D * it
-        return {"dar": dar, "stock": stock}
+        """Cache bytes a decode step must read (``vllm_dar.config``'s byte model: no block rounding)."""
+        steps = [LAYER.decode_bytes(s, self.dtype.itemsize) for s, _ in self.reqs]
+        return {"dar": sum(b.dar for b in steps), "stock": sum(b.full for b in steps)}
 
 
 def configs(quick: bool):
@@ -216,7 +215,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     ap.add_argument("--quick", action="store_true", help="contexts 512/2K, batches 1/8 only")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_cpu.json"))
+    ap.add_argument("--out", default=os.path.join(harness.RESULTS, "attention_cpu.json"))
     ap.add_argument("--profile", metavar="CONFIG", help="torch.profiler table of the fast op on one config")
     ap.add_argument("--dtype", default="float32", help="with --profile")
     args = ap.parse_args()

@@ -3,7 +3,8 @@
 Each model runs in a fresh ``python`` subprocess with ``VLLM_CPU_KVCACHE_SPACE=--kv-gib`` (fixed, because automatic
 sizing on CPU is noisy) and ``LLM(max_model_len=4096+64, gpu_memory_utilization=0.5, dtype="float32",
 enable_prefix_caching=False, disable_log_stats=False)`` with vLLM's default scheduler settings (or
-``--max-num-batched-tokens``). Two figures per model:
+``--max-num-batched-tokens``). Two figures per model, beside the KV bytes per token they imply and the byte
+model's (``vllm_dar.config``, at the served dtype):
 
 * ``kv_capacity_tokens``: vLLM's own capacity, ``llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens``,
   which the engine core sends back to the frontend; it is the number behind the "CPU KV cache size: N tokens"
@@ -18,8 +19,8 @@ enable_prefix_caching=False, disable_log_stats=False)`` with vLLM's default sche
 
 The DAR checkpoint (uniform per-head window 64, ranks 16/16, 4 sinks) is made with (~2-3 min)::
 
-    vllm-dar convert models/smollm2-135m-f32 models/smollm2-135m-dar --window 64 --key-rank 16 \\
-        --value-rank 16 --sink-tokens 4 --calib-tokens 2048
+    vllm-dar convert models/smollm2-135m-f32 models/smollm2-135m-dar --schedule uniform \\
+        --head-sharing per_head --window 64 --key-rank 16 --value-rank 16 --sink-tokens 4 --calib-tokens 2048
 
 Run (a few minutes per model on 2 cores; ``--quick``: 1024-token prompts, 8 requests)::
 
@@ -30,39 +31,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+
 MAX_MODEL_LEN = 4096 + 64
+DTYPE = "float32"  # the dtype every engine here serves (and caches K/V) in
 
 
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    """Largest number of [start, end] intervals covering one instant; an end at t frees its slot before a start."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])  # -1 sorts before +1
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    return peak
-
-
-def bytes_per_token(model: str, kv_gib: int, capacity_tokens: int) -> dict:
-    """KV bytes per token of a ``MAX_MODEL_LEN`` sequence: what vLLM's capacity figure implies (the fixed KV memory
-    over the logged tokens: block rounding, the window's tails and page padding included) and the theoretical
-    figure of the layout (stock: full K/V; DAR: reduced K/V of every token + full width for window and sinks)."""
+def bytes_per_token(model: str, kv_gib: int, capacity_tokens: int, itemsize: int) -> dict:
+    """KV bytes per token of a ``MAX_MODEL_LEN`` sequence at ``itemsize`` bytes per element (the engine's
+    cache dtype, whatever the checkpoint's): what vLLM's capacity figure implies (the fixed KV memory over the
+    logged tokens: block rounding, the window's tails and page padding included) and the theoretical figure of
+    ``vllm_dar.config``'s byte model (stock: full K/V; DAR: reduced K/V of every token + full width for window
+    and sinks)."""
     from vllm_dar.checkpoint import read_config
     from vllm_dar.config import DarConfig, ModelShape
 
     raw = read_config(model)
     shape = ModelShape.from_hf_config(raw)
-    elem = 2 if raw.get("dtype", raw.get("torch_dtype")) in ("bfloat16", "float16") else 4
-    full = 2 * shape.head_dim * shape.num_kv_heads * shape.num_layers * elem
-    if "dar" in raw:
-        theory = DarConfig.from_json(raw["dar"], shape).kv_elems(MAX_MODEL_LEN) * elem / MAX_MODEL_LEN
-    else:
-        theory = full
+    full = shape.kv_bytes_per_token(itemsize)
+    dar = DarConfig.from_json(raw["dar"], shape) if "dar" in raw else None
+    theory = full if dar is None else dar.kv_bytes_per_token(MAX_MODEL_LEN, itemsize)
     return {"bytes_per_token_allocated": kv_gib * 2 ** 30 / capacity_tokens,
             "bytes_per_token_theoretical": theory, "bytes_per_token_full": full}
 
@@ -76,7 +65,7 @@ def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_toke
     from vllm import LLM, SamplingParams, TokensPrompt
 
     extra = {} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}
-    llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.5, dtype="float32",
+    llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.5, dtype=DTYPE,
               enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
     config = llm.llm_engine.vllm_config
     rng = random.Random(0)
@@ -86,35 +75,32 @@ def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_toke
     outs = llm.generate(prompts, params, use_tqdm=False)
     m = [o.metrics for o in outs]
     return {
-        **bytes_per_token(model, kv_gib, config.cache_config.kv_cache_size_tokens),
+        **bytes_per_token(model, kv_gib, config.cache_config.kv_cache_size_tokens,
+                          config.model_config.dtype.itemsize),  # kv_cache_dtype "auto": the served dtype
         "kv_capacity_tokens": config.cache_config.kv_cache_size_tokens,
         "kv_max_concurrency_logged": config.cache_config.kv_cache_max_concurrency,
         "num_blocks": config.cache_config.num_gpu_blocks,
         "block_size": config.cache_config.block_size,
         "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
-        "max_concurrent": max_overlap([(x.scheduled_ts, x.last_token_ts) for x in m]),
+        "max_concurrent": harness.max_overlap([(x.scheduled_ts, x.last_token_ts) for x in m]),
         "preemptions": sum(x.num_preemptions for x in m),
         "engine_s": max(x.last_token_ts for x in m) - min(x.scheduled_ts for x in m),
     }
 
 
 def spawn(args: argparse.Namespace, model: str) -> dict:
-    """One engine in a fresh interpreter; the result comes back through a file (vLLM logs to stdout)."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, "--out", out.name,
-               "--kv-gib", str(args.kv_gib), "--requests", str(args.requests),
-               "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens)]
-        if args.max_num_batched_tokens is not None:
-            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.json else None)
-        with open(out.name) as f:
-            return json.load(f)
+    """One engine (``measure``) in a fresh interpreter; its log is shown unless ``--json``."""
+    argv = ["--worker", model, "--kv-gib", str(args.kv_gib), "--requests", str(args.requests),
+            "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens)]
+    if args.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    return harness.run_worker(__file__, argv, show_output=not args.json)[0]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stock", default=os.path.join(REPO, "models/smollm2-135m-f32"))
-    p.add_argument("--dar", default=os.path.join(REPO, "models/smollm2-135m-dar"))
+    p.add_argument("--stock", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
+    p.add_argument("--dar", default=harness.DAR_MODEL, help="a DAR-converted dir")
     p.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (integer GiB) for both models")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=4096)
@@ -133,8 +119,7 @@ def main() -> None:
         result = measure(model=args.worker, kv_gib=args.kv_gib, requests=args.requests,
                          prompt_len=args.prompt_len, max_tokens=args.max_tokens,
                          max_num_batched_tokens=args.max_num_batched_tokens)
-        with open(args.out, "w") as f:
-            json.dump(result, f)
+        harness.write_json(args.out, result, indent=None)
         return
     models = {"stock": spawn(args, args.stock), "dar": spawn(args, args.dar)}
     keys = ("kv_capacity_tokens", "max_concurrent")

@@ -21,10 +21,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
+
+import harness
 
 # name -> (checkpoint directory under --models-dir, dtype to serve it in); fp32 first in every round
 CHECKPOINTS = {"fp32": ("smollm2-135m-f32", "float32"), "bf16": ("smollm2-135m", "bfloat16")}
@@ -70,31 +70,18 @@ def measure(*, model: str, dtype: str, batch: int, prompt_len: int, decode_token
 
 
 def spawn(args: argparse.Namespace, name: str) -> dict:
-    """One measurement in a fresh interpreter; the result comes back through a file (vLLM logs to stdout)."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--out", out.name,
-               "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
-               "--decode-tokens", str(args.decode_tokens), "--kv-gib", str(args.kv_gib)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.json else None)
-        with open(out.name) as f:
-            return json.load(f)
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    """Position-wise share of identical greedy tokens, and mean share before the first divergence."""
-    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    prefix = []
-    for ra, rb in zip(a, b):
-        n = next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), len(ra))
-        prefix.append(n / len(ra))
-    return {"identical_tokens": same / sum(len(r) for r in a),
-            "mean_prefix_before_divergence": sum(prefix) / len(a)}
+    """One measurement (``measure``) in a fresh interpreter; its log is shown unless ``--json``."""
+    argv = ["--worker", name, "--models-dir", args.models_dir, "--batch", str(args.batch),
+            "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
+            "--kv-gib", str(args.kv_gib)]
+    return harness.run_worker(__file__, argv, show_output=not args.json)[0]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models-dir", default=os.environ.get("VLLM_DAR_MODELS", "/work/models"),
-                    help="directory holding smollm2-135m and smollm2-135m-f32")
+    ap.add_argument("--models-dir", default=harness.MODELS,
+                    help="directory holding smollm2-135m and smollm2-135m-f32 (default: the repository's "
+                         "models/, where scripts/setup.sh builds them)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=1024)
@@ -109,8 +96,7 @@ def main() -> int:
         path, dtype = CHECKPOINTS[a.worker]
         res = measure(model=os.path.join(a.models_dir, path), dtype=dtype, batch=a.batch,
                       prompt_len=a.prompt_len, decode_tokens=a.decode_tokens, kv_gib=a.kv_gib)
-        with open(a.out, "w") as f:
-            json.dump(res, f)
+        harness.write_json(a.out, res, indent=None)
         return 0
     if a.quick:
         a.rounds, a.prompt_len, a.decode_tokens = 1, 256, 32
@@ -131,7 +117,8 @@ def main() -> int:
         "median": med,
         "per_round": {n: [{k: round(x[k], 1) for k in keys} for x in rs] for n, rs in runs.items()},
         "ratio_bf16_over_fp32": {k: med["bf16"][k] / med["fp32"][k] for k in keys[:2]},
-        "greedy_agreement_bf16_vs_fp32": agreement(runs["bf16"][0]["tokens"], runs["fp32"][0]["tokens"]),
+        "greedy_agreement_bf16_vs_fp32": harness.token_agreement(runs["bf16"][0]["tokens"],
+                                                                 runs["fp32"][0]["tokens"]),
         "repeatable": {n: all(x["tokens"] == rs[0]["tokens"] for x in rs) for n, rs in runs.items()},
         "wall_s": round(time.time() - t0, 1),
     }

@@ -27,10 +27,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import time
 
+import harness
 import torch
 from quality import ROWS, plan_fraction
 
@@ -45,7 +45,7 @@ SETTINGS = ("fp32-one-call", "fp32", "bf16")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=os.environ.get("VLLM_DAR_MODEL", "models/smollm2-135m-f32"))
+    ap.add_argument("--model", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
     ap.add_argument("--context", type=int, default=1024, help="tokens per training sequence")
     ap.add_argument("--rounds", type=int, default=4, help="timed rounds (after one warm-up round)")
     ap.add_argument("--threads", type=int, default=2)

@@ -3,8 +3,8 @@
 One layer of the default model's shape (H=9 query heads, J=3 KV heads, D=64, fp16 caches, block size 16), every
 request decoding one token at ``--context``. DAR: window 64, ranks 16/16 per head, no sinks (``--window``,
 ``--rank``, ``--sinks``). vLLM: ``unified_attention`` (the kernel behind ``TRITON_ATTN``) with its split-softmax
-(3D) path enabled as its backend enables it. Achieved GB/s = bytes a decode step must move (the formula in
-``vllm_dar.ops.triton_ops``: K/V per sequence, DAR's fp32 projections once per step) / median time
+(3D) path enabled as its backend enables it. Achieved GB/s = bytes a decode step must move (the byte model in
+``vllm_dar.config``: K/V per sequence, DAR's fp32 projections once per step) / median time
 (``triton.testing.do_bench``). The ratio is vLLM's time / DAR's time (> 1: DAR faster). Prints one JSON line per
 batch size. Without a CUDA device it says so and exits 0: nothing here is measured on the CPU.
 
@@ -97,16 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks/kernels.py: no CUDA device on this machine, so the GPU kernels cannot be timed; "
               "nothing was measured (tests/kernels checks their results in Triton's interpreter).")
         return 0
-    from vllm_dar.ops.triton_ops import decode_bytes
+    from vllm_dar.config import DarConfig, ModelShape
 
     device = torch.device("cuda")
     torch.manual_seed(0)
+    shape = ModelShape(num_layers=1, num_heads=H, num_kv_heads=J, head_dim=D)
+    layer = DarConfig.uniform(shape, window=args.window, key_rank=args.rank, value_rank=args.rank,
+                              sink_tokens=args.sinks)
+    b = layer.decode_bytes(args.context, itemsize=2)  # fp16 caches
     for batch in args.batch:
-        b = decode_bytes(args.context, num_heads=H, num_kv_heads=J, head_dim=D, groups=J, key_rank=args.rank,
-                         value_rank=args.rank, window=args.window, sink_tokens=args.sinks, itemsize=2)
         t_dar = bench_dar(batch, args.context, window=args.window, rank=args.rank, sinks=args.sinks, device=device)
         t_vllm = bench_vllm(batch, args.context, device=device)
-        dar_bytes, full_bytes = batch * b["dar"] + b["projections"], batch * b["full"]
+        dar_bytes, full_bytes = batch * b.dar + b.projections, batch * b.full
         print(json.dumps({
             "context": args.context, "batch": batch, "dar_us": round(t_dar * 1e6, 1),
             "vllm_us": round(t_vllm * 1e6, 1), "dar_gbps": round(dar_bytes / t_dar / 1e9, 1),

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+import harness
 import torch
 
 from vllm_dar.convert import calibrate_model, plan
@@ -75,7 +76,7 @@ HEAL_WEIGHTS = {"heal-qkvo-calibrated-joint-fit": "qkvo"}
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.environ.get("VLLM_DAR_MODEL", "models/smollm2-135m-f32"))
+    ap.add_argument("--model", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *HEAL_ROWS],
                     help="default: every row except the (slow) heal rows")
     ap.add_argument("--context", type=int, default=2048)
@@ -241,24 +242,28 @@ def merge(path: str, out: dict) -> dict:
 
 
 def markdown(out: dict) -> str:
-    lines = [f"Held-out text: {out['eval_tokens']} tokens at context {out['context']}; calibration "
-             f"{out['calib_tokens']} tokens from other files. Full model perplexity {out['full_perplexity']}.", "",
-             "| row | setting | perplexity | vs full | KV bytes | top-1 agreement |", "|---|---|---|---|---|---|"]
+    """The README's quality tables: every row, then the cost of the learned rows."""
+    head = (f"Held-out text: {out['eval_tokens']} tokens at context {out['context']}; calibration "
+            f"{out['calib_tokens']} tokens from other files. Full model perplexity {out['full_perplexity']}.")
+    rows = [[r["row"], r["setting"], f"{r['perplexity']:.2f}", f"{r['delta_vs_full']:+.1%}",
+             f"{r['kv_fraction']:.1%}", f"{r['top1_agreement']:.1%}"] for r in out["rows"]]
+    parts = [head, "", harness.markdown_table(
+        ["row", "setting", "perplexity", "vs full", "KV bytes", "top-1 agreement"], rows)]
+    costs = []
     for r in out["rows"]:
-        lines.append(f"| {r['row']} | {r['setting']} | {r['perplexity']:.2f} | {r['delta_vs_full']:+.1%} | "
-                     f"{r['kv_fraction']:.1%} | {r['top1_agreement']:.1%} |")
-    costs = [r for r in out["rows"] if "cost" in r]
+        c = r.get("cost")
+        if c is None:
+            continue
+        minutes = c["convert_minutes"] + c.get("heal_wall_minutes", 0)
+        load = f" (load {c['load_avg_1min']}, {c['threads']} thread(s))" if "load_avg_1min" in c else ""
+        ctx = f" ({c['heal_context']})" if "heal_context" in c else ""
+        costs.append([r["row"], c["starts_from"], f"{minutes:.1f}{load}", c["calib_tokens"],
+                      f"{c.get('train_tokens', 0)}{ctx}"])
     if costs:
-        lines += ["", ("| row | starts from | minutes on this machine | calibration tokens "
-                       "| training tokens (context) |"), "|---|---|---|---|---|"]
-        for r in costs:
-            c = r["cost"]
-            minutes = c["convert_minutes"] + c.get("heal_wall_minutes", 0)
-            load = f" (load {c['load_avg_1min']}, {c['threads']} thread(s))" if "load_avg_1min" in c else ""
-            ctx = f" ({c['heal_context']})" if "heal_context" in c else ""
-            lines.append(f"| {r['row']} | {c['starts_from']} | {minutes:.1f}{load} | {c['calib_tokens']} | "
-                         f"{c.get('train_tokens', 0)}{ctx} |")
-    return "\n".join(lines)
+        header = ["row", "starts from", "minutes on this machine", "calibration tokens",
+                  "training tokens (context)"]
+        parts += ["", harness.markdown_table(header, costs)]
+    return "\n".join(parts)
 
 
 def delta_by_half(res: dict, full: dict) -> list[float]:

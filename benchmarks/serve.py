@@ -12,11 +12,11 @@ waits for ``/health``, runs vLLM's client on it::
         --random-input-len IN --random-output-len OUT --num-prompts N --ignore-eos --seed 0 --temperature 0 \\
         --num-warmups 2 --save-result --result-dir benchmarks/results/serve --result-filename {stock,dar}.json
 
-(``--request-rate`` defaults to inf: all prompts at once; ``VLLM_DAR_KERNELS`` from the environment picks the DAR
-ops and is recorded), stops the server (SIGTERM to the process group it started, SIGKILL after 60 s) and prints
-TPOT/TTFT/ITL/throughput side by side with DAR / stock ratios; the same summary goes to
-``benchmarks/results/serve/summary.json``. Server logs go to ``/tmp``, named on stderr. Run (10-20 min on the
-loaded 2-core machine, mostly two server start-ups with compilation)::
+(``--request-rate`` defaults to inf: all prompts at once; ``--dar-ops``, else ``VLLM_DAR_OPS`` from the
+environment, picks the DAR server's ops and is recorded), stops the server (SIGTERM to the process group it
+started, SIGKILL after 60 s) and prints TPOT/TTFT/ITL/throughput side by side with DAR / stock ratios; the
+same summary goes to ``benchmarks/results/serve/summary.json``. Server logs go to ``/tmp``, named on stderr.
+Run (10-20 min on the loaded 2-core machine, mostly two server start-ups with compilation)::
 
     python benchmarks/serve.py --dar /tmp/tp-dar [--num-prompts 16 --input-len 512 --output-len 64 --kv-gib 2]
 """
@@ -34,8 +34,11 @@ import tempfile
 import time
 import urllib.request
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT_DIR = os.path.join(REPO, "benchmarks", "results", "serve")
+import harness
+
+from vllm_dar import envs
+
+OUT_DIR = os.path.join(harness.RESULTS, "serve")
 METRICS = ("mean_tpot_ms", "median_tpot_ms", "mean_itl_ms", "median_itl_ms", "mean_ttft_ms", "median_ttft_ms",
            "p99_ttft_ms", "output_throughput", "total_token_throughput", "request_throughput", "duration")
 
@@ -85,7 +88,8 @@ def stop(proc: subprocess.Popen) -> None:
 def run_one(args: argparse.Namespace, name: str, model: str) -> dict:
     """Serve ``model``, benchmark it with ``vllm bench serve``, stop the server; the saved result JSON."""
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
+    env = {**(harness.dar_engine_env(args.dar_ops) if name == "dar" else os.environ),
+           "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
     serve = vllm_command() + [
         "serve", model, "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
         "--max-model-len", str(args.input_len + args.output_len + 64), "--max-num-batched-tokens", "4096",
@@ -122,9 +126,10 @@ def run_one(args: argparse.Namespace, name: str, model: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stock", default="/work/models/smollm2-135m-f32" if os.path.isdir("/work/models")
-                    else os.path.join(REPO, "models/smollm2-135m-f32"))
-    ap.add_argument("--dar", default=os.path.join(REPO, "models/smollm2-135m-dar"), help="a DAR-converted dir")
+    ap.add_argument("--stock", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
+    ap.add_argument("--dar", default=harness.DAR_MODEL, help="a DAR-converted dir")
+    ap.add_argument("--dar-ops", choices=envs.OPS_KINDS, default=None,
+                    help="VLLM_DAR_OPS for the DAR server (default: the environment's, else the plugin's)")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=64)
@@ -137,18 +142,18 @@ def main() -> int:
     with open(os.path.join(a.dar, "config.json")) as f:
         if "dar" not in json.load(f):
             raise SystemExit(f"--dar {a.dar}: config.json has no dar section")
+    ops = harness.dar_ops(a.dar_ops)  # refuses a bad VLLM_DAR_OPS before the servers start
     os.makedirs(a.out_dir, exist_ok=True)
     results = {name: run_one(a, name, model) for name, model in (("stock", a.stock), ("dar", a.dar))}
     summary = {
         "settings": {k: getattr(a, k) for k in ("stock", "dar", "num_prompts", "input_len", "output_len",
                                                  "num_warmups", "kv_gib")},
-        "dar_kernels": os.environ.get("VLLM_DAR_KERNELS", "plugin default"),
+        "dar_ops": ops,
         **{name: {k: r.get(k) for k in METRICS + ("completed", "server_startup_s")} for name, r in results.items()},
         "ratio_dar_over_stock": {k: results["dar"][k] / results["stock"][k] for k in METRICS
                                  if results["stock"].get(k) and results["dar"].get(k) is not None},
     }
-    with open(os.path.join(a.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    harness.write_json(os.path.join(a.out_dir, "summary.json"), summary)
     if a.json:
         print(json.dumps(summary, indent=2))
         return 0

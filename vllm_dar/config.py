@@ -15,6 +15,25 @@ On disk (``config.json``)::
     }
 
 Every error names the field and the bad value, so a malformed section fails loudly at load time.
+
+KV byte model: the one place these counts are written (convert, the ops, the plugin's start-up line and the
+benchmarks use it). Per layer, for one sequence of ``L`` tokens (the newest included), with ``J`` KV heads of
+width ``D`` (a *slot*: ``2 J D`` elements, K and V of one token at full width), ``H`` query heads, ``G``
+projection groups, ranks ``rk``/``rv``, window ``w`` (current token included) and ``S`` sinks, the newest token
+sees ``F = min(L, w + S)`` positions at full width (``LayerDar.full_positions``):
+
+* full attention holds, and a decode step reads, ``2 J D L`` elements (``ModelShape.kv_elems``);
+* DAR *holds* the reduced K/V of every token in the far cache, ``G (rk + rv) L``, plus the sinks and the window
+  at full width in the window cache, ``2 J D F`` (``DarConfig.kv_elems``, ``kv_fraction``,
+  ``kv_bytes_per_token``);
+* a DAR decode step *reads* the reduced K/V of the ``L - F`` far positions only, ``G (rk + rv) (L - F)``, and
+  ``2 J D F`` at full width (sinks, the ``w - 1`` cached window positions and the fresh token); plus, once per
+  step and layer for the whole batch, the fp32 projections: ``(H + J) D (rk + rv)`` elements (``Q_h``, ``U_h``
+  per query head; ``K_g``, ``V_g`` of the cache write) (``DarConfig.decode_bytes``).
+
+Not counted: block rounding, the window manager's tails and the padded far pages of per-layer ranks (the
+allocator's; vLLM's logged capacity includes them), and per step the write of the new token (``2 J D``, DAR
+also ``G (rk + rv)``) and the kernels' fp32 scratch, both negligible at long ``L``.
 """
 from __future__ import annotations
 
@@ -25,6 +44,7 @@ from dataclasses import dataclass, field
 FORMAT_VERSION = 1
 PROJECTION_FILE = "dar/projections.safetensors"  # in a subfolder: vLLM's loader globs only the top level
 HEAD_SHARING = ("per_head", "joint")
+PROJECTION_ITEMSIZE = 4  # the plugin keeps projections in fp32 (vllm_dar.ops.paged.PagedProjections)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -42,16 +62,32 @@ class ModelShape:
     head_dim: int
 
     @classmethod
-    def from_hf_config(cls, cfg) -> ModelShape:
+    def from_hf_config(cls, cfg, *, require_supported: bool = True) -> ModelShape:
+        """Shapes of a Hugging Face config (dict or object); refuses architectures DAR cannot convert unless
+        ``require_supported`` is False (byte counts of any stock model)."""
         get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
         arch = (get("architectures") or ["?"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if require_supported and arch not in SUPPORTED_ARCHITECTURES:
             raise DarConfigError(
                 f"architectures: {arch!r} is not supported; DAR conversion supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         heads = get("num_attention_heads")
         head_dim = get("head_dim") or get("hidden_size") // heads
         return cls(get("num_hidden_layers"), heads, get("num_key_value_heads") or heads, head_dim)
+
+    @property
+    def slot_elems(self) -> int:
+        """K + V elements of one token in one layer at full width: ``2 J D``."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def kv_elems(self, context: int) -> int:
+        """K/V elements full attention holds (and a decode step reads) for one ``context``-token sequence, all
+        layers."""
+        return context * self.num_layers * self.slot_elems
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Bytes full attention holds per token, all layers, at ``itemsize`` bytes per element."""
+        return self.kv_elems(1) * itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +104,36 @@ class LayerDar:
     def reduced_elems(self) -> int:
         """Reduced K+V elements stored per token (all KV heads of the layer)."""
         return self.groups * (self.key_rank + self.value_rank)
+
+    @property
+    def slot_elems(self) -> int:
+        """K + V elements of one token at full width (all KV heads of the layer)."""
+        return 2 * self.groups * self.group_dim
+
+    def full_positions(self, context: int) -> int:
+        """Positions of a ``context``-token sequence held at full width, and read so by its newest token: the
+        sinks and the window (every position while ``context <= window + sink_tokens``)."""
+        return min(context, self.window + self.sink_tokens)
+
+    def held_elems(self, context: int) -> int:
+        """K/V elements the layer's caches hold for one ``context``-token sequence (module docstring)."""
+        return context * self.reduced_elems() + self.full_positions(context) * self.slot_elems
+
+    def read_elems(self, context: int) -> int:
+        """K/V elements one decode step reads for a sequence at ``context`` tokens, the fresh one included."""
+        full = self.full_positions(context)
+        return (context - full) * self.reduced_elems() + full * self.slot_elems
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeBytes:
+    """Bytes one decode step moves (``DarConfig.decode_bytes``): ``dar`` and ``full``, the K/V one sequence
+    reads under DAR and under full attention; ``projections``, DAR's fp32 projections, read once per step for
+    the whole batch (a batch of ``B`` reads ``B * dar + projections``)."""
+
+    dar: int
+    full: int
+    projections: int
 
 
 @dataclass(frozen=True)
@@ -121,25 +187,33 @@ class DarConfig:
         return LayerDar(self.window[i], self.key_rank[i], self.value_rank[i], self.sink_tokens,
                         self.groups, self.group_dim)
 
-    # ---- bytes ----
+    # ---- bytes (the byte model of the module docstring) ----
     def kv_elems(self, context: int) -> int:
-        """K/V elements the DAR cache holds for one sequence of ``context`` tokens, all layers.
-
-        Layout (what the plugin stores): reduced K/V for every position, plus full-width K/V for the window and
-        the sink tokens. Stock attention holds ``2 * head_dim * num_kv_heads`` per token and layer.
-        """
-        s = self.shape
-        full_per_tok = 2 * s.head_dim * s.num_kv_heads
-        total = 0
-        for i in range(s.num_layers):
-            lay = self.layer(i)
-            full_positions = min(context, lay.window + lay.sink_tokens)
-            total += context * lay.reduced_elems() + full_positions * full_per_tok
-        return total
+        """K/V elements the DAR caches hold for one sequence of ``context`` tokens, all layers."""
+        return sum(self.layer(i).held_elems(context) for i in range(self.shape.num_layers))
 
     def kv_fraction(self, context: int) -> float:
+        """``kv_elems`` over what full attention holds for the same sequence."""
+        return self.kv_elems(context) / self.shape.kv_elems(context)
+
+    def kv_bytes_per_token(self, context: int, itemsize: int) -> float:
+        """Bytes the DAR caches hold per token of a ``context``-token sequence, at ``itemsize`` bytes per
+        element (the dtype the engine caches K/V in)."""
+        return self.kv_elems(context) * itemsize / context
+
+    def far_elems_per_token(self) -> int:
+        """Reduced K/V elements the far caches hold per token, all layers."""
+        return sum(self.layer(i).reduced_elems() for i in range(self.shape.num_layers))
+
+    def decode_bytes(self, context: int, itemsize: int) -> DecodeBytes:
+        """Bytes one decode step moves for a sequence at ``context`` tokens (the fresh one included), caches
+        of ``itemsize`` bytes per element, all layers (module docstring)."""
         s = self.shape
-        return self.kv_elems(context) / (context * s.num_layers * 2 * s.head_dim * s.num_kv_heads)
+        layers = [self.layer(i) for i in range(s.num_layers)]
+        heads = s.num_heads + s.num_kv_heads  # Q_h, U_h per query head; K_g, V_g: G groups of J D / G inputs
+        proj = sum(heads * s.head_dim * (lay.key_rank + lay.value_rank) for lay in layers)
+        return DecodeBytes(dar=sum(lay.read_elems(context) for lay in layers) * itemsize,
+                           full=s.kv_elems(context) * itemsize, projections=proj * PROJECTION_ITEMSIZE)
 
     # ---- (de)serialisation ----
     def to_json(self) -> dict:

@@ -2,7 +2,7 @@
 
 The DAR model runs through ``vllm_dar.reference`` (via ``vllm_dar.hf``); the stock model through transformers'
 own attention. ``kv_bytes_per_token`` counts what a cache holds for one sequence of ``context`` tokens, divided
-by ``context`` (the DAR layout: reduced K/V for every token plus the full-width window and sinks).
+by ``context`` (``vllm_dar.config``'s byte model: reduced K/V for every token, full-width window and sinks).
 """
 from __future__ import annotations
 
@@ -13,20 +13,19 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_dar
-from .config import DarConfig
+from .config import DarConfig, ModelShape
 from .hf import dar_attention_enabled, load_model
 
 
 def kv_report(cfg: DarConfig | None, model_config, context: int, dtype: torch.dtype) -> dict:
-    c = model_config
-    h = c.num_attention_heads
-    d = getattr(c, "head_dim", None) or c.hidden_size // h
-    full = 2 * d * c.num_key_value_heads * c.num_hidden_layers * torch.finfo(dtype).bits // 8
+    """KV bytes per token of one ``context``-token sequence in caches of ``dtype`` (``vllm_dar.config``'s byte
+    model), and their fraction of full attention's."""
+    shape = cfg.shape if cfg is not None else ModelShape.from_hf_config(model_config, require_supported=False)
+    full = float(shape.kv_bytes_per_token(dtype.itemsize))
     if cfg is None:
-        return {"kv_bytes_per_token": float(full), "kv_fraction": 1.0, "full_kv_bytes_per_token": float(full)}
-    frac = cfg.kv_fraction(context)
-    return {"kv_bytes_per_token": round(full * frac, 2), "kv_fraction": round(frac, 5),
-            "full_kv_bytes_per_token": float(full)}
+        return {"kv_bytes_per_token": full, "kv_fraction": 1.0, "full_kv_bytes_per_token": full}
+    return {"kv_bytes_per_token": round(cfg.kv_bytes_per_token(context, dtype.itemsize), 2),
+            "kv_fraction": round(cfg.kv_fraction(context), 5), "full_kv_bytes_per_token": full}
 
 
 def _dar_context(model, cfg, projections):

@@ -71,9 +71,8 @@ def plan(
         ranks = sorted({max(1, round(base.group_dim * f)) for f in RANK_FRACTIONS})
         errors = measure_all(stats, fits, windows=WINDOWS, ranks=ranks, sink_tokens=sink_tokens,
                              progress=progress)
-        full_per_token = 2 * shape.head_dim * shape.num_kv_heads
         settings = calibrated(errors, windows=WINDOWS, ranks=ranks, groups=groups,
-                              full_per_token=full_per_token, context=context, sink_tokens=sink_tokens,
+                              full_per_token=shape.slot_elems, context=context, sink_tokens=sink_tokens,
                               budget=budget)
     cfg = DarConfig(shape=shape, window=tuple(s.window for s in settings),
                     key_rank=tuple(s.key_rank for s in settings), value_rank=tuple(s.value_rank for s in settings),

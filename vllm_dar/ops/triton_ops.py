@@ -3,23 +3,7 @@
 Same contract as ``vllm_dar.ops.paged`` (layouts, what each cache holds, semantics); the tests in
 ``tests/kernels`` compare both launchers with ``vllm_dar.reference`` under ``TRITON_INTERPRET=1``.
 
-Bytes moved per decode step
----------------------------
-Per layer and sequence at context ``L`` (tokens incl. the new one), ``b`` bytes per cache element, ``J`` KV heads,
-``D`` head_dim, ``G`` projection groups, ranks ``rk``/``rv``, window ``w``, ``S`` sinks:
-
-* full attention reads ``2 J D L b`` (every K and V at full width);
-* DAR reads ``G (rk + rv) (L - w - S) b`` (far, reduced) ``+ 2 J D (w - 1 + S) b`` (window history and sinks)
-  ``+ 2 J D b`` (the fresh token), plus per step, shared by the whole batch, the fp32 projections
-  ``4 H D (rk + rv)`` (``Q_h``, ``U_h``) ``+ 4 J D (rk + rv)`` (``K_g``, ``V_g`` in the cache write);
-* both write the new token (``2 J D b``; DAR also ``G (rk + rv) b``) and DAR's kernels move a little fp32 scratch
-  (``q Q_h`` and the split partials, ``~4 H (rk + splits (rv + 2))`` bytes twice), both negligible at long ``L``.
-
-Default model (SmolLM2-135M: 30 layers, H=9, J=3, D=64, fp16 cache) at ``L = 4096``, ``w = 64``, ``S = 0``,
-ranks 16/16 per head (G = 3), per sequence and step over all layers:
-full attention 94,371,840 B (94.4 MB); DAR 24,698,880 B (24.7 MB) of K/V, i.e. **3.82x fewer bytes**, the
-speed-up a memory-bound decode kernel can reach at large batch. The projections add 2,949,120 B per step for the
-whole batch, so at batch 1 the bound is 94.4 / 27.6 = 3.41x. (``decode_bytes`` computes these; a test checks them.)
+Bytes moved per decode step: ``vllm_dar.config``'s byte model (``DarConfig.decode_bytes``).
 
 Launch plan (no Python loop over requests; every grid is a function of tensor shapes only)
 ------------------------------------------------------------------------------------------
@@ -186,15 +170,3 @@ def _launch(query, key, value, output, window_cache, window_table, far_cache, fa
         stride_ah=part_acc.stride(2), HEAD_DIM=d, D_PAD=d_pad, VALUE_RANK=rv, RV_PAD=rv_pad, HEADS=h // j,
         HEADS_PAD=hp_pad, BLOCK_M=bm, WINDOW_BLOCK=window_cache.shape[2], BLOCK_N=FULL_BLOCK_N,
         DOT_UPCAST=upcast)
-
-
-def decode_bytes(seq_len: int, *, num_heads: int, num_kv_heads: int, head_dim: int, groups: int, key_rank: int,
-                 value_rank: int, window: int, sink_tokens: int, itemsize: int) -> dict[str, int]:
-    """Bytes one decode step moves per layer (formula in the module docstring): ``full`` (K/V of full
-    attention), ``dar`` (DAR's K/V, per sequence) and ``projections`` (fp32 maps, once per step and layer)."""
-    jd = num_kv_heads * head_dim
-    r = key_rank + value_rank
-    far = groups * r * max(0, seq_len - window - sink_tokens) * itemsize
-    window_part = 2 * jd * (min(seq_len, window + sink_tokens) - 1) * itemsize
-    return {"full": 2 * jd * seq_len * itemsize, "dar": far + window_part + 2 * jd * itemsize,
-            "projections": 4 * (num_heads * head_dim * r + jd * r)}

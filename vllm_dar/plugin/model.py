@@ -149,9 +149,9 @@ def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int,
         return
     _logged.add(model_dir)
     cfg, s = model.cfg, model.cfg.shape
-    full = 2 * s.head_dim * s.num_kv_heads * s.num_layers * dtype_bytes
-    dar = cfg.kv_elems(context) * dtype_bytes / context
-    reduced_only = sum(cfg.layer(i).reduced_elems() for i in range(s.num_layers)) * dtype_bytes
+    full = s.kv_bytes_per_token(dtype_bytes)
+    dar = cfg.kv_bytes_per_token(context, dtype_bytes)
+    reduced_only = cfg.far_elems_per_token() * dtype_bytes
     logger.info("vllm-dar: DAR backend for %s (%s); KV bytes/token at %d context: %.0f vs %d full (%.3fx); "
                 "far cache alone %d bytes/token; window blocks of %d tokens (VLLM_DAR_BLOCK_SIZE); kernels: %s "
                 "(VLLM_DAR_KERNELS)", model_dir, cfg.describe(), context, dar, full, dar / full, reduced_only,

@@ -1,0 +1,119 @@
+"""The KV byte model (``vllm_dar.config``): its formulas by hand, the README's figures, and the callers that
+must agree with it (evaluation report, calibrated schedule, the plugin's start-up line)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_dar.config import DarConfig, ModelShape
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOLLM2 = ModelShape(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
+
+
+def test_readme_numbers_for_the_default_model():
+    # SmolLM2-135M: 30 layers, 9 query heads, 3 KV heads, D=64; fp16 cache; 4K context, w=64, ranks 16/16 per
+    # head.
+    cfg = DarConfig.uniform(SMOLLM2, window=64, key_rank=16, value_rank=16, sink_tokens=0)
+    b = cfg.decode_bytes(4096, itemsize=2)
+    full, dar, proj = b.full, b.dar, b.projections
+    assert (full, dar, proj) == (94_371_840, 24_698_880, 2_949_120)
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    for figure in (f"{full / 1e6:.1f} MB for full attention", f"{dar / 1e6:.1f} MB for DAR",
+                   f"{proj / 1e6:.1f} MB of projections", f"{full / dar:.2f}x at large batch",
+                   f"{full / (dar + proj):.2f}x at batch 1"):
+        assert figure in readme
+
+
+def test_short_context_reads_no_far_bytes():
+    """A context inside the window is full attention plus the fresh token's share: DAR saves nothing there."""
+    b = DarConfig.uniform(SMOLLM2, window=64, key_rank=16, value_rank=16, sink_tokens=4).decode_bytes(50, 2)
+    assert b.dar == b.full
+
+
+@pytest.mark.parametrize("head_sharing", ["per_head", "joint"])
+def test_held_and_read_by_hand(head_sharing):
+    shape = ModelShape(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = DarConfig(shape=shape, window=(4, 0), key_rank=(2, 5), value_rank=(3, 1), sink_tokens=1,
+                    head_sharing=head_sharing)
+    g = 2 if head_sharing == "per_head" else 1
+    slot = 2 * 2 * 8  # K + V, 2 KV heads, D = 8
+    reduced = [g * 5, g * 6]
+    full = [5, 1]  # window + sinks
+    L = 100
+    assert cfg.kv_elems(L) == sum(L * r + f * slot for r, f in zip(reduced, full))
+    assert cfg.kv_fraction(L) == cfg.kv_elems(L) / (L * 2 * slot)
+    assert cfg.kv_bytes_per_token(L, 4) == cfg.kv_elems(L) * 4 / L
+    assert cfg.far_elems_per_token() == sum(reduced)
+    b = cfg.decode_bytes(L, itemsize=2)
+    assert b.dar == 2 * sum((L - f) * r + f * slot for r, f in zip(reduced, full))
+    assert b.full == 2 * L * 2 * slot
+    assert b.projections == 4 * (4 + 2) * 8 * (5 + 6)  # fp32 Q_h, U_h per query head; K_g, V_g
+    # 3 tokens: layer 0 (w=4, 1 sink) holds all 3 at full width, layer 1 (w=0, 1 sink) only the sink; both
+    # hold the reduced K/V of all 3.
+    assert cfg.kv_elems(3) == (3 * reduced[0] + 3 * slot) + (3 * reduced[1] + 1 * slot)
+
+
+def test_kv_report_is_the_byte_model():
+    from vllm_dar.evaluate import kv_report
+
+    hf = SimpleNamespace(architectures=["LlamaForCausalLM"], num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, hidden_size=576, head_dim=64)
+    cfg = DarConfig.uniform(SMOLLM2, window=64, key_rank=16, value_rank=16, sink_tokens=4)
+    for dtype in (torch.float32, torch.bfloat16):
+        r = kv_report(cfg, hf, 2048, dtype)
+        assert r["full_kv_bytes_per_token"] == SMOLLM2.kv_bytes_per_token(dtype.itemsize)
+        assert r["kv_bytes_per_token"] == round(cfg.kv_bytes_per_token(2048, dtype.itemsize), 2)
+        assert r["kv_fraction"] == round(cfg.kv_fraction(2048), 5)
+    stock = SimpleNamespace(**{**vars(hf), "architectures": ["GPT2LMHeadModel"]})  # any stock model reports
+    assert kv_report(None, stock, 2048, torch.float32)["kv_bytes_per_token"] == 46080
+
+
+@pytest.mark.parametrize("budget", [0.15, 0.2, 0.283, 0.4])
+def test_calibrated_schedule_stays_within_the_budget(budget):
+    """convert's calibrated schedule counts bytes in its own vectorised form: its picks must fit ``budget``
+    under the byte model."""
+    from vllm_dar.convert.schedule import calibrated
+
+    shape = ModelShape(num_layers=6, num_heads=9, num_kv_heads=3, head_dim=64)
+    windows, ranks = (32, 64, 128, 256), (8, 16, 24, 32)
+    g = torch.Generator().manual_seed(0)
+    def rand():
+        return torch.rand(len(windows), len(ranks), generator=g)
+
+    errors = [(rand(), rand()) for _ in range(shape.num_layers)]
+    s = calibrated(errors, windows=windows, ranks=ranks, groups=3, full_per_token=shape.slot_elems,
+                   context=2048, sink_tokens=4, budget=budget)
+    cfg = DarConfig(shape=shape, window=tuple(x.window for x in s), key_rank=tuple(x.key_rank for x in s),
+                    value_rank=tuple(x.value_rank for x in s), sink_tokens=4)
+    assert cfg.kv_fraction(2048) <= budget + 1e-9
+    assert cfg.kv_fraction(2048) > budget - 0.05  # it spends the budget, by the same count
+
+
+def test_plugin_summary_line_is_the_byte_model():
+    from vllm_dar.plugin import model as plugin_model
+
+    cfg = DarConfig.uniform(SMOLLM2, window=64, key_rank=16, value_rank=16, sink_tokens=4)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    plugin_model.logger.addHandler(handler)
+    level = plugin_model.logger.level
+    plugin_model.logger.setLevel(logging.INFO)
+    try:
+        plugin_model.log_summary("/test/bytes-summary", plugin_model.DarModel(cfg, ()), 4, 4160,
+                                 kernels="cpp", block_size=16)
+    finally:
+        plugin_model.logger.removeHandler(handler)
+        plugin_model.logger.setLevel(level)
+    line = records[0].getMessage()
+    want = (f"KV bytes/token at 4160 context: {cfg.kv_bytes_per_token(4160, 4):.0f} vs "
+            f"{SMOLLM2.kv_bytes_per_token(4)} full (")
+    assert want in line, line
+    assert re.search(rf"far cache alone {cfg.far_elems_per_token() * 4} bytes/token", line)

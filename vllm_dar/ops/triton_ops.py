@@ -46,6 +46,8 @@ no request: their output rows are not written.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 from torch import Tensor
@@ -97,13 +99,14 @@ WORKSPACE = Workspace()  # the launchers' scratch
 def split_scratch(device: torch.device, tokens: int, heads: int, rk_pad: int, rv_pad: int, splits: int,
                   workspace: Workspace = WORKSPACE) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Views of one ``workspace`` buffer: q_red [T, H, RK_PAD], part_max and part_sum [S, T, H], part_acc
-    [S, T, H, RV_PAD] (contiguous, fp32; contents undefined until the kernels write them)."""
-    sizes = (tokens * heads * rk_pad, splits * tokens * heads, splits * tokens * heads,
-             splits * tokens * heads * rv_pad)
-    flat = workspace.take(device, sum(sizes))
-    q_red, part_max, part_sum, part_acc = flat.split(sizes)
-    return (q_red.view(tokens, heads, rk_pad), part_max.view(splits, tokens, heads),
-            part_sum.view(splits, tokens, heads), part_acc.view(splits, tokens, heads, rv_pad))
+    [S, T, H, RV_PAD] (contiguous, fp32, each starting on a 128-byte boundary so the kernels' pointers keep
+    Triton's alignment assumptions; contents undefined until the kernels write them)."""
+    shapes = ((tokens, heads, rk_pad), (splits, tokens, heads), (splits, tokens, heads),
+              (splits, tokens, heads, rv_pad))
+    sizes = [math.prod(shape) for shape in shapes]
+    padded = [-(-n // 32) * 32 for n in sizes]  # 32 fp32 = 128 bytes
+    flat = workspace.take(device, sum(padded))
+    return tuple(part[:n].view(shape) for part, n, shape in zip(flat.split(padded), sizes, shapes))
 
 
 def _pad(n: int, floor: int = 16) -> int:
@@ -179,7 +182,8 @@ def dar_paged_attention_triton(query: Tensor, key: Tensor, value: Tensor, output
     + window_table [R, *]; far_cache [nbf, G, Bf, rk + rv] + far_table [R, *]; query_start_loc: R + 1 offsets;
     seq_lens: R. Heads of a group must be contiguous (``head_group[h] == h // (H / G)``, as ``PagedProjections``
     builds it). Softmax and accumulators in fp32, dot operands in the cache dtype; writes ``output.dtype``.
-    Lists or device tensors for ``query_start_loc`` / ``seq_lens`` (tensors avoid a host copy per call).
+    Lists or device tensors for ``query_start_loc`` / ``seq_lens``: int32 tensors on the device avoid a host copy
+    per call and make the call capturable in a CUDA graph (module docstring, "CUDA graphs").
     """
     _check(query, key, value, output, window_cache, window_table, far_cache, far_table, proj)
     _launch(query, key, value, output, window_cache, window_table, far_cache, far_table, query_start_loc,

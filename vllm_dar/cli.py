@@ -19,7 +19,7 @@ def _cmd_convert(a) -> dict:
     cfg = convert(a.src, a.out, window=a.window, key_rank=a.key_rank, value_rank=a.value_rank,
                   sink_tokens=a.sink_tokens, schedule=a.schedule, method=a.method, head_sharing=a.head_sharing,
                   kv_budget=a.kv_budget, calib_files=a.calib, calib_tokens=a.calib_tokens, context=a.context,
-                  qk_reg=a.qk_reg, fit_steps=a.fit_steps, force=a.force, progress=not a.quiet)
+                  qk_reg=a.qk_reg, fit_steps=a.fit_steps, force=a.force, progress=not a.quiet, device=a.device)
     return {"out": a.out, "dar": cfg.describe(), "kv_fraction": round(cfg.kv_fraction(a.context), 4)}
 
 
@@ -35,7 +35,22 @@ def _cmd_heal(a) -> dict:
                             weights=a.weights, weight_lr=a.weight_lr, precision=a.precision,
                             average_tail=a.average_tail)
     return heal(a.dar_dir, a.out, settings=settings, resume=a.resume, force=a.force, calib_files=a.calib,
-                progress=not a.quiet)
+                progress=not a.quiet, device=a.device)
+
+
+def _device(name: str) -> str:
+    """``--device``: cpu or cuda[:N], and only a CUDA device torch can see."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device ({e})") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{name!r}: expected cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: torch sees no CUDA device on this machine")
+    return name
 
 
 def _text_windows(tokenizer, a):
@@ -109,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-tokens", type=int, default=16384)
     s.add_argument("--context", type=int, default=2048, help="calibration window and budget context")
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--device", type=_device, default="cpu",
+                   help="where the calibration forward passes run, in fp32 (cpu, cuda); fitting runs on the CPU")
     s.set_defaults(fn=_cmd_convert)
 
     s = sub.add_parser("heal", help="distil the full model into a DAR-converted one (trains the projections, "
@@ -129,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weight-lr", type=float, default=2e-4, help="learning rate of the --weights")
     s.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="matmul precision of training steps (bf16 autocast keeps fp32 parameters and losses; "
-                        "auto: bf16 where the CPU has native bf16 dot products)")
+                        "auto: bf16 where the device has native bf16 dot products: CPUs with AVX512-BF16 or AMX, "
+                        "CUDA compute capability 8.0+)")
+    s.add_argument("--device", type=_device, default="cpu", help="where the model trains (cpu, cuda)")
     s.add_argument("--average-tail", type=float, default=0.0, metavar="FRACTION",
                    help="write the mean of the trained parameters over this last fraction of the budget (default "
                         "0: the last step's)")

@@ -89,7 +89,7 @@ class HealSettings:
     data_tokens: int = 1 << 20     # calibration-split tokens to cycle through (shuffled windows)
     weights: str = ""              # attention weights trained too: letters of "qkvo" ("" = projections only)
     weight_lr: float = 2e-4
-    precision: str = "auto"        # training steps: "fp32", "bf16" (autocast), "auto" (bf16 where the CPU has
+    precision: str = "auto"        # training steps: "fp32", "bf16" (autocast), "auto" (bf16 where the device has
                                    #   native bf16 dot products, else fp32)
     average_tail: float = 0.0      # the output is the mean of the trained parameters after each step of this last
                                    #   fraction of the budget (0: the last step's)
@@ -125,16 +125,17 @@ class HealSettings:
         fr += [seconds / (60 * self.max_minutes)] if self.max_minutes else []
         return min(1.0, max(fr))
 
-    def bf16_steps(self) -> bool:
-        """Whether training steps run under bf16 autocast (``precision``, with "auto" resolved on this CPU)."""
-        return self.precision == "bf16" or (self.precision == "auto" and _native_bf16())
+    def bf16_steps(self, device_type: str = "cpu") -> bool:
+        """Whether training steps on ``device_type`` ("cpu", "cuda") run under bf16 autocast (``precision``, with
+        "auto" resolved on this machine's device of that type)."""
+        return self.precision == "bf16" or (self.precision == "auto" and _native_bf16(device_type))
 
-    def autocast(self):
-        """The context a training step's forward pass runs in. Under bf16 autocast the matmuls and attention run in
-        bf16 while parameters, Adam state, norms, the loss's softmaxes and the loss stay fp32
+    def autocast(self, device_type: str = "cpu"):
+        """The context a training step's forward pass on ``device_type`` runs in. Under bf16 autocast the matmuls
+        and attention run in bf16 while parameters, Adam state, norms, the loss's softmaxes and the loss stay fp32
         (``benchmarks/heal_speed.py`` times the settings and measures the full model's fp32-vs-bf16 KL; the healed
         model is measured in fp32 by ``benchmarks/quality.py``)."""
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_steps())
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16_steps(device_type))
 
     def lr_at(self, step: int, tokens: int, seconds: float) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps)
@@ -155,13 +156,17 @@ class TrainableProjections(nn.Module):
         return [LayerProjections(*(getattr(self, f)[i] for f in _FIELDS)) for i in range(len(self.q_proj))]
 
     def frozen(self) -> list[LayerProjections]:
-        return [LayerProjections(*(t.detach().clone() for t in (p.q_proj, p.k_down, p.v_down, p.v_up)))
+        """Copies of the current projections, on the CPU."""
+        return [LayerProjections(*(t.detach().to("cpu", copy=True) for t in (p.q_proj, p.k_down, p.v_down, p.v_up)))
                 for p in self.layers()]
 
 
-def _native_bf16() -> bool:
-    """Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16, which
-    loses precision without gaining speed. Private torch probes, so a torch without them means fp32."""
+def _native_bf16(device_type: str = "cpu") -> bool:
+    """Whether this machine's ``device_type`` device has native bf16 dot products: CUDA from compute capability
+    8.0 (tensor cores); CPUs with AVX512-BF16 or AMX (elsewhere oneDNN emulates bf16, which loses precision without
+    gaining speed; private torch probes, so a torch without them means fp32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
@@ -188,8 +193,9 @@ class _DistillHead(torch.autograd.Function):
         n = s_hidden.shape[0]
         n_lm = max(1, int((targets >= 0).sum()))
         grad = torch.zeros_like(s_hidden)
-        if torch.is_autocast_enabled("cpu"):  # cast the [V, hidden] weight once, not once per block and product
-            weight = weight.to(torch.get_autocast_dtype("cpu"))
+        device_type = s_hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # cast the [V, hidden] weight once, not once per block and product
+            weight = weight.to(torch.get_autocast_dtype(device_type))
         kl_sum = lm_sum = 0.0
         for a in range(0, n, rows):
             b = min(n, a + rows)
@@ -267,7 +273,7 @@ def trainables(model, projections: list[LayerProjections], settings: HealSetting
         p.requires_grad_(False)
     teacher = copy.deepcopy(model).eval() if settings.weights else None
     weights = attention_weights(model, settings.weights)
-    params = TrainableProjections(projections)
+    params = TrainableProjections(projections).to(next(model.parameters()).device)
     groups = [{"params": list(params.parameters()), "lr": settings.lr, "base_lr": settings.lr}]
     if weights:
         for p in weights.values():
@@ -278,10 +284,11 @@ def trainables(model, projections: list[LayerProjections], settings: HealSetting
 
 def train_step(model, cfg: DarConfig, ids: Tensor, params: TrainableProjections, opt: torch.optim.Optimizer,
                settings: HealSettings, teacher=None) -> dict:
-    """One optimiser step on token ids [B, T]: the forward pass under ``settings.autocast()`` (only the forward,
-    as torch advises), backward and the Adam step outside it. Returns the loss's metrics."""
+    """One optimiser step on token ids [B, T] (on the model's device): the forward pass under
+    ``settings.autocast()`` (only the forward, as torch advises), backward and the Adam step outside it. Returns
+    the loss's metrics."""
     with torch.enable_grad():
-        with settings.autocast():
+        with settings.autocast(ids.device.type):
             loss, m = distill_loss(model, ids, cfg, params.layers(), kl_weight=settings.kl_weight,
                                    lm_weight=settings.lm_weight, teacher=teacher)
         opt.zero_grad(set_to_none=True)
@@ -303,6 +310,7 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
     from tqdm import tqdm
 
     teacher, weights, params, opt = trainables(model, projections, settings)
+    device = next(model.parameters()).device
     if state is None:
         state = new_state(params, opt, settings, source={})
     params.load_state_dict(state["params"])
@@ -335,7 +343,7 @@ def heal_projections(model, cfg: DarConfig, projections: list[LayerProjections],
             lr = settings.lr_at(state["step"], state["tokens"], state["seconds"])
             for g in opt.param_groups:
                 g["lr"] = lr * g.get("base_lr", settings.lr) / settings.lr  # runs saved before weights: one group
-            ids = torch.tensor([windows[int(order[state["step"] % len(windows)])]])  # [1, T]
+            ids = torch.tensor([windows[int(order[state["step"] % len(windows)])]], device=device)  # [1, T]
             m = train_step(model, cfg, ids, params, opt, settings, teacher)
             last_step = time.time() - t0
             state["step"] += 1
@@ -423,11 +431,12 @@ def _check_resume(state: dict, settings: HealSettings, source: dict, out: str) -
 
 def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False, force: bool = False,
          calib_files: list[str] | None = None, progress: bool = True,
-         on_step: Callable[[dict], bool | None] | None = None) -> dict:
+         on_step: Callable[[dict], bool | None] | None = None, device: str = "cpu") -> dict:
     """Heal the DAR-converted checkpoint ``dar_dir`` into ``out`` (an ordinary DAR-converted checkpoint).
 
     Returns a summary; ``finished`` is False when ``on_step`` stopped the run early (then ``out`` holds only the
-    run state, and ``resume=True`` continues it)."""
+    run state, and ``resume=True`` continues it). ``device``: where the model and the training run (a run saved on
+    one device resumes on any)."""
     from .data import split_files, token_windows
     from .hf import load_model
 
@@ -442,7 +451,7 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
         path = _state_path(out)
         if path is None:
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")
         _check_resume(state, settings, source, out)
     elif os.path.exists(out):
         if not force:
@@ -450,6 +459,7 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     model, tokenizer = load_model(dar_dir, dtype="float32")
+    model.to(device)
     files = calib_files or split_files()[0]  # the calibration split only: held-out text is never trained on
     windows = token_windows(tokenizer, files, context=settings.context, max_tokens=settings.data_tokens)
     live = os.path.join(out, STATE_FILE)
@@ -465,12 +475,13 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
     if not finished:
         return summary
     record = {k: v for k, v in summary.items() if k not in ("out", "finished", "wall_minutes_this_run")}
-    record.update(settings={k: v for k, v in asdict(settings).items()}, bf16_steps=settings.bf16_steps(),
+    record.update(settings={k: v for k, v in asdict(settings).items()},
+                  bf16_steps=settings.bf16_steps(torch.device(device).type), device=str(device),
                   source=source["dar_dir"], train_windows=len(windows))
     healed_cfg = DarConfig(**{**cfg.__dict__, "method": f"{cfg.method}+heal",
                               "extra": {**cfg.extra, "heal": record}})
     # replaces out (and its live state) atomically; trained attention weights replace the source's
-    trained = {k: p.detach() for k, p in attention_weights(model, settings.weights).items()}  # the output's (mean)
+    trained = {k: p.detach().cpu() for k, p in attention_weights(model, settings.weights).items()}  # the output's
     write_converted(dar_dir, out, healed_cfg, healed, force=True, weights=trained or None)
     _save_state(os.path.join(out, FINAL_STATE), {**state, "source": source})
     return summary

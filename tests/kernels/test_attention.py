@@ -1,4 +1,5 @@
-"""Triton DAR paged attention (``dar_paged_attention_triton``) against the dense reference, in the interpreter.
+"""Triton DAR paged attention (``dar_paged_attention_triton``) against the dense reference, natively on CUDA or in
+the interpreter (``layout.kernel_device``).
 
 Batches come from ``layout.build_batch``: shuffled block tables, block 0 a NaN null block, every slot outside the
 contract NaN. Tolerances: fp32 1e-5 (same math, other summation order and exp2 for exp); bf16 2e-2 (one bf16 ulp
@@ -16,10 +17,11 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (its interp
 from vllm_dar.ops import triton_ops
 from vllm_dar.ops.triton_ops import dar_paged_attention_triton
 
-from .layout import Shape, build_batch
+from .layout import Shape, build_batch, kernel_device
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SCALE = 0.3
+DEVICE = kernel_device()
 
 # name: (requests [(seq_len, q_len)], shape (H, J, D, rk, rv[, joint]), window, sinks, block table dtype[, blocks]);
 # blocks: (window block, far block) tokens, default (8, 16); the plugin uses 16 and a multiple of 16 (64 at 16/16)
@@ -41,14 +43,15 @@ def batch_of(name: str, dtype=torch.float32):
     reqs, shape, window, sinks, table_dtype, *blocks = SCENARIOS[name]
     wb, fb = blocks[0] if blocks else (8, 16)
     return build_batch(reqs, shape, window=window, sinks=sinks, dtype=dtype, table_dtype=table_dtype,
-                       window_block=wb, far_block=fb), window, sinks
+                       window_block=wb, far_block=fb, device=DEVICE), window, sinks
 
 
 def run(batch, *, window: int, sinks: int) -> torch.Tensor:
+    """The kernels' output for ``batch``, on the CPU."""
     out = torch.full_like(batch.query, float("nan"))
     dar_paged_attention_triton(batch.query, batch.key, batch.value, out,
                                **batch.kwargs(window=window, sink_tokens=sinks, scale=SCALE))
-    return out
+    return out.cpu()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -67,7 +70,7 @@ def test_far_splits_agree(splits):
     out = torch.full_like(b.query, float("nan"))
     triton_ops._launch(b.query, b.key, b.value, out, b.window_cache, b.window_table, b.far_cache, b.far_table,
                        b.query_start_loc, b.seq_lens, b.proj, window, sinks, SCALE, splits=splits)
-    torch.testing.assert_close(out, b.reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), b.reference, rtol=1e-5, atol=1e-5)
 
 
 def test_large_block_ids():
@@ -76,7 +79,7 @@ def test_large_block_ids():
     blocks in use."""
     reqs, shape = [(40, 1), (20, 4)], Shape(3, 1, 16, 16, 16)
     b = build_batch(reqs, shape, window=8, sinks=2, dtype=torch.bfloat16, window_block=4, far_block=4,
-                    table_dtype=torch.int32, first_block=1 << 24)
+                    table_dtype=torch.int32, first_block=1 << 24, device=DEVICE)
     for cache, table in ((b.far_cache, b.far_table), (b.window_cache, b.window_table)):
         assert cache.stride(0) * int(table[table > 0].min()) >= 1 << 31
     out = run(b, window=8, sinks=2)
@@ -86,13 +89,14 @@ def test_large_block_ids():
 def test_padding_tokens_untouched():
     """Tokens after query_start_loc[-1] (CUDA-graph padding) belong to no request: their output is not written."""
     reqs, shape, window, sinks, table_dtype = SCENARIOS["single_decode"]
-    b = build_batch(reqs + [(12, 1)], shape, window=window, sinks=sinks, table_dtype=table_dtype)
+    b = build_batch(reqs + [(12, 1)], shape, window=window, sinks=sinks, table_dtype=table_dtype, device=DEVICE)
     pad = 3
-    query = torch.cat([b.query, torch.randn(pad, *b.query.shape[1:])])
-    key = torch.cat([b.key, torch.randn(pad, *b.key.shape[1:])])
-    value = torch.cat([b.value, torch.randn(pad, *b.value.shape[1:])])
+    query = torch.cat([b.query, torch.randn(pad, *b.query.shape[1:], device=DEVICE)])
+    key = torch.cat([b.key, torch.randn(pad, *b.key.shape[1:], device=DEVICE)])
+    value = torch.cat([b.value, torch.randn(pad, *b.value.shape[1:], device=DEVICE)])
     out = torch.full_like(query, 7.0)
     dar_paged_attention_triton(query, key, value, out, **b.kwargs(window=window, sink_tokens=sinks, scale=SCALE))
+    out = out.cpu()
     torch.testing.assert_close(out[:-pad], b.reference, rtol=1e-5, atol=1e-5)
     assert bool((out[-pad:] == 7.0).all())
 
@@ -112,5 +116,5 @@ def test_random_batches(seed):
     shape = pick([Shape(4, 2, 16, 8, 16), Shape(6, 3, 16, 16, 8, joint=True), Shape(8, 1, 16, 16, 16)])
     window, sinks = pick([0, 1, 5, 16, 64]), pick([0, 1, 3])
     b = build_batch(reqs, shape, window=window, sinks=sinks, seed=seed, window_block=pick([4, 16]),
-                    far_block=pick([16, 48]))
+                    far_block=pick([16, 48]), device=DEVICE)
     torch.testing.assert_close(run(b, window=window, sinks=sinks), b.reference, rtol=1e-5, atol=1e-5)

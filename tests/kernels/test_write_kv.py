@@ -1,4 +1,5 @@
-"""Triton cache write (``write_kv_triton``) against ``write_slots`` + ``reduce_tokens`` (plain PyTorch).
+"""Triton cache write (``write_kv_triton``) against ``write_slots`` + ``reduce_tokens`` (plain PyTorch), natively
+on CUDA or in the interpreter (``layout.kernel_device``); the reference writes on the CPU.
 
 Both start from the same NaN caches; slots < 0 and slots in the null block 0 must stay untouched (NaN).
 Tolerances: fp32 1e-5 (the reduction's summation order differs); bf16: one ulp of the stored value (2^-8
@@ -14,9 +15,10 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (its interp
 from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
 from vllm_dar.ops.triton_ops import write_kv_triton
 
-from .layout import Shape, nan_cache, random_projections
+from .layout import Shape, kernel_device, nan_cache, random_projections
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (8e-3, 1e-2)}  # (rtol, atol)
+DEVICE = kernel_device()
 
 # name: (shape (H, J, D, rk, rv[, joint]), tokens)
 SCENARIOS = {
@@ -46,19 +48,20 @@ def check(shape: Shape, tokens: int, dtype, *, first_block: int = 0, window_bloc
     wslots = slots_for(tokens, nb_w, window_block, gen, first_block)
     fslots = slots_for(tokens, nb_f, far_block, gen, first_block)
     caches = []
-    for _ in range(2):
-        caches.append((nan_cache(nb_w, j, window_block, 2 * d, dtype, first_block),
+    for device in (DEVICE, "cpu"):  # the kernel's, the reference's
+        caches.append((nan_cache(nb_w, j, window_block, 2 * d, dtype, first_block, device),
                        nan_cache(nb_f, shape.groups, far_block, shape.key_rank + shape.value_rank, dtype,
-                                 first_block)))
+                                 first_block, device)))
     (wk, fk), (wr, fr) = caches
-    write_kv_triton(key, value, window_cache=wk, window_slots=wslots, far_cache=fk, far_slots=fslots, proj=proj)
+    write_kv_triton(key.to(DEVICE), value.to(DEVICE), window_cache=wk, window_slots=wslots.to(DEVICE), far_cache=fk,
+                    far_slots=fslots.to(DEVICE), proj=proj.to(DEVICE))
     keep_w, keep_f = wslots >= window_block, fslots >= far_block
     write_slots(wr, wslots[keep_w], key[keep_w], value[keep_w])
     write_slots(fr, fslots[keep_f], reduce_tokens(key[keep_f], proj.k_down), reduce_tokens(value[keep_f], proj.v_down))
     rtol, atol = TOL[dtype]
     lo = max(1, first_block) if first_block else 0  # huge caches: compare only the blocks that exist in memory
-    torch.testing.assert_close(wk[lo:], wr[lo:], rtol=0, atol=0, equal_nan=True)  # a copy: exact
-    torch.testing.assert_close(fk[lo:], fr[lo:], rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(wk[lo:].cpu(), wr[lo:], rtol=0, atol=0, equal_nan=True)  # a copy: exact
+    torch.testing.assert_close(fk[lo:].cpu(), fr[lo:], rtol=rtol, atol=atol, equal_nan=True)
     assert bool(wk[0].isnan().all()) and bool(fk[0].isnan().all()), "the null block was written"
 
 

@@ -21,9 +21,11 @@ __all__ = ["METHODS", "SCHEDULES", "calibrate_model", "convert", "plan"]
 
 
 def calibrate_model(src: str, *, calib_files: list[str] | None, calib_tokens: int, context: int,
-                    sink_tokens: int, progress: bool = True):
-    """Load ``src`` in fp32 and collect calibration statistics. Returns (model, stats, record)."""
+                    sink_tokens: int, progress: bool = True, device: str = "cpu"):
+    """Load ``src`` in fp32 on ``device`` and collect calibration statistics (on the CPU). Returns (model, stats,
+    record)."""
     model, tokenizer = load_model(src, dtype="float32")
+    model.to(device)
     files = calib_files or split_files()[0]
     windows = token_windows(tokenizer, files, context=context, max_tokens=calib_tokens)
     stats = calibrate(model, windows, sink_tokens=sink_tokens, progress=progress)
@@ -118,8 +120,10 @@ def convert(
     fit_steps: int = 200,
     force: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> DarConfig:
-    """Convert the Hugging Face checkpoint ``src`` into a DAR-converted checkpoint at ``out``."""
+    """Convert the Hugging Face checkpoint ``src`` into a DAR-converted checkpoint at ``out``. ``device``: where
+    the calibration forward passes run (fp32); fitting and scheduling run on the CPU."""
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     if method not in METHODS:
@@ -134,7 +138,8 @@ def convert(
         raise DarConfigError(f"--kv-budget: {kv_budget} must be in (0, 1]")
     t0 = time.time()
     model, stats, record = calibrate_model(src, calib_files=calib_files, calib_tokens=calib_tokens,
-                                           context=context, sink_tokens=sink_tokens, progress=progress)
+                                           context=context, sink_tokens=sink_tokens, progress=progress,
+                                           device=device)
     del model
     with torch.no_grad():
         cfg, projections = plan(shape, stats, window=window, key_rank=key_rank, value_rank=value_rank,

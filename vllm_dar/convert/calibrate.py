@@ -42,12 +42,14 @@ def _blocks(c: Tensor, groups: int) -> Tensor:
 
 def calibrate(model, windows: list[list[int]], *, sink_tokens: int, progress: bool = True) -> list[LayerStats]:
     """Second moments over ``windows`` (token id lists). Key/value moments skip the first ``sink_tokens``
-    positions of each window: those are kept at full width and, as attention sinks, would dominate the fit."""
+    positions of each window: those are kept at full width and, as attention sinks, would dominate the fit.
+    Runs on the model's device (sums there too); the returned statistics are on the CPU."""
     cfg = model.config
+    device = next(model.parameters()).device
     h, j = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
-    stats = [LayerStats(cq=torch.zeros(j, d, d, dtype=torch.float64),
-                        ckv=torch.zeros(2, j * d, j * d, dtype=torch.float64))
+    stats = [LayerStats(cq=torch.zeros(j, d, d, dtype=torch.float64, device=device),
+                        ckv=torch.zeros(2, j * d, j * d, dtype=torch.float64, device=device))
              for _ in attention_modules(model)]
     first = [True]
 
@@ -61,14 +63,15 @@ def calibrate(model, windows: list[list[int]], *, sink_tokens: int, progress: bo
         st.ckv += kv.mT @ kv
         st.tokens += kv.shape[1]
         if first[0]:
-            st.sample = (q[0].float().clone(), k[0].float().clone(), v[0].float().clone())
+            st.sample = tuple(x[0].to("cpu", torch.float32, copy=True) for x in (q, k, v))
 
     with torch.no_grad(), capture(model, sink):
         for ids in tqdm(windows, desc="calibrating", unit="window", disable=not progress):
-            model(torch.tensor([ids]), use_cache=False)
+            model(torch.tensor([ids], device=device), use_cache=False)
             first[0] = False
     for st, mod in zip(stats, attention_modules(model)):
-        wo = mod.o_proj.weight.detach().double()  # [hidden, H*D]
+        st.cq, st.ckv = st.cq.cpu(), st.ckv.cpu()
+        wo = mod.o_proj.weight.detach().double().cpu()  # [hidden, H*D]
         per_head = wo.reshape(wo.shape[0], h, d).permute(1, 2, 0)  # [H, D, hidden]
         m = per_head @ per_head.mT  # [H, D, D]
         st.wo_metric = m.reshape(j, h // j, d, d).sum(1).float()

@@ -15,8 +15,22 @@ A query tile is ``BLOCK_M`` tokens of one request times all query heads sharing 
 decode-only batches, 64 when the batch holds a prefill chunk (more queries per K/V load). Request r's tiles start at
 ``qsl[r] // BLOCK_M + r``, so ``T // BLOCK_M + R`` programs cover any batch; surplus programs exit at once. Keys go
 by ``FAR_BLOCK_N`` / ``FULL_BLOCK_N`` positions per inner step; splits: ``num_splits``.
+
+CUDA graphs
+-----------
+``dar_paged_attention_triton`` with device tensors for ``query_start_loc`` / ``seq_lens`` (int32, as vLLM keeps
+them) is capturable: it reads no tensor value on the host (no ``.item()``, ``.tolist()``, ``int(tensor)``), its
+grids and split count are functions of tensor shapes only, and its fp32 scratch (``q Q_h`` and the split partials)
+comes from ``Workspace``: one grow-only buffer per device, allocated on the first call that needs more and reused
+by every later call, so a replayed graph finds its scratch where it was captured. The window and far tables'
+widths (their capacity) fix the split count, not the requests' lengths. Requests with no query tokens (vLLM pads a
+replayed decode graph with them: ``query_start_loc`` repeats its last value, ``seq_lens`` holds 0 and the block
+table rows the null block) own one tile each that exits at once, and tokens past ``query_start_loc[-1]`` belong to
+no request: their output rows are not written.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -36,6 +50,47 @@ DECODE_ROWS, PREFILL_ROWS = 16, 64  # rows (token x head) per attention program
 MIN_KEYS_PER_SPLIT = 256  # below this, another split costs more (scratch, merge) than the parallelism it adds
 MAX_SPLITS = 16
 SCRATCH_BYTES = 64 << 20  # cap on the fp32 split partials
+
+
+class Workspace:
+    """Grow-only fp32 scratch, one buffer per device, shared by every launch on that device.
+
+    ``take(device, numel)`` returns the first ``numel`` elements of the device's buffer, allocating a larger one
+    (the next power of two) only when it is too small. Launches on one device run in stream order, and a launch
+    consumes its scratch before it returns control to the stream, so layers can share it; two streams launching at
+    once on one device would need a workspace each. Replaced buffers are kept, not freed: a CUDA graph captured
+    with one keeps its address, and freeing it would let the allocator hand that memory to another tensor.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, list[Tensor]] = {}
+
+    def take(self, device: torch.device, numel: int) -> Tensor:
+        held = self._buffers.setdefault(device, [])
+        if not held or held[-1].numel() < numel:
+            held.append(torch.empty(triton.next_power_of_2(max(numel, 1)), dtype=torch.float32, device=device))
+        return held[-1][:numel]
+
+    def buffer(self, device: torch.device) -> Tensor | None:
+        """The buffer ``take`` currently carves from (None before the first call on ``device``)."""
+        held = self._buffers.get(device)
+        return held[-1] if held else None
+
+
+WORKSPACE = Workspace()  # the launchers' scratch
+
+
+def split_scratch(device: torch.device, tokens: int, heads: int, rk_pad: int, rv_pad: int, splits: int,
+                  workspace: Workspace = WORKSPACE) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Views of one ``workspace`` buffer: q_red [T, H, RK_PAD], part_max and part_sum [S, T, H], part_acc
+    [S, T, H, RV_PAD] (contiguous, fp32, each starting on a 128-byte boundary so the kernels' pointers keep
+    Triton's alignment assumptions; contents undefined until the kernels write them)."""
+    shapes = ((tokens, heads, rk_pad), (splits, tokens, heads), (splits, tokens, heads),
+              (splits, tokens, heads, rv_pad))
+    sizes = [math.prod(shape) for shape in shapes]
+    padded = [-(-n // 32) * 32 for n in sizes]  # 32 fp32 = 128 bytes
+    flat = workspace.take(device, sum(padded))
+    return tuple(part[:n].view(shape) for part, n, shape in zip(flat.split(padded), sizes, shapes))
 
 
 def _pad(n: int, floor: int = 16) -> int:
@@ -111,7 +166,8 @@ def dar_paged_attention_triton(query: Tensor, key: Tensor, value: Tensor, output
     + window_table [R, *]; far_cache [nbf, G, Bf, rk + rv] + far_table [R, *]; query_start_loc: R + 1 offsets;
     seq_lens: R. Heads of a group must be contiguous (``head_group[h] == h // (H / G)``, as ``PagedProjections``
     builds it). Softmax and accumulators in fp32, dot operands in the cache dtype; writes ``output.dtype``.
-    Lists or device tensors for ``query_start_loc`` / ``seq_lens`` (tensors avoid a host copy per call).
+    Lists or device tensors for ``query_start_loc`` / ``seq_lens``: int32 tensors on the device avoid a host copy
+    per call and make the call capturable in a CUDA graph (module docstring, "CUDA graphs").
     """
     _check(query, key, value, output, window_cache, window_table, far_cache, far_table, proj)
     _launch(query, key, value, output, window_cache, window_table, far_cache, far_table, query_start_loc,
@@ -135,15 +191,13 @@ def _launch(query, key, value, output, window_cache, window_table, far_cache, fa
     qk_scale = scale * LOG2E
     upcast = isinstance(dar_far_kernel, InterpretedFunction)  # the interpreter's bf16 tl.dot is wrong: see mma
 
-    q_red = torch.empty(t, h, rk_pad, dtype=torch.float32, device=dev)  # [T, H, RK_PAD]
+    q_red, part_max, part_sum, part_acc = split_scratch(dev, t, h, rk_pad, rv_pad, splits)
+    # q_red [T, H, RK_PAD]; part_max, part_sum [S, T, H]; part_acc [S, T, H, RV_PAD]
     dar_query_project_kernel[(triton.cdiv(t, BLOCK_T), h)](
         query_ptr=query, q_proj_ptr=proj.q_proj, q_red_ptr=q_red, num_tokens=t, qk_scale=qk_scale,
         stride_qt=query.stride(0), stride_qh=query.stride(1), stride_rt=q_red.stride(0), stride_rh=q_red.stride(1),
         HEAD_DIM=d, D_PAD=d_pad, KEY_RANK=rk, RK_PAD=rk_pad, BLOCK_T=BLOCK_T)
 
-    part_max = torch.empty(splits, t, h, dtype=torch.float32, device=dev)  # [S, T, H]
-    part_sum = torch.empty_like(part_max)
-    part_acc = torch.empty(splits, t, h, rv_pad, dtype=torch.float32, device=dev)  # [S, T, H, RV_PAD]
     hp_pad, bm = _rows_plan(h // g, rows)
     dar_far_kernel[(t // bm + r, g, splits)](
         q_red_ptr=q_red, far_cache_ptr=far_cache, far_table_ptr=far_table, part_max_ptr=part_max,

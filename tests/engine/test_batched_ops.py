@@ -1,4 +1,5 @@
-"""The fast CPU DAR op (vllm_dar.ops.batched) against the dense reference, on shuffled paged layouts.
+"""The C++ CPU DAR ops (vllm_dar.ops.cpp) and the reference ops (vllm_dar.ops.paged, their fallback) against the
+dense reference, on shuffled paged layouts.
 
 Each request's blocks come shuffled from a shared pool; block 0 is the null block. Every slot the contract says
 is not valid at attention time is NaN: window-cache slots outside the sinks and the history window (and the
@@ -9,14 +10,13 @@ K/V and of the output (2^-8 relative each): 2e-2.
 """
 from __future__ import annotations
 
-import inspect
+import functools
 import sys
 
 import pytest
 import torch
 
-from vllm_dar.ops import batched, cpu_kernel, paged
-from vllm_dar.ops.batched import dar_paged_attention_batched
+from vllm_dar.ops import DarOps, cpp, paged, select_ops
 from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
 from vllm_dar.reference import LayerProjections, dar_attention
 
@@ -96,37 +96,42 @@ SCENARIOS = [
 IDS = [s[0] for s in SCENARIOS]
 
 
-@pytest.fixture(params=[None, 1 << 9], ids=["one_tile", "small_tiles"])
-def tile_elems(request, monkeypatch):
-    """Run prefill chunks as one query tile and as many small ones (the tiling must not change results)."""
-    if request.param is not None:
-        monkeypatch.setattr(batched, "_TILE_ELEMS", request.param)
-        monkeypatch.setattr(cpu_kernel, "ROWS_PER_ITEM", 4)  # one or two queries per kernel work item
+def cpp_ops() -> DarOps:
+    assert cpp.load(), "the C++ ops did not build"
+    return select_ops("cpp")
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def impl(request, monkeypatch):
-    """The C++ kernel and the PyTorch path."""
-    if request.param == "kernel":
-        assert cpu_kernel.kernel() is not None, "the C++ kernel did not build"
-    monkeypatch.setattr(batched, "USE_KERNEL", request.param == "kernel")
+@pytest.fixture(params=["cpp", "reference"])
+def ops(request) -> DarOps:
+    """The C++ ops and the reference ops (the fallback where the C++ ops cannot be built)."""
+    return cpp_ops() if request.param == "cpp" else select_ops("reference")
+
+
+@pytest.fixture(params=["cpp", "cpp_small_items", "reference"])
+def attend(request):
+    """The C++ attention with its default work items and with one or two queries per work item (the split must
+    not change results), and the reference attention."""
+    if request.param == "reference":
+        return select_ops("reference").attend
+    fn = cpp_ops().attend
+    return fn if request.param == "cpp" else functools.partial(fn, rows_per_item=4)
 
 
 @pytest.mark.parametrize("dims", [SMALL, SMOL], ids=["small", "smol"])
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS, ids=IDS)
-def test_batched_matches_reference_fp32(name, reqs, window, sinks, joint, dims, tile_elems, impl):
+def test_ops_match_reference_fp32(name, reqs, window, sinks, joint, dims, attend):
     query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.float32, dims)
     out = torch.full_like(query, float("nan"))
-    dar_paged_attention_batched(query, key, value, out, **args)
+    attend(query, key, value, out, **args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS[:4] + SCENARIOS[5:6], ids=IDS[:4] + IDS[5:6])
 @pytest.mark.parametrize("dims", [SMALL, SMOL], ids=["small", "smol"])
-def test_batched_matches_reference_bf16(name, reqs, window, sinks, joint, dims, impl):
+def test_ops_match_reference_bf16(name, reqs, window, sinks, joint, dims, ops):
     query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.bfloat16, dims)
     out = torch.full_like(query, float("nan"))
-    dar_paged_attention_batched(query, key, value, out, **args)
+    ops.attend(query, key, value, out, **args)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
@@ -142,30 +147,23 @@ def test_kernel_far_blocks_of_partial_tiles(name, reqs, window, sinks, joint, di
     """40-token far blocks: the kernel's 16-position score tiles end mid-block (16 + 16 + 8), at every
     visible-prefix length; with rk = 32 each tile sums two rank tiles."""
     monkeypatch.setattr(sys.modules[__name__], "FBS", 40)
-    assert cpu_kernel.kernel() is not None, "the C++ kernel did not build"
-    monkeypatch.setattr(batched, "USE_KERNEL", True)
     query, key, value, args, ref = build_batch(reqs, window, sinks, joint, dtype, dims)
     out = torch.full_like(query, float("nan"))
-    dar_paged_attention_batched(query, key, value, out, **args)
+    cpp_ops().attend(query, key, value, out, **args)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
-def _loop_takes_fresh_kv() -> bool:
-    return "key" in inspect.signature(paged.dar_paged_attention).parameters
-
-
-@pytest.mark.skipif(not _loop_takes_fresh_kv(), reason="vllm_dar.ops.paged not yet on the fresh-K/V contract")
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS, ids=IDS)
-def test_batched_matches_loop_op(name, reqs, window, sinks, joint):
+def test_cpp_matches_reference_ops(name, reqs, window, sinks, joint):
     query, key, value, args, _ = build_batch(reqs, window, sinks, joint, torch.float32)
     fast, loop = torch.empty_like(query), torch.empty_like(query)
-    dar_paged_attention_batched(query, key, value, fast, **args)
+    cpp_ops().attend(query, key, value, fast, **args)
     paged.dar_paged_attention(query, key, value, loop, **args)
     torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)
 
 
-def test_strided_rows_like_vllm_qkv(impl):
+def test_strided_rows_like_vllm_qkv(ops):
     """vLLM hands attention views of one fused qkv projection (token stride (H + 2J) * D): same result."""
     query, key, value, args, ref = build_batch(SCENARIOS[2][1], 16, 4, False, torch.float32)
     t, h, d = query.shape
@@ -175,7 +173,7 @@ def test_strided_rows_like_vllm_qkv(impl):
     k_v = qkv[:, h * d: (h + j) * d].view(t, j, d)
     v_v = qkv[:, (h + j) * d:].view(t, j, d)
     out = torch.full_like(query, float("nan"))
-    dar_paged_attention_batched(q_v, k_v, v_v, out, **args)
+    ops.attend(q_v, k_v, v_v, out, **args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -190,32 +188,32 @@ def padded(cache: torch.Tensor, extra: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("joint", [False, True], ids=["per_head", "joint"])
-def test_padded_pages(impl, joint):
+def test_padded_pages(ops, joint):
     """Strided (padded-page) caches give the reference result; the kernel reads them in place, through the
     block stride (the NaN padding would show if it read across a block's end)."""
     query, key, value, args, ref = build_batch(SCENARIOS[2][1], 16, 4, joint, torch.float32)
     args = {**args, "far_cache": padded(args["far_cache"], 40), "window_cache": padded(args["window_cache"], 8)}
     assert not args["far_cache"].is_contiguous()
-    assert cpu_kernel.dense_blocks(args["far_cache"]) and cpu_kernel.dense_blocks(args["window_cache"])
+    assert cpp.dense_blocks(args["far_cache"]) and cpp.dense_blocks(args["window_cache"])
     out = torch.full_like(query, float("nan"))
-    dar_paged_attention_batched(query, key, value, out, **args)
+    ops.attend(query, key, value, out, **args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_dense_blocks():
     """Which cache views the kernel reads in place: dense or padded blocks yes, anything else no."""
     cache = torch.zeros(6, 3, 16, 32)
-    assert cpu_kernel.dense_blocks(cache)
-    assert cpu_kernel.dense_blocks(padded(cache, 5))
-    assert not cpu_kernel.dense_blocks(cache.transpose(1, 2).contiguous().transpose(1, 2))  # [nb, B, heads, C]
-    assert not cpu_kernel.dense_blocks(cache[:, :, :, :16])  # rows narrower than their stride
+    assert cpp.dense_blocks(cache)
+    assert cpp.dense_blocks(padded(cache, 5))
+    assert not cpp.dense_blocks(cache.transpose(1, 2).contiguous().transpose(1, 2))  # [nb, B, heads, C]
+    assert not cpp.dense_blocks(cache[:, :, :, :16])  # rows narrower than their stride
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("joint", [False, True], ids=["per_head", "joint"])
 @pytest.mark.parametrize("pad", [0, 24], ids=["dense", "padded"])
-def test_write_matches_pytorch(impl, dtype, joint, pad):
-    """The cache write (C++ kernel and PyTorch path) equals ``write_slots`` of the full-width and the reduced
+def test_write_matches_pytorch(ops, dtype, joint, pad):
+    """The cache write (C++ and reference ops) equals ``write_slots`` of the full-width and the reduced
     K/V: every slot it should store, bit for bit at full width, within fp32 rounding at reduced width (the
     kernel sums the projection in another order), and nothing else: slots in the null block 0 and -1 skipped."""
     H, J, D, RK, RV = SMALL
@@ -228,7 +226,7 @@ def test_write_matches_pytorch(impl, dtype, joint, pad):
     wslots[:5], wslots[5:9] = -1, torch.arange(4)  # not kept: padding, null block
     fslots[9:12] = torch.tensor([-1, 0, FBS - 1])
     caches = []
-    for write in (batched.write_kv_batched, "reference"):
+    for write in (ops.write, "reference"):
         wcache = padded(torch.full((NBLOCKS, J, WBS, 2 * D), float("nan"), dtype=dtype), pad)
         fcache = padded(torch.full((NBLOCKS, proj.k_down.shape[0], FBS, RK + RV), float("nan"), dtype=dtype), pad)
         if write == "reference":
@@ -243,3 +241,23 @@ def test_write_matches_pytorch(impl, dtype, joint, pad):
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
     torch.testing.assert_close(f.float(), f_ref.float(), equal_nan=True, **tol)
     assert f_ref[1:].isfinite().flatten(1).any(1).sum() > 0  # the check is not over NaN-only caches
+
+
+def test_cpp_ops_refuse_what_they_would_misread():
+    """The C++ ops check their arguments (TORCH_CHECK) before reading raw pointers, naming the argument."""
+    cpp_ops()
+    query, key, value, args, _ = build_batch(SCENARIOS[0][1], 8, 2, False, torch.float32)
+    p = args["proj"]
+    raw = [query, key, value, torch.empty_like(query), torch.tensor(args["query_start_loc"]),
+           torch.tensor(args["seq_lens"]), args["window_cache"], args["window_table"].long(), args["far_cache"],
+           args["far_table"].long(), p.q_proj, p.v_up, 8, 2, SCALE, 48]
+    torch.ops.vllm_dar.dar_attention(*raw)  # as built: accepted
+    for i, bad, match in [(7, args["window_table"], "int64"), (8, args["far_cache"][..., :-1], "far_cache must be dense"),
+                          (8, args["far_cache"][..., :-1].contiguous(), "far_cache's width"),
+                          (11, p.v_up.double(), "v_up"), (1, key.bfloat16(), "query dtype")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.vllm_dar.dar_attention(*raw[:i], bad, *raw[i + 1:])
+    w = args["window_cache"]
+    with pytest.raises(RuntimeError, match="window_cache"):
+        torch.ops.vllm_dar.dar_write(key, value, w[..., :-2], torch.zeros(len(key), dtype=torch.long),
+                                     args["far_cache"], torch.zeros(len(key), dtype=torch.long), p.k_down, p.v_down)

@@ -1,8 +1,8 @@
 """The implementations of the DAR ops, and both DAR backends, agree behind the real vLLM engine.
 
 A tiny random Llama (2 layers, 4 heads, 2 KV heads, head_dim 16) converted with window 8, ranks 8/8 and 2 sinks
-(``tiny_dar``), served through the plugin with the per-request reference loop, the batched CPU path and the
-Triton kernels (``VLLM_DAR_KERNELS``, in Triton's interpreter: the GPU code path end to end on this CPU, glue,
+(``tiny_dar``), served through the plugin with the per-request reference loop, the C++ CPU ops and the
+Triton kernels (``VLLM_DAR_OPS``, in Triton's interpreter: the GPU code path end to end on this CPU, glue,
 metadata and kernels together), and through the CUDA backend itself (``VLLM_DAR_CPU_BACKEND=cuda``: vLLM's
 CUSTOM backend under the CPU name, with its device-metadata builder, impl and the Triton kernels). Prompts
 shorter than and several blocks longer than the window, prefilled in 32-token chunks beside decodes.
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 PROMPTS = [list(range(1000, 1045)), [7, 8, 9], list(range(2000, 2090))]
 INTERPRET = {"TRITON_INTERPRET": "1"}
 SERVED = {  # how each path is asked for
-    "reference": {"VLLM_DAR_KERNELS": "reference"},
-    "torch": {"VLLM_DAR_KERNELS": "torch"},  # the default CPU path
-    "triton": {"VLLM_DAR_KERNELS": "triton", **INTERPRET},
+    "reference": {"VLLM_DAR_OPS": "reference"},
+    "cpp": {"VLLM_DAR_OPS": "cpp"},  # the default CPU path
+    "triton": {"VLLM_DAR_OPS": "triton", **INTERPRET},
     "cuda-backend": {"VLLM_DAR_CPU_BACKEND": "cuda", **INTERPRET},
 }
 
@@ -52,20 +52,20 @@ def assert_same(got: list[dict], want: list[dict]) -> None:
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=1e-4)
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_kernel_path_matches_reference_loop(served, kernels):
-    assert_same(served(kernels), served("reference"))
+@pytest.mark.parametrize("ops", ["cpp", "triton"])
+def test_ops_match_reference_loop(served, ops):
+    assert_same(served(ops), served("reference"))
 
 
 def test_cuda_backend_matches_default_cpu_path(served):
-    assert_same(served("cuda-backend"), served("torch"))
+    assert_same(served("cuda-backend"), served("cpp"))
 
 
-def test_unknown_kernels_refused(tiny_dar, tmp_path):
+def test_unknown_ops_refused(tiny_dar, tmp_path):
     from .helpers import EngineFailed
 
-    with pytest.raises(EngineFailed, match="VLLM_DAR_KERNELS='cuda': expected one of torch, reference, triton"):
-        generate(tmp_path, tiny_dar, {"VLLM_DAR_KERNELS": "cuda"})
+    with pytest.raises(EngineFailed, match="VLLM_DAR_OPS='cuda': expected one of cpp, reference, triton"):
+        generate(tmp_path, tiny_dar, {"VLLM_DAR_OPS": "cuda"})
 
 
 def test_cuda_backend_refuses_a_model_without_dar(tiny_llama, tmp_path):

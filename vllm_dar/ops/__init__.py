@@ -1,8 +1,9 @@
 """DAR attention and cache write over vLLM's paged caches: one contract (``vllm_dar.ops.paged``), three
 implementations, chosen by ``select_ops`` (``VLLM_DAR_OPS``, defined in ``vllm_dar.envs``).
 
-``paged``        the contract and the reference implementation: a per-request PyTorch loop
-``batched``      the C++ CPU kernel's launchers: the whole batch in one call per layer
+``paged``        the contract and the reference implementation: a per-request PyTorch loop (``reference``; also
+                 the fallback where the C++ ops cannot be built)
+``cpp``          the C++ CPU ops' launchers (``kernels/cpu/``): the whole batch in one call per layer
 ``triton_ops``   the Triton kernels' launchers (the GPU path)
 """
 from __future__ import annotations
@@ -24,18 +25,17 @@ class DarOps:
 
 
 def select_ops(kind: str | None = None) -> DarOps:
-    """The ops of ``kind`` (default: ``VLLM_DAR_OPS``). ``cpp`` builds or loads the C++ kernel now, not on the
-    first request; if it cannot be built, logs a warning and returns ``reference`` (whose name the plugin's
+    """The ops of ``kind`` (default: ``VLLM_DAR_OPS``). ``cpp`` builds or loads the C++ ops now, not on the
+    first request; if they cannot be built, logs a warning and returns ``reference`` (whose name the plugin's
     start-up summary then shows)."""
     kind = kind or envs.VLLM_DAR_OPS
     if kind == "cpp":
-        from vllm_dar.ops.batched import dar_paged_attention_batched, write_kv_batched
-        from vllm_dar.ops.cpu_kernel import kernel
+        from vllm_dar.ops import cpp
 
-        if kernel() is not None:
-            return DarOps(kind, write_kv_batched, dar_paged_attention_batched)
+        if cpp.load():
+            return DarOps(kind, cpp.write_kv_cpp, cpp.dar_paged_attention_cpp)
         logging.getLogger("vllm.vllm_dar").warning(
-            "vllm-dar: the C++ CPU kernel could not be built (see the warning above); running the reference "
+            "vllm-dar: the C++ CPU ops could not be built (see the warning above); running the reference "
             "ops (VLLM_DAR_OPS=reference), which are several times slower")
         kind = "reference"
     if kind == "reference":

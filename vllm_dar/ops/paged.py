@@ -1,4 +1,6 @@
-"""DAR attention over paged caches, in plain vectorised PyTorch (the CPU path; correctness first).
+"""The contract of the DAR ops over vLLM's paged caches, and its reference implementation
+(``VLLM_DAR_OPS=reference``): a per-request loop in plain PyTorch, correctness first; also the fallback where
+the C++ ops cannot be built.
 
 Two caches per DAR layer, both in our own layout ``[num_blocks, heads, block_size, k_width + v_width]``
 (key in the first ``k_width`` features of a slot, value after it):

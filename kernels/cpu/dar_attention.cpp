@@ -1,56 +1,30 @@
-"""A C++ DAR attention kernel for the CPU (decodes and prefill chunks in one call), built on first use with
-``torch.utils.cpp_extension.load_inline`` (g++ and ninja; ~1 min once, then cached in ~/.cache/torch_extensions).
+// DAR attention over vLLM's paged caches on the CPU (the op vllm_dar::dar_attention; schema in
+// torch_bindings.cpp, launcher vllm_dar/ops/cpp.py, semantics those of vllm_dar/ops/paged.py): decodes and
+// prefill chunks of a whole batch in one call.
+//
+// One work item = (request, projection group, tile of queries); its rows are (query, head of the group) pairs,
+// so every far block is loaded once for all of them (GQA without expanding K/V; prefill queries share the block
+// reads). The caches are read in place, through the block tables (no gather copy):
+//  * full width ({s <= t: t - s < w or s < S}): cached sinks and window history from the window cache, the
+//    chunk's own positions from the fresh key/value; row-wise dot products at width D;
+//  * reduced width ([S, t - w]): per far block, scores (q Q_h) . k~ for every row, one online-softmax rescale
+//    per block and row, values accumulated at width rv; projected up by U_h once per row at the end. The next
+//    far block is prefetched into L2 while this one computes.
+// bf16 caches are widened to fp32 on load; all arithmetic is fp32; the output is written in the query dtype.
 
-Why C++ (measured, see ``vllm_dar.ops.batched``'s docstring): a decode step of a 30-layer model calls attention
-30 times; the vectorised PyTorch decode runs ~40 ATen ops per call (0.3-0.6 ms of dispatch for one request,
-where stock vLLM's C++ kernel takes 25 us), its reduced-width matmuls are tiny-M GEMMs ([hpg x rk] x [rk x B])
-that MKL runs far below memory bandwidth, and its prefill allocates multi-MB score tiles. ``torch.compile`` of the
-same math measured no better (0.5 ms at batch 1, 35-65 s to compile per shape, recompiles on batch size).
-
-The kernel reads the paged caches in place (no gather copy). One work item = (request, projection group, tile
-of queries); its rows are (query, head of the group) pairs, so every far block is loaded once for all of them
-(GQA without expanding K/V, and prefill queries share the block reads):
-
-* full width (``{s <= t: t - s < w or s < S}``): cached sinks and window history from the window cache, the
-  chunk's own positions from the fresh ``key``/``value``; row-wise dot products at width D;
-* reduced width (``[S, t - w]``): per far block, scores ``(q Q_h) . k~`` for every row from 16 x 16 tiles of
-  (position, rank) transposed in registers (AVX-512, ranks a multiple of 16; a scalar transpose otherwise), one
-  online-softmax rescale per block and row, values accumulated at width ``rv``; projected up by ``U_h`` once
-  per row at the end. fp32 far rows are read in place; the next far block is prefetched into L2. Decode at
-  long context is bound by this stream: per layer at 16 x 4K (fp32, 2 threads, 16-token window pages) the
-  register transpose and the L2 prefetch took it from 2.3 to 1.1 ms (ad hoc same-run comparison; the engine
-  figures are ``benchmarks/throughput.py``'s);
-* bf16 caches are widened to fp32 on load; all arithmetic is fp32; output in the query dtype.
-
-``write`` is the layer's cache write in the same extension: per token, the full-width K/V into its window slot
-and ``k_g K_g | v_g V_g`` (fp32 sums) into its far slot. Both functions take caches whose blocks are dense but
-may sit apart (vLLM pads pages of per-layer ranks): blocks are addressed through ``stride(0)``.
-
-Semantics are the contract's (``vllm_dar.ops.paged``); tests: ``tests/engine/test_batched_ops.py``.
-"""
-from __future__ import annotations
-
-import functools
-import logging
-import os
-
-import torch
-from torch import Tensor
-
-ROWS_PER_ITEM = 48  # (query, head) rows per work item: 16 queries x 3 heads per group (per-head SmolLM2)
-
-_SOURCE = r"""
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <algorithm>
 #include <immintrin.h>
+
+#include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
-template <typename T> static inline float f32(T x) { return static_cast<float>(x); }
+#include "dar_ops.h"
+
+namespace vllm_dar {
+namespace {
 
 // exp(x) for x <= 0: 2^(x log2 e) split into an exponent and a degree-6 polynomial for 2^f on [0, 1) (relative
 // error ~2e-7, below fp32 attention's summation noise). GCC 12 does not vectorise std::exp nor a scalar version
@@ -107,8 +81,8 @@ static inline float max_of(const float* x, int64_t n, float init) {
 }
 
 // acc[0..rv) += sum_x e[x] * v[x * ld + c]: four independent accumulator chains (one chain waits on the FMA
-// latency at every position: perf showed the loop at 12% of decode time), summed at the end. RV: compile-time
-// rank (0: runtime rv, chains in the scratch ``tmp`` [4 * rv]).
+// latency at every position), summed at the end. RV: compile-time rank (0: runtime rv, chains in the scratch
+// tmp [4 * rv]).
 template <int RV>
 static inline void accumulate(float* acc, const float* e, const float* v, int64_t n, int64_t ld, int64_t rv,
                               float* tmp) {
@@ -141,8 +115,7 @@ static inline void accumulate(float* acc, const float* e, const float* v, int64_
 // Rows are token-major: q [T, H, D] (token stride q_st), k/v [T, J, D] (kv_st), out [T, H, D] (out_st).
 // wcache [NBw, J, Bw, 2D] (block stride wbs) + wtable [R, mw]; fcache [NBf, G, Bf, rk + rv] (block stride fbs)
 // + ftable [R, mf]: each block dense, blocks possibly padded (vLLM pads pages of per-layer ranks); qsl [R + 1],
-// lens [R];
-// q_proj [H, D, rk], v_up [H, rv, D] fp32.
+// lens [R]; q_proj [H, D, rk], v_up [H, rv, D] fp32.
 template <typename T> struct Args {
   const T *q, *k, *v;
   T* out;
@@ -165,7 +138,6 @@ struct Scratch {
   std::vector<const void*> kp, vp;
 };
 
-// One work item: request r, projection group g, queries q0 .. q0 + qn - 1 of its chunk; a row is (query, head).
 // Dot product at full width: 16 lane-wise partial sums, then a tree (GCC's own reduction epilogue spilled).
 template <typename T, int HD>
 static inline float dot_full(const float* q, const T* k, int64_t n) {
@@ -212,8 +184,8 @@ static inline void transpose16(__m512* r) {
 
 // The far block's scores for every row: sc[row * lds + x] = qr[row] . rows[x, :rk] for x < ns (positions past ns
 // may be written, up to lds). AVX-512 with rk % 16 == 0: 16 positions x 16 ranks are loaded and transposed in
-// registers, then each row's 16 scores are 16 broadcast FMAs (the scalar transpose through kt that this replaces
-// was 2 x rk scalar moves per position). Otherwise: transpose through kt [rk, ldk], vectorise over positions.
+// registers, then each row's 16 scores are 16 broadcast FMAs (a scalar transpose through kt costs 2 x rk moves
+// per position). Otherwise: transpose through kt [rk, ldk], vectorise over positions.
 static inline void far_scores(const float* rows, int64_t ld, int64_t ns, int64_t rk, const float* qr, int64_t nrow,
                               float* sc, int64_t lds, float* kt, int64_t ldk) {
 #ifdef __AVX512F__
@@ -254,6 +226,7 @@ static inline void far_scores(const float* rows, int64_t ld, int64_t ns, int64_t
   }
 }
 
+// One work item: request r, projection group g, queries q0 .. q0 + qn - 1 of its chunk; a row is (query, head).
 // RK / RV / HD: ranks and head_dim as compile-time constants (0: read from Args), so the loops over them unroll
 // and their accumulators stay in registers.
 template <typename T, int RK, int RV, int HD>
@@ -324,7 +297,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     // The block's rows [ns, C]: read in place when fp32, widened into scratch when bf16.
     const T* src = a.fcache + a.ftable[r * a.mf + b] * a.fbs + (g * Bf + s0 % Bf) * C;
     // The next block's rows, while this one computes (block ids jump, so the hardware prefetcher cannot), into
-    // L2 (prefetcht2): prefetching into L1 stalled on the line-fill buffers (see the module docstring).
+    // L2 (prefetcht2): prefetching into L1 stalls on the line-fill buffers.
     if ((b + 1) * Bf < max_lo) {
       const char* nx = reinterpret_cast<const char*>(a.fcache + a.ftable[r * a.mf + b + 1] * a.fbs + g * Bf * C);
       const int64_t bytes = std::min(Bf, max_lo - (b + 1) * Bf) * C * static_cast<int64_t>(sizeof(T));
@@ -369,11 +342,69 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);
   }
 }
+}  // namespace
 
-void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, torch::Tensor qsl,
-                   torch::Tensor lens, torch::Tensor wcache, torch::Tensor wtable, torch::Tensor fcache,
-                   torch::Tensor ftable, torch::Tensor q_proj, torch::Tensor v_up, int64_t window, int64_t sinks,
+// Refuses what the kernel would misread: it indexes raw pointers with the shapes and strides named here.
+static void check_attention_args(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                 const torch::Tensor& out, const torch::Tensor& qsl, const torch::Tensor& lens,
+                                 const torch::Tensor& wcache, const torch::Tensor& wtable,
+                                 const torch::Tensor& fcache, const torch::Tensor& ftable,
+                                 const torch::Tensor& q_proj, const torch::Tensor& v_up) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3,
+              "dar_attention: query, key, value and output must be [tokens, heads, head_dim]");
+  TORCH_CHECK(wcache.dim() == 4 && fcache.dim() == 4,
+              "dar_attention: window_cache and far_cache must be [blocks, heads, block_size, width]");
+  TORCH_CHECK(q_proj.dim() == 3 && v_up.dim() == 3, "dar_attention: q_proj must be [H, D, rk], v_up [H, rv, D]");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), J = k.size(1), G = fcache.size(1), R = lens.size(0);
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "dar_attention: query must be fp32 or bf16, got ", dt);
+  for (const auto* x : {&k, &v, &out, &wcache, &fcache})
+    TORCH_CHECK(x->scalar_type() == dt, "dar_attention: key, value, output and the caches must be in the query "
+                "dtype ", dt, ", got ", x->scalar_type());
+  TORCH_CHECK(q_proj.scalar_type() == at::kFloat && v_up.scalar_type() == at::kFloat,
+              "dar_attention: q_proj and v_up must be fp32");
+  for (const auto* x : {&qsl, &lens, &wtable, &ftable})
+    TORCH_CHECK(x->scalar_type() == at::kLong, "dar_attention: query_start_loc, seq_lens and the block tables "
+                "must be int64, got ", x->scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == T && out.sizes() == q.sizes() && k.size(2) == D,
+              "dar_attention: key and value must be [T, J, D] and output [T, H, D] for query [T, H, D]");
+  TORCH_CHECK(J > 0 && G > 0 && H % J == 0 && J % G == 0,
+              "dar_attention: query heads must be a multiple of KV heads, KV heads of far-cache groups");
+  for (const auto* x : {&q, &k, &v, &out})
+    TORCH_CHECK(x->stride(2) == 1 && x->stride(1) == D,
+                "dar_attention: each token's rows of query, key, value and output must be contiguous [heads, D]");
+  TORCH_CHECK(k.stride(0) == v.stride(0), "dar_attention: key and value must share one token stride");
+  TORCH_CHECK(dense_blocks(wcache),
+              "dar_attention: each block of window_cache must be dense [heads, block_size, width]");
+  TORCH_CHECK(dense_blocks(fcache),
+              "dar_attention: each block of far_cache must be dense [heads, block_size, width]");
+  TORCH_CHECK(wcache.size(1) == J && wcache.size(3) == 2 * D, "dar_attention: window_cache must be [blocks, J, "
+              "block_size, 2D] = [*, ", J, ", *, ", 2 * D, "], got ", wcache.sizes());
+  TORCH_CHECK(q_proj.is_contiguous() && v_up.is_contiguous() && q_proj.size(0) == H && q_proj.size(1) == D &&
+                  v_up.size(0) == H && v_up.size(2) == D,
+              "dar_attention: q_proj must be contiguous [H, D, rk] and v_up [H, rv, D]");
+  TORCH_CHECK(fcache.size(3) == q_proj.size(2) + v_up.size(1), "dar_attention: far_cache's width must be rk + rv = ",
+              q_proj.size(2) + v_up.size(1), ", got ", fcache.size(3));
+  TORCH_CHECK(qsl.is_contiguous() && lens.is_contiguous() && qsl.dim() == 1 && lens.dim() == 1 &&
+                  qsl.size(0) == R + 1,
+              "dar_attention: query_start_loc must be [R + 1] and seq_lens [R], contiguous");
+  TORCH_CHECK(wtable.dim() == 2 && ftable.dim() == 2 && wtable.size(0) >= R && ftable.size(0) >= R &&
+                  wtable.stride(1) == 1 && ftable.stride(1) == 1,
+              "dar_attention: window_table and far_table must be [R, max_blocks] with contiguous rows");
+}
+
+// query [T, H, D], key / value [T, J, D] (the scheduled tokens, any token stride), output [T, H, D];
+// query_start_loc [R + 1], seq_lens [R]; window_cache [NBw, J, Bw, 2D] + window_table [R, mw];
+// far_cache [NBf, G, Bf, rk + rv] + far_table [R, mf]; q_proj [H, D, rk], v_up [H, rv, D] fp32.
+// rows_per_item: (query, head) rows per work item (the queries of a tile times the heads of a group).
+void dar_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+                   const torch::Tensor& qsl, const torch::Tensor& lens, const torch::Tensor& wcache,
+                   const torch::Tensor& wtable, const torch::Tensor& fcache, const torch::Tensor& ftable,
+                   const torch::Tensor& q_proj, const torch::Tensor& v_up, int64_t window, int64_t sinks,
                    double scale, int64_t rows_per_item) {
+  check_attention_args(q, k, v, out, qsl, lens, wcache, wtable, fcache, ftable, q_proj, v_up);
+  TORCH_CHECK(window >= 0 && sinks >= 0 && rows_per_item >= 1,
+              "dar_attention: window and sink_tokens must be >= 0, rows_per_item >= 1");
   const int64_t R = lens.size(0), G = fcache.size(1), hpg = q.size(1) / G;
   const int64_t* qs = qsl.data_ptr<int64_t>();
   const int64_t qt = std::max<int64_t>(1, rows_per_item / hpg);  // queries per work item
@@ -410,150 +441,4 @@ void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Ten
     TORCH_CHECK(false, "dar_attention: fp32 or bf16 only, got ", q.scalar_type());
 }
 
-// The cache write of one layer: token t's K/V [J, D] full width into window slot wslots[t], and its reduced
-// K/V (the J / G heads of each group concatenated, times k_down [G, Dg, rk] / v_down [G, Dg, rv], in fp32)
-// into far slot fslots[t]. Slots below one block (vLLM's null block 0, or -1) are skipped, as in
-// vllm_dar.ops.paged.write_slots. Caches: dense blocks, block stride stride(0).
-template <typename T>
-static void write_token(const T* k, const T* v, int64_t ws, int64_t fs, T* wcache, int64_t wbs, int64_t Bw,
-                        T* fcache, int64_t fbs, int64_t Bf, const float* kd, const float* vd, int64_t J,
-                        int64_t D, int64_t G, int64_t rk, int64_t rv, float* xf, float* red) {
-  if (ws >= Bw) {
-    T* dst = wcache + (ws / Bw) * wbs + (ws % Bw) * 2 * D;
-    for (int64_t j = 0; j < J; ++j, dst += Bw * 2 * D) {
-      std::memcpy(dst, k + j * D, D * sizeof(T));
-      std::memcpy(dst + D, v + j * D, D * sizeof(T));
-    }
-  }
-  if (fs < Bf) return;
-  const int64_t Dg = J / G * D, C = rk + rv;
-  T* dst = fcache + (fs / Bf) * fbs + (fs % Bf) * C;
-  for (int64_t g = 0; g < G; ++g, dst += Bf * C) {
-    for (int64_t half = 0; half < 2; ++half) {
-      const T* x = (half ? v : k) + g * Dg;
-      const float* P = (half ? vd : kd) + g * Dg * (half ? rv : rk);
-      const int64_t r = half ? rv : rk;
-      for (int64_t i = 0; i < Dg; ++i) xf[i] = f32(x[i]);
-      for (int64_t c = 0; c < r; ++c) red[c] = 0.f;
-      for (int64_t i = 0; i < Dg; ++i) {
-        const float xi = xf[i];
-#pragma omp simd
-        for (int64_t c = 0; c < r; ++c) red[c] += xi * P[i * r + c];
-      }
-      T* o = dst + (half ? rk : 0);
-      for (int64_t c = 0; c < r; ++c) o[c] = static_cast<T>(red[c]);
-    }
-  }
-}
-
-void dar_write(torch::Tensor k, torch::Tensor v, torch::Tensor wcache, torch::Tensor wslots, torch::Tensor fcache,
-               torch::Tensor fslots, torch::Tensor k_down, torch::Tensor v_down) {
-  const int64_t T_ = k.size(0), J = k.size(1), D = k.size(2), G = k_down.size(0), rk = k_down.size(2),
-                rv = v_down.size(2), Bw = wcache.size(2), Bf = fcache.size(2);
-  const int64_t* wsl = wslots.data_ptr<int64_t>();
-  const int64_t* fsl = fslots.data_ptr<int64_t>();
-  auto run = [&](auto zero) {
-    using scalar_t = decltype(zero);
-    const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
-    const int64_t kst = k.stride(0), vst = v.stride(0);
-    scalar_t *wc = wcache.data_ptr<scalar_t>(), *fc = fcache.data_ptr<scalar_t>();
-    const float *kd = k_down.data_ptr<float>(), *vd = v_down.data_ptr<float>();
-    at::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
-      std::vector<float> xf(J * D), red(std::max(rk, rv));
-      for (int64_t t = begin; t < end; ++t)
-        write_token<scalar_t>(kp + t * kst, vp + t * vst, wsl[t], fsl[t], wc, wcache.stride(0), Bw, fc,
-                              fcache.stride(0), Bf, kd, vd, J, D, G, rk, rv, xf.data(), red.data());
-    });
-  };
-  if (k.scalar_type() == at::kFloat)
-    run(float{});
-  else if (k.scalar_type() == at::kBFloat16)
-    run(at::BFloat16{});
-  else
-    TORCH_CHECK(false, "dar_write: fp32 or bf16 only, got ", k.scalar_type());
-}
-"""
-
-_CPP_DECL = (("void dar_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, "
-              "torch::Tensor qsl, torch::Tensor lens, torch::Tensor wcache, torch::Tensor wtable, "
-              "torch::Tensor fcache, torch::Tensor ftable, torch::Tensor q_proj, torch::Tensor v_up, "
-              "int64_t window, int64_t sinks, double scale, int64_t rows_per_item);"),
-             ("void dar_write(torch::Tensor k, torch::Tensor v, torch::Tensor wcache, torch::Tensor wslots, "
-              "torch::Tensor fcache, torch::Tensor fslots, torch::Tensor k_down, torch::Tensor v_down);"))
-
-
-@functools.cache
-def kernel():
-    """The compiled extension module, or None when it cannot be built (no compiler) or ``VLLM_DAR_CPU_KERNEL=0``."""
-    if os.environ.get("VLLM_DAR_CPU_KERNEL", "1") == "0":
-        return None
-    from torch.utils.cpp_extension import load_inline
-
-    try:
-        return load_inline(name="vllm_dar_cpu_attention", cpp_sources=[*_CPP_DECL, _SOURCE],
-                           functions=["dar_attention", "dar_write"], verbose=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
-                           extra_ldflags=["-fopenmp"])
-    except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
-        logging.getLogger(__name__).warning("vllm-dar: C++ attention kernel unavailable (%s); using PyTorch", e)
-        return None
-
-
-def dense_blocks(cache: Tensor) -> bool:
-    """A [blocks, heads, block_size, width] cache whose every block is dense; the block stride may exceed a
-    block's size (padded pages), which the kernel takes as ``stride(0)``."""
-    _, h, b, c = cache.shape
-    return cache.stride()[1:] == (b * c, c, 1) and cache.stride(0) >= h * b * c
-
-
-def attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
-              window_table: Tensor, far_cache: Tensor, far_table: Tensor, query_start_loc: list[int],
-              seq_lens: list[int], q_proj: Tensor, v_up: Tensor, window: int, sink_tokens: int,
-              scale: float) -> None:
-    """The whole batch in one kernel call (the contract of ``vllm_dar.ops.paged.dar_paged_attention``).
-
-    q_proj [H, D, rk] and v_up [H, rv, D] fp32 (``PagedProjections``); output rows [heads, head_dim] contiguous
-    (any token stride; query/key/value are copied only if theirs are not); caches in the query dtype, each block
-    dense (``dense_blocks``; blocks may be padded apart, as vLLM lays out pages of per-layer ranks);
-    block tables int32 or int64.
-    """
-    dt = query.dtype
-    for name, x in (("key", key), ("value", value), ("output", output), ("window_cache", window_cache),
-                    ("far_cache", far_cache)):
-        if x.dtype != dt:
-            raise TypeError(f"dar cpu kernel: {name} is {x.dtype}, query is {dt}")
-    rows_ok = lambda x: x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
-    if not rows_ok(output):
-        raise ValueError("dar cpu kernel: output rows must be contiguous [heads, head_dim]")
-    if not rows_ok(query):
-        query = query.contiguous()
-    if not (rows_ok(key) and rows_ok(value) and key.stride(0) == value.stride(0)):
-        key, value = key.contiguous(), value.contiguous()  # the kernel takes one token stride for both
-    if not (dense_blocks(window_cache) and dense_blocks(far_cache)):
-        raise ValueError("dar cpu kernel: each cache block must be dense [heads, block_size, width]")
-    if q_proj.dtype != torch.float32 or v_up.dtype != torch.float32:
-        raise TypeError("dar cpu kernel: projections must be fp32")
-    kernel().dar_attention(query, key, value, output, torch.tensor(query_start_loc), torch.tensor(seq_lens),
-                           window_cache, window_table.long().contiguous(), far_cache,
-                           far_table.long().contiguous(), q_proj.contiguous(), v_up.contiguous(), window,
-                           sink_tokens, scale, ROWS_PER_ITEM)
-
-
-def write(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
-          far_slots: Tensor, k_down: Tensor, v_down: Tensor) -> None:
-    """One layer's cache write in one call (``vllm_dar.ops.paged.write_slots`` of the full-width K/V into the
-    window cache and of ``reduce_tokens`` into the far cache, the same semantics; reduction in fp32).
-
-    key, value: [T, J, D] in the caches' dtype, each token's [J, D] contiguous; slots [T] (int32 or int64);
-    k_down [G, Dg, rk], v_down [G, Dg, rv] fp32; caches with dense blocks (``dense_blocks``).
-    """
-    for name, x in (("value", value), ("window_cache", window_cache), ("far_cache", far_cache)):
-        if x.dtype != key.dtype:
-            raise TypeError(f"dar cpu kernel: {name} is {x.dtype}, key is {key.dtype}")
-    rows_ok = lambda x: x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
-    if not (rows_ok(key) and rows_ok(value)):
-        key, value = key.contiguous(), value.contiguous()
-    if not (dense_blocks(window_cache) and dense_blocks(far_cache)):
-        raise ValueError("dar cpu kernel: each cache block must be dense [heads, block_size, width]")
-    kernel().dar_write(key, value, window_cache, window_slots.long(), far_cache, far_slots.long(),
-                       k_down.float().contiguous(), v_down.float().contiguous())
+}  // namespace vllm_dar

@@ -1,0 +1,110 @@
+"""Launchers of the C++ CPU ops (``kernels/cpu/``, installed as ``vllm_dar.kernels``): build and load them, check
+and normalise the arguments, call ``torch.ops.vllm_dar.dar_attention`` / ``dar_write``.
+
+The ops are built on first use by ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; ``scripts/setup.sh`` builds them once).
+Their schemas (``kernels/cpu/torch_bindings.cpp``) mark what each mutates. Semantics are the contract's
+(``vllm_dar.ops.paged``); tests: ``tests/engine/test_batched_ops.py``.
+
+Both ops read and write vLLM's paged caches in place: caches whose blocks are dense but may sit apart (vLLM pads
+the pages of layers with smaller ranks) are addressed through ``stride(0)`` (``dense_blocks``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import vllm_dar.kernels
+from vllm_dar.ops.paged import PagedProjections
+
+# (query, head) rows per work item of the attention kernel: 16 queries x 3 heads per group (per-head SmolLM2).
+ROWS_PER_ITEM = 48
+_SOURCES = ("dar_attention.cpp", "dar_write.cpp", "torch_bindings.cpp")
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+
+
+@functools.cache
+def load() -> bool:
+    """Build (or load from the cache) the ops into this process; False, with a logged warning, when they cannot
+    be built (no compiler, no ninja)."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    src = Path(vllm_dar.kernels.__file__).parent / "cpu"
+    try:
+        load_extension(name="vllm_dar_cpu_ops", sources=[str(src / s) for s in _SOURCES], extra_cflags=_CFLAGS,
+                       extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)], is_python_module=False,
+                       verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure means: the caller falls back to the reference ops
+        logging.getLogger(__name__).warning("vllm-dar: the C++ CPU ops could not be built (%s)", e)
+        return False
+    return True
+
+
+def _ops():
+    """``torch.ops.vllm_dar``, built and loaded."""
+    if not load():
+        raise RuntimeError("vllm-dar: the C++ CPU ops could not be built (see the warning above); "
+                           "use VLLM_DAR_OPS=reference")
+    return torch.ops.vllm_dar
+
+
+def dense_blocks(cache: Tensor) -> bool:
+    """A [blocks, heads, block_size, width] cache whose every block is dense; the block stride may exceed a
+    block's size (padded pages), which the kernels take as ``stride(0)``."""
+    _, h, b, c = cache.shape
+    return cache.stride()[1:] == (b * c, c, 1) and cache.stride(0) >= h * b * c
+
+
+def _rows_contiguous(x: Tensor) -> bool:
+    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+
+
+def _check_caches(dtype: torch.dtype, named: dict[str, Tensor], window_cache: Tensor, far_cache: Tensor) -> None:
+    for name, x in named.items():
+        if x.dtype != dtype:
+            raise TypeError(f"vllm-dar C++ ops: {name} is {x.dtype}, expected {dtype}")
+    if not (dense_blocks(window_cache) and dense_blocks(far_cache)):
+        raise ValueError("vllm-dar C++ ops: each cache block must be dense [heads, block_size, width]")
+
+
+def dar_paged_attention_cpp(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
+                            window_table: Tensor, far_cache: Tensor, far_table: Tensor,
+                            query_start_loc: list[int], seq_lens: list[int], proj: PagedProjections, window: int,
+                            sink_tokens: int, scale: float, rows_per_item: int = ROWS_PER_ITEM) -> None:
+    """``vllm_dar.ops.paged.dar_paged_attention`` for the whole batch in one kernel call.
+
+    query [T, H, D]; key, value [T, J, D]; output [T, H, D] with each token's rows contiguous (any token stride;
+    query, key, value are copied only if theirs are not); caches in the query dtype with dense blocks
+    (``dense_blocks``); block tables int32 or int64. ``rows_per_item``: (query, head) rows per work item.
+    """
+    _check_caches(query.dtype, {"key": key, "value": value, "output": output, "window_cache": window_cache,
+                                "far_cache": far_cache}, window_cache, far_cache)
+    if not _rows_contiguous(output):
+        raise ValueError("vllm-dar C++ ops: output rows must be contiguous [heads, head_dim]")
+    if not _rows_contiguous(query):
+        query = query.contiguous()
+    if not (_rows_contiguous(key) and _rows_contiguous(value) and key.stride(0) == value.stride(0)):
+        key, value = key.contiguous(), value.contiguous()  # the kernel takes one token stride for both
+    _ops().dar_attention(
+        query, key, value, output, torch.tensor(query_start_loc), torch.tensor(seq_lens), window_cache,
+        window_table.long().contiguous(), far_cache, far_table.long().contiguous(), proj.q_proj.contiguous(),
+        proj.v_up.contiguous(), window, sink_tokens, scale, rows_per_item)
+
+
+def write_kv_cpp(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
+                 far_slots: Tensor, proj: PagedProjections) -> None:
+    """``vllm_dar.ops.paged.write_kv`` in one kernel call (same semantics; the reduction sums in fp32).
+
+    key, value [T, J, D] in the caches' dtype (copied only if a token's [J, D] is not contiguous); slots [T]
+    int32 or int64; caches with dense blocks (``dense_blocks``).
+    """
+    _check_caches(key.dtype, {"value": value, "window_cache": window_cache, "far_cache": far_cache},
+                  window_cache, far_cache)
+    if not (_rows_contiguous(key) and _rows_contiguous(value)):
+        key, value = key.contiguous(), value.contiguous()
+    _ops().dar_write(key, value, window_cache, window_slots.long().contiguous(), far_cache,
+                     far_slots.long().contiguous(), proj.k_down.float().contiguous(), proj.v_down.float().contiguous())

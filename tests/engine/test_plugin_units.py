@@ -14,7 +14,7 @@ def test_register_is_lazy_and_idempotent():
         "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E\n"
         "from vllm_dar.plugin import BACKEND\n"
         "assert E.CPU_ATTN.get_path() == BACKEND, E.CPU_ATTN.get_path()\n"
-        "heavy = [m for m in ('vllm_dar.plugin.backend', 'vllm_dar.plugin.impl', 'vllm_dar.ops.paged',\n"
+        "heavy = [m for m in ('vllm_dar.plugin.cpu', 'vllm_dar.plugin.common', 'vllm_dar.ops.paged',\n"
         "                     'vllm.v1.attention.backends.cpu_attn') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

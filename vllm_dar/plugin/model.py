@@ -142,7 +142,7 @@ def check_layer(impl, model: DarModel, layer_index: int, tp_size: int = 1) -> No
 _logged: set[str] = set()
 
 
-def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int, *, kernels: str,
+def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int, *, ops: str,
                 block_size: int) -> None:
     """One line per process: layers, windows, ranks, and KV bytes per token against full attention."""
     if model_dir in _logged:
@@ -153,6 +153,6 @@ def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int,
     dar = cfg.kv_elems(context) * dtype_bytes / context
     reduced_only = sum(cfg.layer(i).reduced_elems() for i in range(s.num_layers)) * dtype_bytes
     logger.info("vllm-dar: DAR backend for %s (%s); KV bytes/token at %d context: %.0f vs %d full (%.3fx); "
-                "far cache alone %d bytes/token; window blocks of %d tokens (VLLM_DAR_BLOCK_SIZE); kernels: %s "
-                "(VLLM_DAR_KERNELS)", model_dir, cfg.describe(), context, dar, full, dar / full, reduced_only,
-                block_size, kernels)
+                "far cache alone %d bytes/token; window blocks of %d tokens (VLLM_DAR_BLOCK_SIZE); ops: %s "
+                "(VLLM_DAR_OPS)", model_dir, cfg.describe(), context, dar, full, dar / full, reduced_only,
+                block_size, ops)

@@ -65,6 +65,9 @@ class DarMetadataBuilder(AttentionMetadataBuilder[DarMetadata]):
     """Builds ``DarMetadata`` for one cache group from vLLM's common metadata; a platform subclass defines
     ``offsets``. The block table is always a slice of vLLM's device tensor (no copy)."""
 
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # vLLM declares __init__ abstract
+
     @staticmethod
     def offsets(m: CommonAttentionMetadata, r: int) -> tuple[list[int] | torch.Tensor, list[int] | torch.Tensor]:
         """``(query_start_loc[: r + 1], seq_lens[:r])`` where the platform's ops want them."""

@@ -19,6 +19,8 @@ logger = logging.getLogger("vllm.vllm_dar")  # under "vllm": shown by vLLM's own
 
 @dataclass(frozen=True)
 class DarModel:
+    """A served checkpoint's validated ``dar`` section and its per-layer projections (all KV heads)."""
+
     cfg: DarConfig
     projections: tuple[LayerProjections, ...]
 

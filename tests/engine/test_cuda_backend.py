@@ -60,12 +60,12 @@ def test_cuda_selector_accepts_decoder_layers_on_sm80_and_up():
     from vllm.platforms.interface import DeviceCapability
     from vllm.v1.attention.backend import AttentionCGSupport
 
-    from vllm_dar.plugin.backend import DarDeviceMetadataBuilder
+    from vllm_dar.plugin.cuda import DarCudaMetadataBuilder
 
     assert _validate() == [] and _validate(device_capability=DeviceCapability(9, 0), dtype=torch.float16) == []
     assert _validate(device_capability=DeviceCapability(7, 5)) == ["compute capability not supported"]
     assert _validate(kv_cache_dtype="fp8") == ["kv_cache_dtype not supported"]
-    assert DarDeviceMetadataBuilder.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+    assert DarCudaMetadataBuilder.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
 
 
 def _vllm_config(model: str, **attention):

@@ -1,4 +1,5 @@
-"""Fast checks of the plugin glue that need vLLM but no engine: registration and the window manager."""
+"""Fast checks of the plugin glue that need vLLM but no engine: registration, metadata builders and the window
+manager."""
 from __future__ import annotations
 
 import subprocess
@@ -14,12 +15,37 @@ def test_register_is_lazy_and_idempotent():
         "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E\n"
         "from vllm_dar.plugin import BACKEND\n"
         "assert E.CPU_ATTN.get_path() == BACKEND, E.CPU_ATTN.get_path()\n"
-        "heavy = [m for m in ('vllm_dar.plugin.backend', 'vllm_dar.plugin.impl', 'vllm_dar.ops.paged',\n"
+        "heavy = [m for m in ('vllm_dar.plugin.cpu', 'vllm_dar.plugin.common', 'vllm_dar.ops.paged',\n"
         "                     'vllm.v1.attention.backends.cpu_attn') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_each_dar_backend_builds_its_metadata():
+    """Every DAR backend's builder slices the batch's R requests out of vLLM's buffers (3 slots, 2 requests):
+    host lists on CPU, views of the buffers on CUDA (no copy per step); the block table is a view either way."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_dar.plugin import cpu, cuda
+
+    qsl, seq_lens, table = torch.tensor([0, 3, 4, 9]), torch.tensor([10, 4, 7]), torch.arange(12).view(3, 4)
+    m = CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=seq_lens, num_reqs=2,
+                                num_actual_tokens=4, max_query_len=3, max_seq_len=10, block_table_tensor=table,
+                                slot_mapping=torch.arange(4))
+    backends = [cpu.DarCpuWindowBackend, cpu.DarCpuFarBackend, cuda.DarCudaBackend, cuda.DarCudaWindowBackend,
+                cuda.DarCudaFarBackend, cuda.DarCudaBackendOnCpu]
+    for backend in backends:
+        built = backend.get_builder_cls()(None, [], None, torch.device("cpu")).build(0, m)
+        assert built.num_actual_tokens == 4
+        assert built.block_table.shape == (2, 4) and built.block_table.data_ptr() == table.data_ptr()
+        if backend.__module__ == cpu.__name__:
+            assert (built.query_start_loc, built.seq_lens) == ([0, 3, 4], [10, 4]), backend
+        else:
+            assert built.query_start_loc.tolist() == [0, 3, 4] and built.seq_lens.tolist() == [10, 4], backend
+            assert built.query_start_loc.data_ptr() == qsl.data_ptr(), backend
+            assert built.seq_lens.data_ptr() == seq_lens.data_ptr(), backend
 
 
 def _manager(cls, spec, *, caching=False, alignment=None):

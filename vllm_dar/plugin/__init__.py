@@ -1,9 +1,8 @@
 """vLLM plugin glue: the attention backends of DAR layers and their KV cache layout.
 
-``backend``  CPU backends (stock override, DAR window, DAR far) and the metadata builders
-``cuda``     the CUDA backend (vLLM's CUSTOM slot) with the Triton kernels
-``attach``   what both impls share: per-layer DAR state, cache write and forward
-``impl``     the CPU impl: stock for models without ``dar``, else DAR
+``common``   what both platforms share: metadata and its builder, backend roles, the DAR impl mixin
+``cpu``      the CPU platform: ``CPU_ATTN`` override (stock for models without ``dar``), builder, impl
+``cuda``     the CUDA platform: vLLM's ``CUSTOM`` slot with the Triton kernels, builder, impl
 ``spec``     KV cache specs (window + sinks, far) and the window manager that keeps the sinks
 ``model``    projections loaded once per process, start-up checks, the summary log line
 
@@ -14,7 +13,7 @@ import logging
 
 from vllm_dar import envs
 
-BACKEND = "vllm_dar.plugin.backend.DarCpuBackend"
+BACKEND = "vllm_dar.plugin.cpu.DarCpuBackend"
 CUDA_BACKEND = "vllm_dar.plugin.cuda.DarCudaBackend"
 # vllm_dar.envs.VLLM_DAR_CPU_BACKEND: which backend serves vLLM's CPU_ATTN slot.
 CPU_BACKENDS = {"dar": BACKEND, "cuda": "vllm_dar.plugin.cuda.DarCudaBackendOnCpu"}

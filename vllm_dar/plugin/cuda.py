@@ -1,18 +1,18 @@
-"""The DAR attention backend for CUDA: vLLM's ``CUSTOM`` backend, running the Triton kernels.
+"""The DAR plugin on CUDA: vLLM's ``CUSTOM`` backend, its metadata builder and impl, running the Triton kernels.
 
-vLLM on CUDA honours ``--attention-backend CUSTOM``; ``vllm_dar.register`` points that slot here, and for a
-checkpoint with a ``dar`` section the patch ``vllm_dar.patches.dar_backend_selection`` selects it without the
-flag. Same cache layout (``DarWindowSpec`` + ``DarFarCache``, window manager), same attach logic
-(``vllm_dar.plugin.attach``) and same metadata as the CPU path; what differs:
+vLLM on CUDA honours ``--attention-backend CUSTOM``; ``vllm_dar.plugin.register_backend_override`` points that
+slot at ``DarCudaBackend``, and for a checkpoint with a ``dar`` section the patch
+``vllm_dar.patches.dar_backend_selection`` selects it without the flag. Same cache layout (``DarWindowSpec`` +
+``DarFarCache``, window manager), attach logic and metadata as the CPU platform (``vllm_dar.plugin.common``);
+what differs:
 
 * the ops are always the Triton kernels (``select_ops("triton")``, launchers in ``vllm_dar.ops.triton_ops``);
-* the metadata builder (``DarDeviceMetadataBuilder``) leaves ``query_start_loc`` and ``seq_lens`` on the device;
+* the metadata builder (``DarCudaMetadataBuilder``) leaves ``query_start_loc`` and ``seq_lens`` on the device;
 * there is no stock fallback: a model without a ``dar`` section is refused at start-up, naming what to use.
 
 ``DarCudaBackendOnCpu`` is the same backend under the CPU platform's name: ``VLLM_DAR_CPU_BACKEND=cuda`` (with
 ``TRITON_INTERPRET=1``) points ``CPU_ATTN`` at it, so this backend's builder, impl and kernels serve a model in
-the real engine on a machine without a GPU (``tests/engine/test_kernel_paths.py``). Nothing here has run on a
-GPU yet.
+the real engine on a machine without a GPU (``tests/engine/test_kernel_paths.py``).
 """
 from __future__ import annotations
 
@@ -20,54 +20,61 @@ from typing import ClassVar
 
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.v1.attention.backend import AttentionImpl, AttentionType
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionType,
+    CommonAttentionMetadata,
+)
 
 from vllm_dar.config import DarConfigError
 
-from .attach import DarImplMixin
-from .backend import DarDeviceMetadataBuilder, _DarBackendBase
+from .common import DarBackend, DarFarBackend, DarImplMixin, DarMetadataBuilder, DarWindowBackend
 
 
-class _DarCudaBase(_DarBackendBase):
+class DarCudaMetadataBuilder(DarMetadataBuilder):
+    """Offsets left on the device, as slices of vLLM's buffers: the Triton launcher takes tensors, so building
+    costs no host copy or sync per step.
+
+    CUDA graphs: NEVER (vLLM then captures piecewise graphs only; attention runs eagerly between them). The
+    launcher allocates its split scratch per call and sizes its grid from the step's token count, and padded
+    requests of a replayed graph were never tested; FULL graphs would need persistent scratch first.
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    @staticmethod
+    def offsets(m: CommonAttentionMetadata, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return m.query_start_loc[: r + 1], m.seq_lens[:r]
+
+
+class DarCudaBackend(DarBackend):
+    """What ``--attention-backend CUSTOM`` selects, and the CUDA platform's choices for its DAR cache groups; its
+    layers move onto ``DarCudaWindowBackend`` once loaded."""
+
     @staticmethod
     def get_name() -> str:
         return "CUSTOM"
 
     @staticmethod
     def get_builder_cls():
-        return DarDeviceMetadataBuilder
+        return DarCudaMetadataBuilder
+
+    @staticmethod
+    def get_impl_cls():
+        return DarCudaImpl
 
     @classmethod
     def supports_compute_capability(cls, capability) -> bool:
-        return capability.major >= 8  # the kernels were compiled for sm_80 only (bf16 tl.dot needs it)
+        return capability.major >= 8  # the kernels target sm_80 and up (bf16 tl.dot needs it)
 
 
-class DarCudaBackend(_DarCudaBase):
-    """What ``--attention-backend CUSTOM`` selects; its layers move onto ``DarCudaWindowBackend`` once loaded."""
-
-    @staticmethod
-    def get_impl_cls():
-        return DarCudaImpl
-
-
-class DarCudaWindowBackend(_DarCudaBase):
+class DarCudaWindowBackend(DarWindowBackend, DarCudaBackend):
     """A DAR layer on CUDA: full-width window + sinks here, reduced K/V in its ``.dar_far`` companion."""
 
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return True
 
-    @staticmethod
-    def get_impl_cls():
-        return DarCudaImpl
-
-
-class DarCudaFarBackend(_DarCudaBase):
-    """The far cache companion on CUDA: written and read by its DAR layer's impl, never run on its own."""
-
-    @staticmethod
-    def get_impl_cls():
-        raise NotImplementedError("the DAR far cache has no attention impl of its own")
+class DarCudaFarBackend(DarFarBackend, DarCudaBackend):
+    """The far cache companion on CUDA."""
 
 
 class DarCudaBackendOnCpu(DarCudaBackend):

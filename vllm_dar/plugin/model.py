@@ -19,6 +19,8 @@ logger = logging.getLogger("vllm.vllm_dar")  # under "vllm": shown by vLLM's own
 
 @dataclass(frozen=True)
 class DarModel:
+    """A served checkpoint's validated ``dar`` section and its per-layer projections (all KV heads)."""
+
     cfg: DarConfig
     projections: tuple[LayerProjections, ...]
 
@@ -142,7 +144,7 @@ def check_layer(impl, model: DarModel, layer_index: int, tp_size: int = 1) -> No
 _logged: set[str] = set()
 
 
-def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int, *, kernels: str,
+def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int, *, ops: str,
                 block_size: int) -> None:
     """One line per process: layers, windows, ranks, and KV bytes per token against full attention."""
     if model_dir in _logged:
@@ -153,6 +155,6 @@ def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int,
     dar = cfg.kv_bytes_per_token(context, dtype_bytes)
     reduced_only = cfg.far_elems_per_token() * dtype_bytes
     logger.info("vllm-dar: DAR backend for %s (%s); KV bytes/token at %d context: %.0f vs %d full (%.3fx); "
-                "far cache alone %d bytes/token; window blocks of %d tokens (VLLM_DAR_BLOCK_SIZE); kernels: %s "
-                "(VLLM_DAR_KERNELS)", model_dir, cfg.describe(), context, dar, full, dar / full, reduced_only,
-                block_size, kernels)
+                "far cache alone %d bytes/token; window blocks of %d tokens (VLLM_DAR_BLOCK_SIZE); ops: %s "
+                "(VLLM_DAR_OPS)", model_dir, cfg.describe(), context, dar, full, dar / full, reduced_only,
+                block_size, ops)

@@ -14,7 +14,7 @@ A DAR layer ``L`` owns two caches, both counted and paged by vLLM's hybrid alloc
 
   Every other block of the request's table is vLLM's null block. The current chunk's queries take their
   in-chunk keys and values at full width from the fresh K/V of the forward pass (``vllm_dar.ops``), so a
-  4K-token prefill chunk no longer holds 4K full-width slots. This is what the stock sliding-window manager
+  4K-token prefill chunk never holds 4K full-width slots. This is what the stock sliding-window manager
   cannot do: it allocates the whole chunk, and vLLM's admission reserves ``w - 1 + max_num_batched_tokens``
   slots per request for it, as much as full attention at the CPU default of 4096 batched tokens.
   The per-request bound (sinks + two tails + the replay tail) is ``max_admission_blocks_per_request``: vLLM's
@@ -190,7 +190,6 @@ def _register() -> None:
 
 
 _register()
-
 
 
 def dar_block_size(vllm_config: VllmConfig) -> int:

@@ -1,0 +1,220 @@
+"""What the CPU and CUDA platforms share: the metadata, its builder, the backend roles and the DAR impl mixin.
+
+A DAR layer ``L`` serves from two cache groups (``vllm_dar.plugin.spec``): its own window cache and the far
+cache of its companion ``f"{L}.dar_far"``. vLLM gives each group the metadata builder of the backend its layers
+name, so a platform module (``cpu``, ``cuda``) defines, on top of the classes here:
+
+* a platform base: a ``DarBackend`` subclass naming its registry slot (``get_name``), its metadata builder (a
+  ``DarMetadataBuilder`` subclass choosing where the offsets live) and its impl (a ``DarImplMixin`` subclass);
+* its window and far backends: ``class X(DarWindowBackend, PlatformBase)`` / ``class Y(DarFarBackend,
+  PlatformBase)``, the role first so that it overrides the platform base;
+* its impl, below its backends in the same module: the backends name it at call time, the impl names them as
+  class attributes, and no module imports one that imports it back.
+
+For a DAR model each layer, once its weights are loaded (and before vLLM collects KV cache specs), attaches its
+DAR state (``DarImplMixin._attach``):
+
+1. registers its far cache companion ``f"{layer_name}.dar_far"`` (``vllm_dar.plugin.spec.DarFarCache``) on the
+   impl's ``far_backend``;
+2. reports a ``DarWindowSpec`` (window + sinks, full width) instead of a full-attention spec, by installing
+   ``spec.window_spec`` as the layer's ``get_kv_cache_spec`` (the layer builds its spec from its own fields;
+   there is no backend hook for the spec type, ``customize_spec`` only sees a per-token probe spec);
+3. moves the layer onto the impl's ``window_backend`` so its cache group gets the platform's metadata builder.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import KVCacheLayout
+
+from vllm_dar.ops import DarOps, select_ops
+from vllm_dar.ops.paged import PagedProjections
+
+from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model, shard_projections
+from .spec import DarFarCache, dar_block_size, far_block_sizes, window_spec
+
+
+@dataclass
+class DarMetadata:
+    """Per-batch metadata of one DAR cache group (window or far), R requests in the batch.
+
+    ``query_start_loc`` and ``seq_lens`` are host lists (every op takes them) or device tensors (the Triton ops
+    only), as the platform's builder chooses (``DarMetadataBuilder.offsets``).
+    """
+
+    num_actual_tokens: int  # T: tokens of this step (the leading rows of query/key/value/output)
+    query_start_loc: list[int] | torch.Tensor  # R + 1 token offsets of each request's queries
+    seq_lens: list[int] | torch.Tensor  # R: cached + scheduled tokens per request
+    block_table: torch.Tensor  # [R, max_blocks] block ids of this group
+
+
+class DarMetadataBuilder(AttentionMetadataBuilder[DarMetadata]):
+    """Builds ``DarMetadata`` for one cache group from vLLM's common metadata; a platform subclass defines
+    ``offsets``. The block table is always a slice of vLLM's device tensor (no copy)."""
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # vLLM declares __init__ abstract
+
+    @staticmethod
+    def offsets(m: CommonAttentionMetadata, r: int) -> tuple[list[int] | torch.Tensor, list[int] | torch.Tensor]:
+        """``(query_start_loc[: r + 1], seq_lens[:r])`` where the platform's ops want them."""
+        raise NotImplementedError
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> DarMetadata:
+        m, r = common_attn_metadata, common_attn_metadata.num_reqs
+        query_start_loc, seq_lens = self.offsets(m, r)
+        return DarMetadata(num_actual_tokens=m.num_actual_tokens, query_start_loc=query_start_loc,
+                           seq_lens=seq_lens, block_table=m.block_table_tensor[:r])
+
+
+class DarBackend(AttentionBackend):
+    """What every DAR backend declares to vLLM; a platform subclass adds ``get_name``, ``get_builder_cls`` and
+    ``get_impl_cls`` (see the module docstring)."""
+
+    forward_includes_kv_cache_update: bool = False  # vLLM calls the impl's do_kv_cache_update first
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]  # K/V stored in the model dtype (check_engine)
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [MultipleOf(1)]  # every op reads any block size: never split allocator blocks
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBHNC,)  # [blocks, heads, block_size, k + v]: see vllm_dar.ops.paged
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # any head size
+
+
+class DarWindowBackend(DarBackend):
+    """Role of a DAR layer's own cache group: full-width window + sinks (a sliding-window spec), reduced K/V in
+    its ``.dar_far`` companion. Its impl is the platform's."""
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+
+class DarFarBackend(DarBackend):
+    """Role of the far cache companion's group: written and read by its DAR layer's impl, never run on its own."""
+
+    @staticmethod
+    def get_impl_cls():
+        raise NotImplementedError("the DAR far cache has no attention impl of its own")
+
+
+@dataclass(frozen=True)
+class DarLayer:
+    """What one DAR layer's forward needs (set once its weights are loaded)."""
+
+    index: int  # the layer's index in the dar section
+    far_name: str  # its far cache companion's name in the forward context
+    window: int
+    sink_tokens: int
+    proj: PagedProjections  # this tensor-parallel rank's projections, on the layer's device
+    ops: DarOps  # the cache write and attention it runs
+
+
+def _far_block_sizes(vllm_config, model: DarModel, layer, tp_size: int) -> list[int]:
+    cfg = model.cfg
+    far = [cfg.layer(i).reduced_elems() // tp_size for i in range(cfg.shape.num_layers)]  # this rank's groups
+    return far_block_sizes(dar_block_size(vllm_config), layer.num_kv_heads * (layer.head_size + layer.head_size_v),
+                           far)
+
+
+class DarImplMixin:
+    """Mixed into an ``AttentionImpl`` subclass, listed before it (``process_weights_after_loading`` chains).
+
+    The impl's ``__init__`` calls ``_init_dar()`` after its base's; its ``do_kv_cache_update`` / ``forward`` call
+    ``_dar_write`` / ``_dar_forward`` for DAR layers (``self.dar`` is set once weights are loaded). Subclasses
+    differ only in the backends their layers move onto (hence the metadata builder) and in the ops they run.
+    """
+
+    window_backend: ClassVar[type[DarWindowBackend]]  # the backend a DAR layer moves onto
+    far_backend: ClassVar[type[DarFarBackend]]  # the backend of the far cache companion
+    ops_kind: ClassVar[str | None] = None  # ``select_ops`` kind; None: ``VLLM_DAR_OPS``
+
+    def _init_dar(self) -> DarModel | None:
+        """The served model's DAR state (None without a ``dar`` section); refuses unsupported engine settings."""
+        self.dar: DarLayer | None = None
+        vllm_config = get_current_vllm_config()
+        model_config = vllm_config.model_config
+        self._dar_model = served_dar_model(model_config) if model_config is not None else None
+        if self._dar_model is not None:
+            check_engine(vllm_config)
+            self._vllm_config = vllm_config
+        return self._dar_model
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        super().process_weights_after_loading(act_dtype)
+        if self._dar_model is not None and self.dar is None:
+            self.dar = self._attach()
+
+    def _attach(self) -> DarLayer:
+        vc, model = self._vllm_config, self._dar_model
+        context = vc.compilation_config.static_forward_context
+        name, layer = next((n, m) for n, m in context.items() if getattr(m, "impl", None) is self)
+        index = extract_layer_index(name)
+        tp_size = vc.parallel_config.tensor_parallel_size
+        check_layer(self, model, index, tp_size)
+        lay = model.cfg.layer(index)
+        proj = shard_projections(model.projections[index], tp_size, get_tensor_model_parallel_rank())
+        far_name = f"{name}.dar_far"
+        DarFarCache(far_name, groups=proj.groups, key_rank=lay.key_rank, value_rank=lay.value_rank,
+                    dtype=layer.kv_cache_torch_dtype, block_size=_far_block_sizes(vc, model, layer, tp_size)[index],
+                    backend=self.far_backend, static_forward_context=context)
+        layer.get_kv_cache_spec = functools.partial(window_spec, layer, window=lay.window,
+                                                    sink_tokens=lay.sink_tokens)
+        layer.attn_backend = self.window_backend
+        ops = select_ops(self.ops_kind)
+        log_summary(vc.model_config.model, model, layer.kv_cache_torch_dtype.itemsize,
+                    vc.model_config.max_model_len, ops=ops.name, block_size=dar_block_size(vc))
+        device = layer._k_scale.device  # the layer's buffers live where its KV cache will (the worker's device)
+        return DarLayer(index=index, far_name=far_name, window=lay.window, sink_tokens=lay.sink_tokens,
+                        proj=PagedProjections.from_layer(proj, self.num_heads).to(device), ops=ops)
+
+    def _dar_write(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+        """key, value: [T, J, D]; kv_cache: the window cache [blocks, J, block_size, 2D]; also writes the
+        reduced K/V [T, G, rk | rv] to the far cache through its own slot mapping."""
+        ctx = get_forward_context()
+        n = slot_mapping.shape[0]
+        self.dar.ops.write(key[:n], value[:n], window_cache=kv_cache, window_slots=slot_mapping,
+                           far_cache=ctx.no_compile_layers[self.dar.far_name].kv_cache,
+                           far_slots=ctx.slot_mapping[self.dar.far_name][:n], proj=self.dar.proj)
+
+    def _dar_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                     attn_metadata: DarMetadata | None, output: torch.Tensor, output_scale=None,
+                     output_block_scale=None) -> torch.Tensor:
+        """query: [T, H, D], key/value: [T, J, D] -> output [T, H, D]; K/V were stored by ``_dar_write``.
+        Rows past ``attn_metadata.num_actual_tokens`` (padding) are left as they are."""
+        if attn_metadata is None:  # warm-up / profiling run
+            return output
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vllm-dar: fused output quantization is not supported")
+        ctx = get_forward_context()
+        far = ctx.attn_metadata[self.dar.far_name]
+        n = attn_metadata.num_actual_tokens
+        self.dar.ops.attend(query[:n], key[:n], value[:n], output[:n], window_cache=kv_cache,
+                            window_table=attn_metadata.block_table,
+                            far_cache=ctx.no_compile_layers[self.dar.far_name].kv_cache,
+                            far_table=far.block_table, query_start_loc=attn_metadata.query_start_loc,
+                            seq_lens=attn_metadata.seq_lens, proj=self.dar.proj, window=self.dar.window,
+                            sink_tokens=self.dar.sink_tokens, scale=self.scale)
+        return output

@@ -20,7 +20,7 @@ def register() -> None:
     check_vllm_version()
     # Already done by the .pth at start-up; repeated (idempotent) for interpreters that skip .pth files.
     vllm_cpu_dist_alias.install()
-    # CPU_ATTN -> vllm_dar.plugin.backend.DarCpuBackend, by path: stock behaviour for models without `dar`;
+    # CPU_ATTN -> vllm_dar.plugin.cpu.DarCpuBackend, by path: stock behaviour for models without `dar`;
     # CUSTOM -> vllm_dar.plugin.cuda.DarCudaBackend (the DAR backend on CUDA).
     from vllm_dar.plugin import register_backend_override
 

@@ -65,7 +65,7 @@ def test_cuda_selector_accepts_decoder_layers_on_sm80_and_up():
     assert _validate() == [] and _validate(device_capability=DeviceCapability(9, 0), dtype=torch.float16) == []
     assert _validate(device_capability=DeviceCapability(7, 5)) == ["compute capability not supported"]
     assert _validate(kv_cache_dtype="fp8") == ["kv_cache_dtype not supported"]
-    assert DarCudaMetadataBuilder.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+    assert DarCudaMetadataBuilder.get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
 
 def _vllm_config(model: str, **attention):

@@ -36,12 +36,14 @@ class DarCudaMetadataBuilder(DarMetadataBuilder):
     """Offsets left on the device, as slices of vLLM's buffers: the Triton launcher takes tensors, so building
     costs no host copy or sync per step.
 
-    CUDA graphs: NEVER (vLLM then captures piecewise graphs only; attention runs eagerly between them). The
-    launcher allocates its split scratch per call and sizes its grid from the step's token count, and padded
-    requests of a replayed graph were never tested; FULL graphs would need persistent scratch first.
+    CUDA graphs: full graphs for batches of single-token decodes (UNIFORM_SINGLE_TOKEN_DECODE), piecewise
+    otherwise. The launcher is capturable (``vllm_dar.ops.triton_ops.Workspace``: persistent split scratch, no
+    host reads, grids from shapes only). In a padded replay vLLM gives each padding request a query range of
+    length 0, ``seq_len`` 0 and null block-table rows: its tile exits at once, and rows past
+    ``query_start_loc[-1]`` are never written (``tests/kernels/test_graphs.py``; the CUDA half runs only on a GPU).
     """
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     @staticmethod
     def offsets(m: CommonAttentionMetadata, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def test_plugin_summary_line_is_the_byte_model():
     plugin_model.logger.setLevel(logging.INFO)
     try:
         plugin_model.log_summary("/test/bytes-summary", plugin_model.DarModel(cfg, ()), 4, 4160,
-                                 kernels="cpp", block_size=16)
+                                 ops="cpp", block_size=16)
     finally:
         plugin_model.logger.removeHandler(handler)
         plugin_model.logger.setLevel(level)

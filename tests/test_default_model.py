@@ -29,7 +29,7 @@ def test_prepared_checkpoint_is_plain_llama(default_model):
 def real_dar(default_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "dar"
     convert(default_model, str(out), window=64, key_rank=48, value_rank=48, head_sharing="joint", sink_tokens=4,
-            calib_tokens=1024, context=512, progress=False)
+            schedule="uniform", calib_tokens=1024, context=512, progress=False)
     return str(out)
 
 

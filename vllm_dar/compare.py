@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from dataclasses import asdict, dataclass
 
 from .config import DarConfig
@@ -139,6 +140,7 @@ def measure(model: str, settings: CompareSettings) -> dict:
     from .vllm_engine import make_llm, windows_perplexity
 
     s = settings
+    t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(model)
     held_out = split_files()[1]
     chat = tok.apply_chat_template([{"role": "user", "content": passage_prompt()}], add_generation_prompt=True,
@@ -153,9 +155,11 @@ def measure(model: str, settings: CompareSettings) -> dict:
     if longest > max_model_len:
         raise ValueError(f"--max-model-len: {max_model_len} is shorter than the longest request, {longest} tokens")
     capacity = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
+    seconds = {"start": time.perf_counter() - t0}
 
     reply = llm.generate([TokensPrompt(prompt_token_ids=ids)],
                          SamplingParams(temperature=0.0, max_tokens=s.answer_tokens), use_tqdm=False)[0].outputs[0]
+    seconds["answer"] = time.perf_counter() - t0 - sum(seconds.values())
 
     # Decode prompts from the far end of the held-out text: no prefix of a perplexity window.
     prompts = token_windows(tok, held_out[::-1], context=s.prompt_tokens, max_windows=s.batch)
@@ -163,11 +167,15 @@ def measure(model: str, settings: CompareSettings) -> dict:
                         SamplingParams(temperature=0.0, max_tokens=s.decode_tokens, ignore_eos=True), use_tqdm=False)
     last = max(outs, key=lambda o: o.metrics.first_token_ts).metrics  # its decode steps hold the whole batch
     step_s = (last.last_token_ts - last.first_token_ts) / (s.decode_tokens - 1)
+    seconds["decode"] = time.perf_counter() - t0 - sum(seconds.values())
 
     windows = token_windows(tok, held_out, context=s.context, max_windows=s.eval_windows)
+    ppl = windows_perplexity(llm, windows)
+    seconds["perplexity"] = time.perf_counter() - t0 - sum(seconds.values())
     return {"model": model, "max_model_len": max_model_len, "kv_capacity_tokens": capacity, "answer": reply.text, "prompt_tokens": len(ids),
             "decode_tok_s": len(prompts) / step_s, "decode_step_ms": 1000 * step_s,
-            **windows_perplexity(llm, windows), "served_dtype": str(llm.llm_engine.model_config.dtype)}
+            **ppl, "served_dtype": str(llm.llm_engine.model_config.dtype),
+            "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
 def render(r: dict, width: int = 110) -> str:
@@ -186,7 +194,8 @@ def render(r: dict, width: int = 110) -> str:
                f"VLLM_CPU_KVCACHE_SPACE={s['kv_cache_gib']} GiB, max_model_len {st['max_model_len']}")
     dar = (f"{d['model']} ({r['dar_config']}; {r['dar_kv_fraction']:.1%} of the stock KV bytes at "
            f"{st['max_model_len']} tokens)")
-    lines = [engines, f"stock: {st['model']}", f"DAR:   {dar}", ""]
+    lines = [engines, f"stock: {st['model']}", *textwrap.wrap(f"DAR:   {dar}", width, subsequent_indent=" " * 7),
+             ""]
     lines += [f"{a:<52}{b:>12}{c:>12}{e:>15}" for a, b, c, e in rows]
     lines += ["", f"Prompt: {st['prompt_tokens']} tokens of heapq documentation, then: {r['question']}"]
     for name, x in (("stock", st), ("DAR", d)):

@@ -45,7 +45,7 @@ class Recipe:
             return
         if not 0 < self.kv_budget <= 1:
             raise DarConfigError(f"--kv-budget: {self.kv_budget} must be in (0, 1] (a fraction of the stock KV "
-                                 f"bytes at --context)")
+                                 "bytes at --context)")
         if self.schedule != "calibrated":
             raise DarConfigError(f"--kv-budget: applies to --schedule calibrated only, not {self.schedule!r} "
                                  "(set --window/--key-rank/--value-rank instead)")
@@ -55,7 +55,6 @@ class Recipe:
         if given:  # with a budget the calibrated schedule never reads them: refuse rather than ignore
             raise DarConfigError(f"--kv-budget: sets the calibrated schedule's bytes, which would ignore {given}; "
                                  "give either --kv-budget or the uniform setting whose bytes to spend")
-
 
     def check(self, shape: ModelShape) -> None:
         """Validate against the model before any work (errors name the field): the uniform setting where it is

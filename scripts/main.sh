@@ -1,25 +1,19 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model: convert it to DAR, then score the stock and the converted model on
-# held-out real text, side by side. Run scripts/setup.sh first.
+# The main job on the embedded default model: convert it to DAR with the recommended recipe (vllm-dar convert's
+# defaults), then serve the stock and the converted model side by side with vLLM (vllm-dar compare): vLLM's KV
+# capacity, one prompt answered by both, perplexity on held-out text and decode speed, one screen.
+# Run scripts/setup.sh first.
 #
-#   bash scripts/main.sh                     # defaults below
-#   DAR_ARGS="--window 128" bash scripts/main.sh
+#   bash scripts/main.sh                              # defaults below
+#   DAR_ARGS="--kv-budget 0.2" bash scripts/main.sh   # convert at 20% of the stock KV bytes
+#   COMPARE_ARGS="--dtype float32" bash scripts/main.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . "${VLLM_DAR_VENV:-.venv}/bin/activate"
-SRC=${SRC:-models/smollm2-135m-f32}
+SRC=${SRC:-models/smollm2-135m-f32}  # conversion source: the fp32 copy (calibration runs in fp32)
+STOCK=${STOCK:-models/smollm2-135m}  # what a user serves: bf16, the same weights as SRC rounded to bf16
 OUT=${OUT:-models/smollm2-135m-dar}
-WINDOWS=${WINDOWS:-4}
-# Held-out text: the evaluation part of python3.11-doc's sources (never used for calibration).
-mapfile -t TEXT < <(python -c "from vllm_dar.data import split_files; print('\n'.join(split_files()[1]))")
 
-vllm-dar convert "$SRC" "$OUT" --force --window 64 --key-rank 48 --value-rank 48 --head-sharing joint --sink-tokens 4 \
-  --schedule calibrated ${DAR_ARGS:-}
-vllm-dar eval "$SRC" --text "${TEXT[@]}" --max-windows "$WINDOWS" --json --quiet | tee /tmp/vllm-dar-full.json
-vllm-dar eval "$OUT" --text "${TEXT[@]}" --max-windows "$WINDOWS" --json --quiet | tee /tmp/vllm-dar-dar.json
-python - <<'PY'
-import json
-full, dar = (json.load(open(f"/tmp/vllm-dar-{n}.json")) for n in ("full", "dar"))
-print(f"perplexity: full {full['perplexity']:.3f}, DAR {dar['perplexity']:.3f} "
-      f"({dar['perplexity'] / full['perplexity'] - 1:+.1%}) at {dar['kv_fraction']:.1%} of the KV bytes")
-PY
+vllm-dar convert "$SRC" "$OUT" --force ${DAR_ARGS:-}
+# Both engines serve bf16 (compare's --dtype): the DAR checkpoint's fp32 weights round to exactly STOCK's.
+vllm-dar compare "$STOCK" "$OUT" ${COMPARE_ARGS:-}

@@ -16,9 +16,14 @@ from vllm_dar.convert import convert
 from vllm_dar.convert.fit import fit_layer
 from vllm_dar.convert.schedule import calibrated, pyramid
 
+# The plain recipe these tests were written for (convert's defaults were, before they became the recommended one).
+PLAIN = {"window": 64, "key_rank": 16, "value_rank": 16, "sink_tokens": 4, "schedule": "uniform",
+         "head_sharing": "per_head"}
+
 
 def run_convert(src, out, calib, **kw):
-    return convert(src, str(out), calib_files=calib, calib_tokens=512, context=128, progress=False, **kw)
+    return convert(src, str(out), calib_files=calib, calib_tokens=512, context=128, progress=False,
+                   **{**PLAIN, **kw})
 
 
 def test_convert_round_trip(tiny_llama, calib_text, tmp_path):
@@ -182,3 +187,46 @@ def test_capture_hooks_always_come_off(tiny_llama):
     assert seen == [(0, (1, 2, 3, 16)), (1, (1, 2, 3, 16))]  # post-RoPE keys of both layers were seen
     assert model.config._attn_implementation == before
     assert not any(hasattr(m, _STATE) for m in attention_modules(model))
+
+
+def test_defaults_are_the_recommended_recipe_in_one_place():
+    """`vllm-dar convert SRC OUT` and `convert(SRC, OUT)` run the same recipe, Recipe()'s: the best measured
+    without training (joint projections, calibrated windows and ranks at the bytes of w=64 r=48/48, 4 sinks)."""
+    import inspect
+
+    from vllm_dar.cli import build_parser
+    from vllm_dar.convert.recipe import DEFAULT, FIELDS, Recipe
+
+    assert DEFAULT == Recipe(window=64, key_rank=48, value_rank=48, sink_tokens=4, schedule="calibrated",
+                             method="pca", head_sharing="joint", kv_budget=None, context=2048, calib_tokens=16384)
+    a = build_parser().parse_args(["convert", "in", "out"])
+    params = inspect.signature(convert).parameters
+    for f in FIELDS:
+        assert getattr(a, f) == getattr(DEFAULT, f), f
+        assert params[f].default == getattr(DEFAULT, f), f
+    assert set(FIELDS) <= set(params)
+
+
+def test_kv_budget_is_checked_before_work(tiny_llama, calib_text, tmp_path, capsys):
+    out = tmp_path / "dar"
+    # Defaults but the budget (the tiny model's joint width 32 is below the default ranks: unread with a budget).
+    run = lambda **kw: convert(tiny_llama, str(out), calib_files=calib_text, calib_tokens=512, context=128,
+                               progress=False, **kw)
+    for kw, message in (({"kv_budget": 0.0}, r"--kv-budget: 0.0 must be in \(0, 1\]"),
+                        ({"kv_budget": 1.5}, r"--kv-budget: 1.5 must be in \(0, 1\]"),
+                        ({"kv_budget": 0.5, "schedule": "uniform"}, "--kv-budget: applies to --schedule calibrated"),
+                        ({"kv_budget": 0.5, "window": 128}, r"--kv-budget: .*ignore \{'window': 128\}"),
+                        ({"kv_budget": 0.3}, r"--kv-budget: 0.3 is below 0.40")):
+        with pytest.raises(DarConfigError, match=message):
+            run(**kw)
+        assert not out.exists()
+    assert cli(["convert", tiny_llama, str(out), "--kv-budget", "2"]) == 2
+    assert "--kv-budget: 2.0 must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_kv_budget_alone_gives_a_calibrated_joint_model(tiny_llama, calib_text, tmp_path):
+    cfg = convert(tiny_llama, str(tmp_path / "dar"), kv_budget=0.6, calib_files=calib_text, calib_tokens=512,
+                  context=128, progress=False)
+    assert cfg.head_sharing == "joint" and cfg.sink_tokens == 4 and cfg.extra["schedule"] == "calibrated"
+    assert 0.4 < cfg.kv_fraction(128) <= 0.6
+    assert load_dar(str(tmp_path / "dar"))[0].kv_fraction(128) == cfg.kv_fraction(128)

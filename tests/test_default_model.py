@@ -29,7 +29,7 @@ def test_prepared_checkpoint_is_plain_llama(default_model):
 def real_dar(default_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "dar"
     convert(default_model, str(out), window=64, key_rank=48, value_rank=48, head_sharing="joint", sink_tokens=4,
-            calib_tokens=1024, context=512, progress=False)
+            schedule="uniform", calib_tokens=1024, context=512, progress=False)
     return str(out)
 
 
@@ -39,7 +39,7 @@ def test_dar_perplexity_close_to_stock_and_window_limit_exact(default_model, rea
     full = perplexity(model, windows, progress=False)
     cfg, proj = load_dar(real_dar)
     dar = perplexity(model, windows, cfg=cfg, projections=proj, reference_argmax=full["argmax"], progress=False)
-    # A converted model is worse than stock but not broken: measured about +10% here at 512 tokens.
+    # A converted model is worse than stock but not broken.
     assert full["perplexity"] < dar["perplexity"] < 1.5 * full["perplexity"]
     assert dar["top1_agreement"] > 0.75
     # Per position: the mean over positions is the perplexity's NLL, and every position within the first window

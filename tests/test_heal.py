@@ -21,8 +21,8 @@ CTX = 64
 @pytest.fixture(scope="module")
 def dar_tiny(tiny_llama, calib_text, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("heal") / "dar")
-    convert(tiny_llama, out, window=8, key_rank=2, value_rank=2, sink_tokens=1, calib_files=calib_text,
-            calib_tokens=256, context=CTX, progress=False)
+    convert(tiny_llama, out, window=8, key_rank=2, value_rank=2, sink_tokens=1, schedule="uniform",
+            head_sharing="per_head", calib_files=calib_text, calib_tokens=256, context=CTX, progress=False)
     return out
 
 

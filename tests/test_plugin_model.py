@@ -40,7 +40,8 @@ def tiny_dar(tiny_llama, tmp_path):
     from vllm_dar.convert import convert
 
     out = str(tmp_path / "dar")
-    convert(tiny_llama, out, window=4, key_rank=2, value_rank=2, calib_tokens=256, progress=False)
+    convert(tiny_llama, out, window=4, key_rank=2, value_rank=2, sink_tokens=4, schedule="uniform",
+            head_sharing="per_head", calib_tokens=256, progress=False)
     return out
 
 

@@ -41,7 +41,7 @@ def test_vllm_dar_perplexity_matches_reference(default_model, tmp_path):
 
     out = str(tmp_path / "dar")
     convert(default_model, out, window=64, key_rank=48, value_rank=48, head_sharing="joint", sink_tokens=4,
-            calib_tokens=1024, context=512, progress=False)
+            schedule="uniform", calib_tokens=1024, context=512, progress=False)
     text = split_files()[1][:3]
     a, b = eval_both_engines(out, "--text", *text, "--context", "512", "--max-windows", "2")
     assert a["tokens"] == b["tokens"] == 1022

@@ -15,12 +15,18 @@ def _cmd_prepare_model(a) -> dict:
 
 def _cmd_convert(a) -> dict:
     from .convert import convert
+    from .convert.recipe import FIELDS
 
-    cfg = convert(a.src, a.out, window=a.window, key_rank=a.key_rank, value_rank=a.value_rank,
-                  sink_tokens=a.sink_tokens, schedule=a.schedule, method=a.method, head_sharing=a.head_sharing,
-                  kv_budget=a.kv_budget, calib_files=a.calib, calib_tokens=a.calib_tokens, context=a.context,
-                  qk_reg=a.qk_reg, fit_steps=a.fit_steps, force=a.force, progress=not a.quiet, device=a.device)
+    cfg = convert(a.src, a.out, **{f: getattr(a, f) for f in FIELDS}, calib_files=a.calib, force=a.force,
+                  progress=not a.quiet, device=a.device)
     return {"out": a.out, "dar": cfg.describe(), "kv_fraction": round(cfg.kv_fraction(a.context), 4)}
+
+
+def _cmd_compare(a) -> dict:
+    from .compare import CompareSettings, compare
+
+    settings = CompareSettings(**{k: getattr(a, k) for k in vars(CompareSettings())})
+    return compare(a.stock_dir, a.dar_dir, settings=settings, log_dir=a.log_dir, progress=not a.quiet)
 
 
 def _cmd_heal(a) -> dict:
@@ -90,6 +96,77 @@ def _cmd_generate(a) -> dict:
     return {"prompt_tokens": len(ids), "token_ids": out, "text": tokenizer.decode(out), "engine": "hf"}
 
 
+def _add_convert(sub) -> None:
+    from .convert.recipe import DEFAULT as R
+
+    s = sub.add_parser("convert", help="write a DAR-converted checkpoint (defaults: the recommended recipe)",
+                       description="Convert a Hugging Face checkpoint to DAR. With no options: joint projections, "
+                       f"{R.sink_tokens} sink tokens, per-layer windows and ranks calibrated to the bytes of window "
+                       f"{R.window} with ranks {R.key_rank}/{R.value_rank}; --kv-budget sets the bytes instead.")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--kv-budget", type=float, default=R.kv_budget, metavar="F",
+                   help="KV bytes as a fraction of the stock cache's at --context, in (0, 1], spent by the "
+                        "calibrated schedule (default: the bytes of --window/--key-rank/--value-rank)")
+    s.add_argument("--window", type=int, default=R.window,
+                   help="full-width recent positions, current one included (%(default)s)")
+    s.add_argument("--key-rank", type=int, default=R.key_rank, help="(%(default)s)")
+    s.add_argument("--value-rank", type=int, default=R.value_rank, help="(%(default)s)")
+    s.add_argument("--sink-tokens", type=int, default=R.sink_tokens,
+                   help="first N positions kept at full width (%(default)s)")
+    s.add_argument("--schedule", default=R.schedule, choices=["uniform", "pyramid", "calibrated"],
+                   help="uniform: --window/--key-rank/--value-rank in every layer; pyramid: ranks ramp down the "
+                        "layers; calibrated: per-layer windows and ranks chosen on measured errors (%(default)s)")
+    s.add_argument("--method", default=R.method, choices=["pca", "qk", "fit"],
+                   help="pca: PCA of keys/values; qk: query-aware keys, o_proj-aware values; "
+                        "fit: PCA then layer-wise fitting to each layer's attention output (%(default)s)")
+    s.add_argument("--fit-steps", type=int, default=R.fit_steps, help="fit method: optimiser steps per layer")
+    s.add_argument("--head-sharing", default=R.head_sharing, choices=["per_head", "joint"],
+                   help="joint: one projection across a layer's KV heads (LRKV-style; ranks count for the "
+                        "whole layer) (%(default)s)")
+    s.add_argument("--qk-reg", type=float, default=R.qk_reg, help="qk method: covariance ridge (larger -> PCA)")
+    s.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files "
+                   "(default: the calibration part of python3.11-doc's sources)")
+    s.add_argument("--calib-tokens", type=int, default=R.calib_tokens)
+    s.add_argument("--context", type=int, default=R.context, help="calibration window and budget context")
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--device", type=_device, default="cpu",
+                   help="where the calibration forward passes run, in fp32 (cpu, cuda); fitting runs on the CPU")
+    s.set_defaults(fn=_cmd_convert)
+
+
+def _add_compare(sub) -> None:
+    from .compare import CompareSettings, render
+
+    d = CompareSettings()
+    s = sub.add_parser("compare", help="serve a stock model and its DAR conversion side by side with vLLM",
+                       description="Serve STOCK_DIR and DAR_DIR with vllm.LLM, each in its own process with the "
+                       "same KV cache space and dtype, and print vLLM's KV capacity, the answer to one prompt, "
+                       "perplexity on held-out text and decode speed of both.")
+    s.add_argument("stock_dir")
+    s.add_argument("dar_dir")
+    s.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"],
+                   help="served dtype of both engines (%(default)s)")
+    s.add_argument("--kv-cache-gib", type=int, default=d.kv_cache_gib,
+                   help="VLLM_CPU_KVCACHE_SPACE of both engines (%(default)s)")
+    s.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                   help="of both engines (default: vLLM's, the model's maximum context)")
+    s.add_argument("--context", type=int, default=d.context, help="perplexity window (%(default)s)")
+    s.add_argument("--eval-windows", type=int, default=d.eval_windows, help="perplexity windows (%(default)s)")
+    s.add_argument("--batch", type=int, default=d.batch, help="decode speed: prompts (%(default)s)")
+    s.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
+                   help="decode speed: tokens per prompt (%(default)s)")
+    s.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
+                   help="decode speed: greedy tokens per prompt (%(default)s)")
+    s.add_argument("--answer-tokens", type=int, default=d.answer_tokens,
+                   help="greedy tokens of the answer (%(default)s)")
+    s.add_argument("--compile", action="store_true", default=d.compile,
+                   help="serve with vLLM's torch.compile (its default; minutes more per engine start) instead of "
+                        "eagerly")
+    s.add_argument("--log-dir", default=None, help="where the engines' logs go (default: a temporary directory)")
+    s.set_defaults(fn=_cmd_compare, render=render)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-dar", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,32 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.set_defaults(fn=_cmd_prepare_model)
 
-    s = sub.add_parser("convert", help="write a DAR-converted checkpoint")
-    s.add_argument("src")
-    s.add_argument("out")
-    s.add_argument("--window", type=int, default=64, help="full-width recent positions, current one included")
-    s.add_argument("--key-rank", type=int, default=16)
-    s.add_argument("--value-rank", type=int, default=16)
-    s.add_argument("--sink-tokens", type=int, default=4, help="first N positions kept at full width")
-    s.add_argument("--schedule", default="uniform", choices=["uniform", "pyramid", "calibrated"])
-    s.add_argument("--kv-budget", type=float, default=None,
-                   help="calibrated schedule: KV bytes as a fraction of full at --context "
-                        "(default: what the uniform setting costs)")
-    s.add_argument("--method", default="pca", choices=["pca", "qk", "fit"],
-                   help="pca: PCA of keys/values; qk: query-aware keys, o_proj-aware values; "
-                        "fit: PCA then layer-wise fitting to each layer's attention output")
-    s.add_argument("--fit-steps", type=int, default=200, help="fit method: optimiser steps per layer")
-    s.add_argument("--head-sharing", default="per_head", choices=["per_head", "joint"],
-                   help="joint: one projection across a layer's KV heads (LRKV-style)")
-    s.add_argument("--qk-reg", type=float, default=0.1, help="qk method: covariance ridge (larger -> PCA)")
-    s.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files "
-                   "(default: the calibration part of python3.11-doc's sources)")
-    s.add_argument("--calib-tokens", type=int, default=16384)
-    s.add_argument("--context", type=int, default=2048, help="calibration window and budget context")
-    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    s.add_argument("--device", type=_device, default="cpu",
-                   help="where the calibration forward passes run, in fp32 (cpu, cuda); fitting runs on the CPU")
-    s.set_defaults(fn=_cmd_convert)
+    _add_convert(sub)
+    _add_compare(sub)
 
     s = sub.add_parser("heal", help="distil the full model into a DAR-converted one (trains the projections, "
                        "optionally attention weights)")
@@ -191,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps(result))
+    elif getattr(args, "render", None):
+        print(args.render(result))
     else:
         for k, v in result.items():
             print(f"{k}: {v}")

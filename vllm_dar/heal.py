@@ -8,28 +8,23 @@ the training text, so "vs full" keeps measuring what DAR loses rather than domai
 
 Why projections only by default: they are all a converted checkpoint adds, so the healed checkpoint keeps the
 source weights byte for byte, serves with nothing new, and still equals the stock model inside the window; they
-are small (0.4M parameters per-head at r=16/16 on SmolLM2-135M), so a few tens of thousands of tokens fit them
-without over-fitting the training text. Measured on SmolLM2 (``benchmarks/quality.py``): a 30-minute
-projections-only heal of the fitted calibrated conversion takes +8.6% perplexity to +5.3%, and its KL stops
-falling early, so the projections alone run out of capacity.
+are small (``2 * Dg * (r_k + r_v)`` numbers per projection group and layer, ``Dg`` its input width), so a few
+tens of thousands of tokens fit them without over-fitting the training text. Their capacity is limited, though: the KL of
+a projections-only heal stops falling early.
 
 ``weights`` (e.g. ``"qk"``, ``"qkvo"``) also trains those attention weights of every layer (Thin Keys' QK
 fine-tune: the model learns queries and keys that survive the reduction), at their own learning rate
 ``weight_lr``. The teacher is then a frozen copy of the source model, the loss covers every position (the
 weights change in-window attention too), and the output checkpoint carries the trained weights (the source's
-other tensors byte for byte). Same benchmark, same 30 minutes, ``"qkvo"``: +3.7% (fp32 steps, 1e-4, 158K
-tokens, context 1024); with the faster steps below at 2e-4, +2.25%, +3.48% and +3.13% over three window orders
-(234-257K tokens at context 1024), and +1.82%, +0.96% and +1.40% over the same orders at context 2048 (184-211K
-tokens).
+other tensors byte for byte). The README's quality table gives what each setting reached, with its command.
 
 ``context``: the tokens of one training sequence, so the longest query-key distance a step trains. Heal at the
-context you serve: the benchmark scores windows of 2048 tokens, and a heal at 1024 (more steps, 20-30% more tokens
-in the same 30 minutes) leaves the distances 1024-2047, which half of those predictions use, untrained. The
-default is convert's ``--context``, 2048.
+context you serve: a heal at a shorter context takes more steps in the same time but never trains the query-key
+distances beyond it, which a longer served context uses. The default is convert's ``--context``.
 
-Speed (``benchmarks/heal_speed.py``): a step's forward pass runs under bf16 autocast where the CPU has native
-bf16 dot products (``precision``: matmuls and attention in bf16; parameters, Adam state, norms and the loss stay
-fp32), DAR attention runs in query blocks that read only the keys they see (``dar_attention_sdpa``), and
+Speed (``benchmarks/heal_speed.py`` times these): a step's forward pass runs under bf16 autocast where the CPU has
+native bf16 dot products (``precision``: matmuls and attention in bf16; parameters, Adam state, norms and the loss
+stay fp32), DAR attention runs in query blocks that read only the keys they see (``dar_attention_sdpa``), and
 ``lm_head`` runs fused with the loss over blocks of rows (``_DistillHead``: no [tokens, vocab] tensor lives
 longer than a block).
 
@@ -37,12 +32,11 @@ Text: the calibration split of ``vllm_dar.data`` only (held-out files are never 
 wall time; the learning rate warms up, then follows a cosine to 10% over the budget. ``average_tail``: the output
 is the mean of the trained parameters after each step in the last fraction of the budget (Polyak/SWA-style tail
 averaging), not the last step's: with one window per step, the last step's parameters lean toward the last few
-windows seen, and which windows those are depends on the seed. Off by default: measured on the qkvo heal below
-over the same three window orders, 0.25 gives +2.41%, +3.10%, +3.18% (mean +2.90%) against +2.25%, +3.48%, +3.13%
-(mean +2.95%) without it, no difference that three orders can show. The run state (projections,
-Adam moments, step, tokens, seconds, data cursor) is saved to ``OUT/heal_state.pt`` every ``save_every`` steps and
-on Ctrl-C; ``resume`` continues from it. The result is an ordinary DAR-converted checkpoint (``write_converted``),
-with the final state moved to ``OUT/dar/heal_state.pt`` (vLLM never reads that folder).
+windows seen, and which windows those are depends on the seed. Off by default (the README says what it measured).
+The run state (projections, Adam moments, step, tokens, seconds, data cursor) is saved to ``OUT/heal_state.pt``
+every ``save_every`` steps and on Ctrl-C; ``resume`` continues from it. The result is an ordinary DAR-converted
+checkpoint (``write_converted``), with the final state moved to ``OUT/dar/heal_state.pt`` (vLLM never reads that
+folder).
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""``--engine vllm`` for ``vllm-dar eval`` and ``generate``: the same measurements through the real vLLM engine.
+"""``--engine vllm`` for ``vllm-dar eval`` and ``generate`` (and ``vllm-dar compare``'s engines): the same
+measurements through the real vLLM engine.
 
 A DAR-converted model is served by vllm-dar's attention backend (``vllm_dar.plugin``), which the package registers
-with vLLM through its entry point. Perplexity comes from vLLM's prompt log-probabilities (``prompt_logprobs=0``: the log-probability of each actual
-prompt token). vLLM spawns worker processes, so callers must run under an ``if __name__ == "__main__":`` guard
-(the ``vllm-dar`` console script does).
+with vLLM through its entry point. Perplexity comes from vLLM's prompt log-probabilities (``prompt_logprobs=0``:
+the log-probability of each actual prompt token). vLLM spawns worker processes, so callers must run under an
+``if __name__ == "__main__":`` guard (the ``vllm-dar`` console script does).
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from .data import token_windows
 DEFAULT_KV_SPACE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE when unset: vLLM's CPU memory share check refuses defaults here
 
 
-def _llm(model: str, *, max_model_len: int, dtype: str | None):
+def make_llm(model: str, *, max_model_len: int | None, dtype: str | None, **engine):
+    """``vllm.LLM`` for ``model`` in ``dtype`` (None: the checkpoint's) and ``max_model_len`` (None: vLLM's
+    default, the model's maximum context), greedy-reproducible (seed 0); ``engine``: further ``LLM`` keyword
+    arguments."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_SPACE_GIB)
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for our JSON
     from vllm import LLM
@@ -24,16 +28,24 @@ def _llm(model: str, *, max_model_len: int, dtype: str | None):
     # vLLM's CPU platform downcasts fp32 checkpoints to bf16 under "auto": default to the checkpoint's dtype.
     raw = read_config(model)
     dtype = dtype or raw.get("dtype") or raw.get("torch_dtype") or "auto"
-    return LLM(model=model, dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=0.5, seed=0)
+    engine = {"gpu_memory_utilization": 0.5, "seed": 0, **engine}
+    return LLM(model=model, dtype=dtype, max_model_len=max_model_len, **engine)
 
 
 def vllm_perplexity(model: str, text: list[str], *, context: int, max_windows: int | None,
                     dtype: str | None) -> dict:
     from transformers import AutoTokenizer
-    from vllm import SamplingParams, TokensPrompt
 
     windows = token_windows(AutoTokenizer.from_pretrained(model), text, context=context, max_windows=max_windows)
-    llm = _llm(model, max_model_len=context + 1, dtype=dtype)
+    llm = make_llm(model, max_model_len=context + 1, dtype=dtype)
+    return {**windows_perplexity(llm, windows), "engine": "vllm", "model": model, "context": context}
+
+
+def windows_perplexity(llm, windows: list[list[int]]) -> dict:
+    """Perplexity of ``llm`` over token ``windows``, each scored from its first token (every window must fit
+    ``max_model_len - 1``)."""
+    from vllm import SamplingParams, TokensPrompt
+
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params, use_tqdm=False)
     nll, count = 0.0, 0
@@ -41,8 +53,7 @@ def vllm_perplexity(model: str, text: list[str], *, context: int, max_windows: i
         for tok, lp in zip(w[1:], out.prompt_logprobs[1:]):  # position 0 has no prediction
             nll -= lp[tok].logprob
             count += 1
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "engine": "vllm",
-            "model": model, "context": context}
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
 
 
 def vllm_generate(model: str, prompt: str, *, max_tokens: int, dtype: str | None) -> dict:
@@ -51,7 +62,7 @@ def vllm_generate(model: str, prompt: str, *, max_tokens: int, dtype: str | None
 
     tok = AutoTokenizer.from_pretrained(model)
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    llm = _llm(model, max_model_len=len(ids) + max_tokens + 1, dtype=dtype)
+    llm = make_llm(model, max_model_len=len(ids) + max_tokens + 1, dtype=dtype)
     out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=max_tokens, temperature=0.0),
                        use_tqdm=False)[0].outputs[0]
     return {"prompt_tokens": len(ids), "token_ids": list(out.token_ids), "text": out.text, "engine": "vllm"}

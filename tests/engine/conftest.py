@@ -17,12 +17,13 @@ def _convert(default_model, tmp_path_factory, name, **kw) -> str:
 
 @pytest.fixture(scope="session")
 def dar_smol(default_model, tmp_path_factory) -> str:
-    """SmolLM2-135M converted with window 64, ranks 16/16, 4 sinks (VLLM_DAR_TEST_DAR_MODEL: reuse one)."""
+    """SmolLM2-135M converted with window 64, ranks 16/16 per head in every layer, 4 sinks
+    (VLLM_DAR_TEST_DAR_MODEL: reuse one)."""
     reuse = os.environ.get("VLLM_DAR_TEST_DAR_MODEL")
     if reuse:
         return reuse
     return _convert(default_model, tmp_path_factory, "dar_smol", window=64, key_rank=16, value_rank=16,
-                    sink_tokens=4)
+                    sink_tokens=4, schedule="uniform", head_sharing="per_head")
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +32,8 @@ def tiny_dar(tiny_llama, tmp_path_factory) -> str:
     from vllm_dar.convert import convert
 
     out = str(tmp_path_factory.mktemp("tiny_dar") / "model")
-    convert(tiny_llama, out, window=8, key_rank=8, value_rank=8, sink_tokens=2, calib_tokens=512, progress=False)
+    convert(tiny_llama, out, window=8, key_rank=8, value_rank=8, sink_tokens=2, schedule="uniform",
+            head_sharing="per_head", calib_tokens=512, progress=False)
     return out
 
 

@@ -1,6 +1,8 @@
 """Conversion: checkpoint -> calibrate -> fit projections -> schedule -> DAR-converted checkpoint.
 
-``convert`` is the keyword-only function behind ``vllm-dar convert``; the CLI is a thin layer over it.
+``convert`` is the keyword-only function behind ``vllm-dar convert`` (the CLI is a thin layer over it); its
+defaults are ``Recipe()``'s (``recipe.py``). ``calibrate_model`` and ``plan`` are its two steps, for callers that
+try several settings on one calibration.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from ..data import split_files, token_windows
 from ..hf import load_model
 from .calibrate import LayerStats, calibrate
 from .fit import METHODS, LayerFit, fit_layer, refine_layer
-from .schedule import RANK_FRACTIONS, SCHEDULES, WINDOWS, Setting, calibrated, measure_all, pyramid
+from .recipe import DEFAULT, Recipe
+from .schedule import SCHEDULES, WINDOWS, Setting, calibrated, measure_all, pyramid, rank_grid
 
-__all__ = ["METHODS", "SCHEDULES", "calibrate_model", "convert", "plan"]
+__all__ = ["DEFAULT", "METHODS", "SCHEDULES", "Recipe", "calibrate_model", "convert", "plan"]
 
 
 def calibrate_model(src: str, *, calib_files: list[str] | None, calib_tokens: int, context: int,
@@ -51,13 +54,24 @@ def plan(
     fit_steps: int = 200,
     progress: bool = True,
 ) -> tuple[DarConfig, list]:
-    """Fit and schedule projections from calibration ``stats``. Returns (config, per-layer projections)."""
+    """Fit and schedule projections from calibration ``stats``. Returns (config, per-layer projections).
+
+    The keyword defaults are the plain recipe (per-head PCA projections, the same setting in every layer, no
+    sinks), which experiments vary one setting at a time; ``convert()``'s are the recommended ``Recipe()``.
+    ``window``, ``key_rank`` and ``value_rank`` are the uniform setting: every layer's (``uniform``), the ramp's
+    mean (``pyramid``), or the setting whose bytes the ``calibrated`` schedule spends when ``kv_budget`` is None.
+    """
     if schedule not in SCHEDULES:
         raise DarConfigError(f"--schedule: {schedule!r} is not one of {SCHEDULES}")
-    # Validate the requested setting before any work (errors name the field).
-    base = DarConfig.uniform(shape, window=window, key_rank=key_rank, value_rank=value_rank,
-                             sink_tokens=sink_tokens, head_sharing=head_sharing, method=method)
-    groups = base.groups
+    if kv_budget is not None and schedule != "calibrated":
+        raise DarConfigError(f"--kv-budget: applies to --schedule calibrated only, not {schedule!r}")
+    # The projection groups (validates head_sharing and sinks), then the uniform setting where it is read.
+    layout = DarConfig.uniform(shape, window=0, key_rank=1, value_rank=1, sink_tokens=sink_tokens,
+                               head_sharing=head_sharing, method=method)
+    base = None if kv_budget is not None else DarConfig.uniform(
+        shape, window=window, key_rank=key_rank, value_rank=value_rank, sink_tokens=sink_tokens,
+        head_sharing=head_sharing, method=method)
+    groups = layout.groups
     fits: list[LayerFit] = [
         fit_layer(st.query_cov(), st.key_cov(groups), st.value_cov(groups), st.wo_metric,
                   head_dim=shape.head_dim, method=method, reg=qk_reg)
@@ -67,10 +81,10 @@ def plan(
         settings = [Setting(window, key_rank, value_rank)] * shape.num_layers
     elif schedule == "pyramid":
         settings = pyramid(shape.num_layers, window=window, key_rank=key_rank, value_rank=value_rank,
-                           max_rank=base.group_dim)
+                           max_rank=layout.group_dim)
     else:
         budget = kv_budget if kv_budget is not None else base.kv_fraction(context)
-        ranks = sorted({max(1, round(base.group_dim * f)) for f in RANK_FRACTIONS})
+        ranks = rank_grid(layout.group_dim)
         errors = measure_all(stats, fits, windows=WINDOWS, ranks=ranks, sink_tokens=sink_tokens,
                              progress=progress)
         settings = calibrated(errors, windows=WINDOWS, ranks=ranks, groups=groups,
@@ -105,37 +119,39 @@ def convert(
     src: str,
     out: str,
     *,
-    window: int = 64,
-    key_rank: int = 16,
-    value_rank: int = 16,
-    sink_tokens: int = 4,
-    schedule: str = "uniform",
-    method: str = "pca",
-    head_sharing: str = "per_head",
-    kv_budget: float | None = None,
+    window: int = DEFAULT.window,
+    key_rank: int = DEFAULT.key_rank,
+    value_rank: int = DEFAULT.value_rank,
+    sink_tokens: int = DEFAULT.sink_tokens,
+    schedule: str = DEFAULT.schedule,
+    method: str = DEFAULT.method,
+    head_sharing: str = DEFAULT.head_sharing,
+    kv_budget: float | None = DEFAULT.kv_budget,
     calib_files: list[str] | None = None,
-    calib_tokens: int = 16384,
-    context: int = 2048,
-    qk_reg: float = 0.1,
-    fit_steps: int = 200,
+    calib_tokens: int = DEFAULT.calib_tokens,
+    context: int = DEFAULT.context,
+    qk_reg: float = DEFAULT.qk_reg,
+    fit_steps: int = DEFAULT.fit_steps,
     force: bool = False,
     progress: bool = True,
     device: str = "cpu",
 ) -> DarConfig:
-    """Convert the Hugging Face checkpoint ``src`` into a DAR-converted checkpoint at ``out``. ``device``: where
-    the calibration forward passes run (fp32); fitting and scheduling run on the CPU."""
+    """Convert the Hugging Face checkpoint ``src`` into a DAR-converted checkpoint at ``out``.
+
+    The settings are ``Recipe``'s fields (see there); ``calib_files``: calibration text (default: the
+    calibration part of python3.11-doc's sources); ``device``: where the calibration forward passes run
+    (fp32; fitting and scheduling run on the CPU). Every setting is validated before the minutes-long
+    calibration, and nothing is written on an error. The returned config's ``extra`` records the calibration.
+    """
+    recipe = Recipe(window=window, key_rank=key_rank, value_rank=value_rank, sink_tokens=sink_tokens,
+                    schedule=schedule, method=method, head_sharing=head_sharing, kv_budget=kv_budget,
+                    context=context, calib_tokens=calib_tokens, qk_reg=qk_reg, fit_steps=fit_steps)
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    if method not in METHODS:
-        raise DarConfigError(f"--method: {method!r} is not one of {METHODS}")
     from ..checkpoint import read_config
 
     shape = ModelShape.from_hf_config(read_config(src))
-    # Fail on a bad setting before the (minutes-long) calibration.
-    DarConfig.uniform(shape, window=window, key_rank=key_rank, value_rank=value_rank, sink_tokens=sink_tokens,
-                      head_sharing=head_sharing, method=method)
-    if kv_budget is not None and not 0 < kv_budget <= 1:
-        raise DarConfigError(f"--kv-budget: {kv_budget} must be in (0, 1]")
+    recipe.check(shape)
     t0 = time.time()
     model, stats, record = calibrate_model(src, calib_files=calib_files, calib_tokens=calib_tokens,
                                            context=context, sink_tokens=sink_tokens, progress=progress,

@@ -41,7 +41,7 @@ def _sym_pow(c: Tensor, power: float, ridge: float = 0.0) -> Tensor:
 
 def _top_eig(c: Tensor) -> Tensor:
     """Eigenvectors of symmetric C [n, n] as columns, largest eigenvalue first."""
-    evals, evecs = torch.linalg.eigh(c.double())
+    _, evecs = torch.linalg.eigh(c.double())
     return evecs.flip(-1).to(c.dtype)
 
 

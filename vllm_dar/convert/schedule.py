@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..config import DarConfig, ModelShape
 from ..reference import dar_masks, reconstruct_kv
 from .fit import LayerFit
 
@@ -31,6 +32,20 @@ class Setting:
     window: int
     key_rank: int
     value_rank: int
+
+
+def rank_grid(group_dim: int) -> list[int]:
+    """The ranks the calibrated search tries for a projection input width ``group_dim`` (ascending)."""
+    return sorted({max(1, round(group_dim * f)) for f in RANK_FRACTIONS})
+
+
+def cheapest(shape: ModelShape, *, sink_tokens: int, head_sharing: str) -> DarConfig:
+    """The smallest setting the calibrated search can reach: its narrowest window and lowest ranks in every layer.
+    Its ``kv_fraction`` is the lowest budget the search accepts."""
+    width = DarConfig.uniform(shape, window=0, key_rank=1, value_rank=1, head_sharing=head_sharing).group_dim
+    r = rank_grid(width)[0]
+    return DarConfig.uniform(shape, window=min(WINDOWS), key_rank=r, value_rank=r, sink_tokens=sink_tokens,
+                             head_sharing=head_sharing)
 
 
 def pyramid(num_layers: int, *, window: int, key_rank: int, value_rank: int, max_rank: int,

@@ -1,0 +1,75 @@
+"""The conversion recipe: every setting of ``vllm-dar convert`` and ``convert()``, with their defaults in one place.
+
+The defaults are the best recipe that needs no training: one projection across a layer's KV heads (``joint``,
+LRKV-style), 4 sink tokens at full width, and per-layer windows and ranks chosen by the ``calibrated`` schedule
+within a KV byte budget. The budget is ``kv_budget`` (a fraction of the stock cache's bytes at ``context``) or,
+when it is not given, the bytes of the uniform setting ``window`` / ``key_rank`` / ``value_rank``. Both
+``convert()``'s keyword defaults and the CLI's option defaults read ``Recipe()``, so they cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..config import DarConfig, DarConfigError, ModelShape
+from .fit import METHODS
+from .schedule import SCHEDULES, cheapest
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One conversion's settings; validates what it can without the model (the model's shape checks the rest:
+    ranks against the projection width, in ``DarConfig``)."""
+
+    window: int = 64  # full-width recent positions, the current one included
+    key_rank: int = 48  # reduced key width per projection group
+    value_rank: int = 48  # reduced value width per projection group
+    sink_tokens: int = 4  # first positions kept at full width
+    schedule: str = "calibrated"  # one of SCHEDULES
+    method: str = "pca"  # one of METHODS
+    head_sharing: str = "joint"  # per_head | joint (one projection across a layer's KV heads)
+    kv_budget: float | None = None  # calibrated: KV bytes / stock KV bytes at context; None: the uniform setting's
+    context: int = 2048  # calibration window, and the context the byte budget is counted at
+    calib_tokens: int = 16384  # calibration text, tokens
+    qk_reg: float = 0.1  # qk method: covariance ridge (larger -> PCA)
+    fit_steps: int = 200  # fit method: optimiser steps per layer
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise DarConfigError(f"--schedule: {self.schedule!r} is not one of {SCHEDULES}")
+        if self.method not in METHODS:
+            raise DarConfigError(f"--method: {self.method!r} is not one of {METHODS}")
+        for name in ("context", "calib_tokens", "fit_steps"):
+            if getattr(self, name) < 1:
+                raise DarConfigError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be >= 1")
+        if self.kv_budget is None:
+            return
+        if not 0 < self.kv_budget <= 1:
+            raise DarConfigError(f"--kv-budget: {self.kv_budget} must be in (0, 1] (a fraction of the stock KV "
+                                 "bytes at --context)")
+        if self.schedule != "calibrated":
+            raise DarConfigError(f"--kv-budget: applies to --schedule calibrated only, not {self.schedule!r} "
+                                 "(set --window/--key-rank/--value-rank instead)")
+        default = Recipe()
+        given = {f: getattr(self, f) for f in ("window", "key_rank", "value_rank")
+                 if getattr(self, f) != getattr(default, f)}
+        if given:  # with a budget the calibrated schedule never reads them: refuse rather than ignore
+            raise DarConfigError(f"--kv-budget: sets the calibrated schedule's bytes, which would ignore {given}; "
+                                 "give either --kv-budget or the uniform setting whose bytes to spend")
+
+    def check(self, shape: ModelShape) -> None:
+        """Validate against the model before any work (errors name the field): the uniform setting where it is
+        read, else a budget the calibrated search can reach."""
+        if self.kv_budget is None:  # the uniform setting is the schedule's, or its budget's
+            DarConfig.uniform(shape, window=self.window, key_rank=self.key_rank, value_rank=self.value_rank,
+                              sink_tokens=self.sink_tokens, head_sharing=self.head_sharing, method=self.method)
+            return
+        low = cheapest(shape, sink_tokens=self.sink_tokens, head_sharing=self.head_sharing)
+        if self.kv_budget < low.kv_fraction(self.context):
+            raise DarConfigError(
+                f"--kv-budget: {self.kv_budget} is below {low.kv_fraction(self.context):.4f}, the least the "
+                f"calibrated schedule can spend on this model at --context {self.context} (window {low.window[0]}, "
+                f"ranks {low.key_rank[0]}/{low.value_rank[0]} in every layer)")
+
+
+DEFAULT = Recipe()
+FIELDS = tuple(f.name for f in fields(Recipe))

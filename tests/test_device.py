@@ -67,7 +67,7 @@ def convert_and_heal(tiny_model: str, text: str, tmp_path, capsys, device: str) 
     dar, healed = str(tmp_path / "dar"), str(tmp_path / "healed")
     run_cli(capsys, "convert", tiny_model, dar, "--window", "8", "--key-rank", "4", "--value-rank", "4",
             "--sink-tokens", "2", "--calib", text, "--calib-tokens", str(8 * CONTEXT), "--context", str(CONTEXT),
-            "--device", device)
+            "--schedule", "uniform", "--head-sharing", "per_head", "--device", device)
     cfg, proj = load_dar(dar)
     assert cfg is not None and cfg.window == (8, 8) and all(torch.isfinite(p.q_proj).all() for p in proj)
     summary = run_cli(capsys, "heal", dar, healed, "--max-tokens", str(3 * CONTEXT), "--context", str(CONTEXT),

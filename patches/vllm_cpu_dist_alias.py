@@ -21,7 +21,7 @@ How
 Remove when
     vLLM's CLI stops calling ``importlib.metadata.version("vllm")`` (e.g. uses ``vllm.__version__``) or the
     CPU wheel is published as ``vllm``; ``test_target_still_calls_version_vllm`` and
-    ``test_bug_still_present_without_the_alias`` in ``tests/test_patches.py`` fail then.
+    ``test_bug_still_present_without_the_alias`` in ``tests/patches/test_patches.py`` fail then.
 """
 
 import sys

@@ -1,2 +1,2 @@
-"""Engine tests: the DAR backend inside real vLLM engines (a package, so its conftest and helpers never
-shadow the top-level ``conftest`` that tests/test_*.py import)."""
+"""Engine tests: the DAR backend inside real vLLM engines, each in its own process (``helpers``). A package, so
+its ``helpers`` import as ``engine.helpers`` from other folders (``vllm serve`` tests)."""

@@ -1,10 +1,15 @@
-"""Run a real vLLM engine in a fresh process (``engine_job.py``) and read back what it generated."""
+"""Run a real vLLM engine in a fresh process (``engine_job.py``) and read back what it generated; start and stop
+``vllm serve`` on localhost."""
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,3 +36,34 @@ def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens:
 
 class EngineFailed(RuntimeError):
     """The engine process exited with an error; the message holds the tail of its output."""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (tests serve on localhost only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
+    """Poll ``url`` until it answers; fail if ``server`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"vllm serve exited with {server.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(f"vllm serve not ready after {timeout:.0f} s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (started with ``start_new_session``), SIGKILL after 30 s."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: the API server and its engine core
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

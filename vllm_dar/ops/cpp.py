@@ -4,7 +4,7 @@ and normalise the arguments, call ``torch.ops.vllm_dar.dar_attention`` / ``dar_w
 The ops are built on first use by ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; ``scripts/setup.sh`` builds them once).
 Their schemas (``kernels/cpu/torch_bindings.cpp``) mark what each mutates. Semantics are the contract's
-(``vllm_dar.ops.paged``); tests: ``tests/engine/test_batched_ops.py``.
+(``vllm_dar.ops.paged``); tests: ``tests/ops/test_cpp_ops.py``.
 
 Both ops read and write vLLM's paged caches in place: caches whose blocks are dense but may sit apart (vLLM pads
 the pages of layers with smaller ranks) are addressed through ``stride(0)`` (``dense_blocks``).

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_patches import _free_port, _stop, _wait_ready  # tests/ is on sys.path (rootdir-relative imports)
+from engine.helpers import free_port, stop_server, wait_ready
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -31,7 +31,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(dar_smol, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    port = _free_port()
+    port = free_port()
     cmd = [str(BIN / "vllm"), "serve", dar_smol, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "1024", "--gpu-memory-utilization", "0.5"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -39,12 +39,12 @@ def server(dar_smol, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         try:
-            _wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
+            wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
         except (AssertionError, TimeoutError) as e:
             pytest.fail(f"{e}\n--- server log (tail) ---\n{log.read_text()[-6000:]}")
         yield Server(dar_smol, port, log)
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

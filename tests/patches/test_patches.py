@@ -8,18 +8,17 @@ import importlib.util
 import json
 import os
 import pkgutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.request
 from importlib.metadata import DistributionFinder, distributions
 from pathlib import Path
 
 import pytest
 import vllm_dar.patches
+from vllm_dar import envs
+from engine.helpers import free_port, stop_server, wait_ready
 from vllm_dar.patches import PATCHES
 from vllm_dar.patches import vllm_cpu_dist_alias as alias
 
@@ -72,7 +71,7 @@ def test_every_patch_module_is_indexed_and_documented():
         for section in ("Target", "Why", "How", "Remove when"):
             assert f"\n{section}\n" in doc, f"{patch['module']} docstring lacks a {section!r} section"
         test_file, _, test_name = patch["test"].partition("::")
-        assert f"def {test_name}(" in (Path(__file__).parents[1] / test_file).read_text()
+        assert f"def {test_name}(" in (Path(__file__).parents[2] / test_file).read_text()
 
 
 # --- vllm_cpu_dist_alias: is it still needed, and aimed at the right code? ----------------------------------
@@ -179,42 +178,9 @@ def test_install_is_idempotent():
 
 
 def _test_model() -> Path | None:
-    repo = Path(__file__).parents[1]
-    candidates = [
-        os.environ.get("VLLM_DAR_TEST_MODEL", ""),
-        repo / "models/smollm2-135m-f32",
-        repo / "models/smollm2-135m",
-        "/work/models/smollm2-135m-f32",
-    ]
+    repo = Path(__file__).parents[2]
+    candidates = [envs.VLLM_DAR_TEST_MODEL or "", repo / "models/smollm2-135m-f32", repo / "models/smollm2-135m"]
     return next((Path(c) for c in candidates if c and (Path(c) / "config.json").is_file()), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"vllm serve exited with {server.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            time.sleep(2)
-    raise TimeoutError(f"vllm serve not ready after {timeout:.0f} s")
-
-
-def _stop(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)  # its own session: the API server and its engine core
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.mark.slow
@@ -223,7 +189,7 @@ def test_vllm_serve_answers_completions(tmp_path):
     model = _test_model()
     if model is None:
         pytest.skip("no SmolLM2 checkpoint: set VLLM_DAR_TEST_MODEL")
-    port = _free_port()
+    port = free_port()
     cmd = [
         str(BIN / "vllm"),
         "serve",
@@ -239,7 +205,7 @@ def test_vllm_serve_answers_completions(tmp_path):
     with open(tmp_path / "serve.log", "w") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/health", server, timeout=600)
+        wait_ready(f"http://127.0.0.1:{port}/health", server, timeout=600)
         body = json.dumps(
             {"model": str(model), "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
         ).encode()
@@ -251,7 +217,7 @@ def test_vllm_serve_answers_completions(tmp_path):
         assert text.strip()
         assert "device_config=cpu" in (tmp_path / "serve.log").read_text()
     finally:
-        _stop(server)
+        stop_server(server)
 
 
 # --- dar_backend_selection: still aimed at the right code, and chaining ---------------------------------------

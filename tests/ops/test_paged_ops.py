@@ -13,7 +13,7 @@ import torch
 from vllm_dar.ops.paged import PagedProjections, dar_paged_attention, reduce_tokens, write_slots
 from vllm_dar.reference import dar_attention
 
-from .test_batched_ops import random_projections, take_blocks
+from .test_cpp_ops import random_projections, take_blocks
 
 H, J, D = 6, 3, 16
 

@@ -63,12 +63,11 @@ def reference(model: str, batch: list[list[int]], max_tokens: int) -> list[list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dar", help="DAR-converted fp32 checkpoint (required)")
-    ap.add_argument("--stock", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
+    harness.add_model_args(ap, dar=False)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true", help="print only the JSON result (engine logs silenced)")
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/agreement.json")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    harness.add_worker_args(ap)
     args = ap.parse_args()
     if args.worker:
         with open(args.worker) as f:

@@ -17,14 +17,15 @@ model's (``vllm_dar.config``, at the served dtype):
   ``--max-tokens 32`` (``ignore_eos``). A preempted request keeps its first ``scheduled_ts``, so its interval
   overstates; ``preemptions`` says whether that happened.
 
-The DAR checkpoint (uniform per-head window 64, ranks 16/16, 4 sinks) is made with (~2-3 min)::
+The README's DAR checkpoint (uniform per-head window 64, ranks 16/16, 4 sinks; ``--dar`` defaults to the
+recommended recipe that ``scripts/main.sh`` writes) is made with (~2-3 min)::
 
-    vllm-dar convert models/smollm2-135m-f32 models/smollm2-135m-dar --schedule uniform \\
+    vllm-dar convert models/smollm2-135m-f32 models/smollm2-135m-dar-w64 --schedule uniform \\
         --head-sharing per_head --window 64 --key-rank 16 --value-rank 16 --sink-tokens 4 --calib-tokens 2048
 
 Run (a few minutes per model on 2 cores; ``--quick``: 1024-token prompts, 8 requests)::
 
-    python benchmarks/capacity.py --json [--stock DIR] [--dar DIR] [--kv-gib 1] [--max-num-batched-tokens N]
+    python benchmarks/capacity.py --json [--stock DIR] [--dar DIR: default models/smollm2-135m-dar] [--kv-gib 1] [--max-num-batched-tokens N]
 """
 from __future__ import annotations
 
@@ -99,8 +100,7 @@ def spawn(args: argparse.Namespace, model: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stock", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
-    p.add_argument("--dar", default=harness.DAR_MODEL, help="a DAR-converted dir")
+    harness.add_model_args(p)
     p.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (integer GiB) for both models")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=4096)
@@ -108,8 +108,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM's")
     p.add_argument("--quick", action="store_true", help="1024-token prompts, 8 requests")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    harness.add_worker_args(p)
     args = p.parse_args()
     if args.quick:
         args.prompt_len, args.requests = 1024, 8

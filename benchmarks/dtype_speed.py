@@ -89,8 +89,7 @@ def main() -> int:
     ap.add_argument("--kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for every engine")
     ap.add_argument("--quick", action="store_true", help="1 round, 256-token prompts, 32 decode tokens")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", choices=list(CHECKPOINTS), help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    harness.add_worker_args(ap, choices=list(CHECKPOINTS))
     a = ap.parse_args()
     if a.worker:
         path, dtype = CHECKPOINTS[a.worker]

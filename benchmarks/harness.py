@@ -7,6 +7,7 @@ counts come from ``vllm_dar.config``'s byte model, never from here.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -45,6 +46,20 @@ def dar_ops(ops: str | None) -> str:
 
 
 # ---------------------------------------------------------------- engines in subprocesses
+
+def add_model_args(ap: argparse.ArgumentParser, *, dar: bool = True) -> None:
+    """``--stock`` (default: ``source_model()``) and, with ``dar``, ``--dar`` (default: ``DAR_MODEL``)."""
+    ap.add_argument("--stock", default=source_model(), help="full-attention model (VLLM_DAR_MODEL)")
+    if dar:
+        ap.add_argument("--dar", default=DAR_MODEL, help="a DAR-converted dir")
+
+
+def add_worker_args(ap: argparse.ArgumentParser, **worker) -> None:
+    """The hidden ``--worker`` (what one worker process runs; ``worker``: its add_argument keywords, e.g.
+    ``choices``) and ``--out`` (where it writes its JSON) that ``run_worker`` passes."""
+    ap.add_argument("--worker", help=argparse.SUPPRESS, **worker)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+
 
 def run_worker(script: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
                show_output: bool = False, log_name: str | None = None) -> tuple[dict, list[str]]:

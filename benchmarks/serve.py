@@ -126,8 +126,7 @@ def run_one(args: argparse.Namespace, name: str, model: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stock", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
-    ap.add_argument("--dar", default=harness.DAR_MODEL, help="a DAR-converted dir")
+    harness.add_model_args(ap)
     ap.add_argument("--dar-ops", choices=envs.OPS_KINDS, default=None,
                     help="VLLM_DAR_OPS for the DAR server (default: the environment's, else the plugin's)")
     ap.add_argument("--num-prompts", type=int, default=16)

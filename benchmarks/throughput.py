@@ -270,8 +270,7 @@ def plot(result: dict, path: str) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stock", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
-    ap.add_argument("--dar", default=harness.DAR_MODEL, help="a DAR-converted dir")
+    harness.add_model_args(ap)
     ap.add_argument("--context", type=int, help="one context (with --batch: one configuration)")
     ap.add_argument("--batch", type=int, help="one batch size")
     ap.add_argument("--contexts", type=harness.int_list, default=[512, 2048, 4096, 8192])
@@ -292,8 +291,7 @@ def main() -> int:
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/throughput.json (+ .png)")
     ap.add_argument("--render", metavar="JSON",
                     help="print the table of a saved result and plot it beside it")
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    harness.add_worker_args(ap, choices=ENGINES)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.engines = [e for e in ENGINES if e in a.engines.split(",")]

@@ -373,7 +373,9 @@ static void check_attention_args(const torch::Tensor& q, const torch::Tensor& k,
   for (const auto* x : {&q, &k, &v, &out})
     TORCH_CHECK(x->stride(2) == 1 && x->stride(1) == D,
                 "dar_attention: each token's rows of query, key, value and output must be contiguous [heads, D]");
-  TORCH_CHECK(k.stride(0) == v.stride(0), "dar_attention: key and value must share one token stride");
+  // One token: its stride is never used (PyTorch keeps any stride on a size-1 dimension, even after contiguous()).
+  TORCH_CHECK(k.size(0) <= 1 || k.stride(0) == v.stride(0),
+              "dar_attention: key and value must share one token stride");
   TORCH_CHECK(dense_blocks(wcache),
               "dar_attention: each block of window_cache must be dense [heads, block_size, width]");
   TORCH_CHECK(dense_blocks(fcache),

@@ -177,6 +177,22 @@ def test_strided_rows_like_vllm_qkv(ops):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_single_token_with_key_and_value_of_other_strides(ops):
+    """A decode step of one request under ``vllm serve``: key [1, J, D] is a tensor of its own (after RoPE),
+    value a view of the fused qkv output. Their token strides differ, and ``contiguous()`` keeps a size-1
+    dimension's stride, so the launcher cannot equalise them: the one token must still be read right."""
+    query, key, value, args, ref = build_batch([(40, 1)], 8, 2, False, torch.float32)
+    t, h, d = query.shape
+    j = key.shape[1]
+    qkv = torch.cat([query.flatten(1), key.flatten(1), value.flatten(1)], dim=1)  # [1, (H + 2J) * D]
+    v_v = qkv.as_strided((t, j, d), (qkv.stride(0), d, 1), (h + j) * d)  # the token stride vLLM's view keeps
+    assert t == 1 and v_v.stride(0) != key.stride(0) and v_v.contiguous().stride(0) != key.stride(0)
+    assert torch.equal(v_v, value)
+    out = torch.full_like(query, float("nan"))
+    ops.attend(query, key.clone(), v_v, out, **args)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def padded(cache: torch.Tensor, extra: int) -> torch.Tensor:
     """The same cache as vLLM lays out a padded page: each block's elements followed by ``extra`` unused ones
     (per-layer ranks whose far page does not divide the window page), i.e. a strided view."""

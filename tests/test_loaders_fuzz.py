@@ -3,7 +3,8 @@
 
 Each property starts from a valid tiny checkpoint (2 layers, 4 heads, 2 KV heads, head_dim 8, written to a fresh
 temporary folder per example: no model weights, only ``config.json`` and the projections) and breaks it in ways
-chosen by hypothesis. ``EXAMPLES`` sums the cases tried by the properties below.
+chosen by hypothesis. ``EXAMPLES`` bounds the cases tried by the properties below (hypothesis stops a property early once it has
+tried every value of a small space).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ VALID = {"format_version": 1, "method": "pca", "head_sharing": "per_head", "sink
          "projection_file": "dar/projections.safetensors", "window": [4, 4], "key_rank": [2, 3],
          "value_rank": [3, 2], "extra": {}}
 LISTS = ("window", "key_rank", "value_rank")
-CONFIG_EXAMPLES, SHAPE_EXAMPLES, FILE_EXAMPLES = 400, 150, 300
-EXAMPLES = CONFIG_EXAMPLES + SHAPE_EXAMPLES + FILE_EXAMPLES
+CONFIG_EXAMPLES, OBJECT_EXAMPLES, SHAPE_EXAMPLES, FILE_EXAMPLES, DISAGREE_EXAMPLES = 400, 50, 150, 300, 50
+EXAMPLES = CONFIG_EXAMPLES + OBJECT_EXAMPLES + SHAPE_EXAMPLES + FILE_EXAMPLES + DISAGREE_EXAMPLES  # at most
 FUZZ = {"deadline": None, "derandomize": True, "suppress_health_check": [HealthCheck.too_slow]}
 
 # Any JSON value, and JSON values that are not (non-bool) integers.
@@ -108,7 +109,7 @@ def test_malformed_dar_sections_are_refused(mutations):
         load_dar(write_checkpoint(d, section=section))
 
 
-@settings(max_examples=50, **FUZZ)
+@settings(max_examples=OBJECT_EXAMPLES, **FUZZ)
 @given(st.sampled_from(["dar", "top"]), json_values.filter(lambda v: not isinstance(v, dict)))
 def test_a_dar_section_or_config_that_is_not_an_object_is_refused(where, value):
     with tempfile.TemporaryDirectory() as d:
@@ -119,6 +120,20 @@ def test_a_dar_section_or_config_that_is_not_an_object_is_refused(where, value):
             load_dar(path)
         with pytest.raises(DarConfigError):
             DarConfig.from_model_dir(path)
+
+
+def test_a_null_dar_section_is_refused_not_served_as_stock(tmp_path):
+    """``"dar": null`` in config.json (vLLM's hf_config.dar is None) is a malformed section, not a stock model."""
+    from types import SimpleNamespace
+
+    from vllm_dar.plugin.model import served_dar_model
+
+    path = write_checkpoint(str(tmp_path))
+    Path(path, "config.json").write_text(json.dumps({**HF, "dar": None}))
+    config = SimpleNamespace(model=path, revision=None, hf_config=SimpleNamespace(dar=None))
+    with pytest.raises(DarConfigError, match="dar: expected an object, got NoneType"):
+        served_dar_model(config)
+    assert served_dar_model(SimpleNamespace(model=path, hf_config=SimpleNamespace())) is None  # no dar key: stock
 
 
 # ---- the model's shape (config.json outside the dar section) --------------------------------------------------
@@ -270,7 +285,7 @@ def test_malformed_projection_files_are_refused(damage):
         assert path in str(e.value) and expected in str(e.value), (str(e.value), m)
 
 
-@settings(max_examples=50, **FUZZ)
+@settings(max_examples=DISAGREE_EXAMPLES, **FUZZ)
 @given(st.sampled_from(LISTS[1:]), st.integers(0, 1), st.integers(1, SHAPE.head_dim))
 def test_a_section_that_disagrees_with_its_file_is_refused(name, layer, rank):
     """A valid section whose ranks differ from those the file was written for: refused naming the tensor."""

@@ -185,7 +185,8 @@ class DarConfig:
         if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
             raise DarConfigError(f"dar.sink_tokens: {self.sink_tokens!r} must be an integer >= 0")
         f = self.projection_file
-        if not isinstance(f, str) or not f or os.path.isabs(f) or ".." in f.replace("\\", "/").split("/") or "\0" in f:
+        escapes = isinstance(f, str) and (".." in f.replace("\\", "/").split("/") or "\0" in f)
+        if not isinstance(f, str) or not f or os.path.isabs(f) or escapes:
             raise DarConfigError(f"dar.projection_file: {f!r} must be a relative path inside the checkpoint")
         if not isinstance(self.method, str):
             raise DarConfigError(f"dar.method: {self.method!r} must be a string")

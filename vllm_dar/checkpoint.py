@@ -13,10 +13,11 @@ import shutil
 import torch
 
 from ._fs import atomic_dir
-from .config import DarConfig, DarConfigError, ModelShape
+from .config import DarConfig, DarConfigError, ModelShape, read_json
 from .reference import LayerProjections
 
 _FIELDS = ("q_proj", "k_down", "v_down", "v_up")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # read as fp32
 
 
 def expected_shapes(cfg: DarConfig, layer: int) -> dict[str, tuple[int, ...]]:
@@ -48,6 +49,11 @@ def load_projections(model_dir: str, cfg: DarConfig) -> list[LayerProjections]:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise DarConfigError(f"dar.projection_file: {path} is not a readable safetensors file ({e})") from e
+    wanted = {f"layers.{i}.{name}" for i in range(cfg.shape.num_layers) for name in _FIELDS}
+    extra = sorted(tensors.keys() - wanted)
+    if extra:
+        raise DarConfigError(f"{path}: unexpected tensor(s) {extra[:3]} (the dar section has "
+                             f"{cfg.shape.num_layers} layers of {', '.join(_FIELDS)})")
     out = []
     for i in range(cfg.shape.num_layers):
         fields = {}
@@ -56,6 +62,9 @@ def load_projections(model_dir: str, cfg: DarConfig) -> list[LayerProjections]:
             t = tensors.get(key)
             if t is None:
                 raise DarConfigError(f"{path}: tensor {key} is missing")
+            if t.dtype not in _DTYPES:
+                raise DarConfigError(f"{path}: tensor {key} has dtype {t.dtype}, not a floating type "
+                                     f"({', '.join(str(d) for d in _DTYPES)})")
             if tuple(t.shape) != shape:
                 raise DarConfigError(f"{path}: tensor {key} has shape {tuple(t.shape)}, the model and dar "
                                      f"section need {shape}")
@@ -70,8 +79,7 @@ def read_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{model_dir} has no config.json: not a Hugging Face checkpoint")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def load_dar(model_dir: str) -> tuple[DarConfig | None, list[LayerProjections] | None]:

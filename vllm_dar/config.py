@@ -52,6 +52,22 @@ class DarConfigError(ValueError):
     """A malformed ``dar`` section or one that does not fit the model."""
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_json(path: str) -> dict:
+    """A JSON object file (a checkpoint's ``config.json``); anything else is refused naming the file."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DarConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise DarConfigError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 @dataclass(frozen=True, slots=True)
 class ModelShape:
     """The attention shapes of the model a ``dar`` section belongs to."""
@@ -61,19 +77,30 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
 
+    def __post_init__(self):
+        for name, hf in (("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads"),
+                         ("num_kv_heads", "num_key_value_heads"), ("head_dim", "head_dim")):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise DarConfigError(f"config.json {hf}: {v!r} must be an integer >= 1")
+
     @classmethod
     def from_hf_config(cls, cfg, *, require_supported: bool = True) -> ModelShape:
         """Shapes of a Hugging Face config (dict or object); refuses architectures DAR cannot convert unless
         ``require_supported`` is False (byte counts of any stock model)."""
         get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        arch = (get("architectures") or ["?"])[0]
+        archs = get("architectures") or ["?"]
+        arch = archs[0] if isinstance(archs, list) else archs
         if require_supported and arch not in SUPPORTED_ARCHITECTURES:
             raise DarConfigError(
                 f"architectures: {arch!r} is not supported; DAR conversion supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        heads = get("num_attention_heads")
-        head_dim = get("head_dim") or get("hidden_size") // heads
-        return cls(get("num_hidden_layers"), heads, get("num_key_value_heads") or heads, head_dim)
+        heads, hidden = get("num_attention_heads"), get("hidden_size")
+        head_dim = get("head_dim")  # None or absent: hidden_size // num_attention_heads
+        if head_dim is None and _is_int(heads) and _is_int(hidden) and heads > 0:
+            head_dim = hidden // heads
+        kv_heads = get("num_key_value_heads")  # None or absent: one KV head per query head (HF's convention)
+        return cls(get("num_hidden_layers"), heads, heads if kv_heads is None else kv_heads, head_dim)
 
     @property
     def slot_elems(self) -> int:
@@ -151,14 +178,20 @@ class DarConfig:
 
     def __post_init__(self):
         s = self.shape
-        if self.format_version != FORMAT_VERSION:
+        if not _is_int(self.format_version) or self.format_version != FORMAT_VERSION:
             raise DarConfigError(f"dar.format_version: {self.format_version!r} is not supported (expected {FORMAT_VERSION})")
         if self.head_sharing not in HEAD_SHARING:
             raise DarConfigError(f"dar.head_sharing: {self.head_sharing!r} is not one of {HEAD_SHARING}")
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
             raise DarConfigError(f"dar.sink_tokens: {self.sink_tokens!r} must be an integer >= 0")
-        if not isinstance(self.projection_file, str) or not self.projection_file or os.path.isabs(self.projection_file):
-            raise DarConfigError(f"dar.projection_file: {self.projection_file!r} must be a relative path")
+        f = self.projection_file
+        escapes = isinstance(f, str) and (".." in f.replace("\\", "/").split("/") or "\0" in f)
+        if not isinstance(f, str) or not f or os.path.isabs(f) or escapes:
+            raise DarConfigError(f"dar.projection_file: {f!r} must be a relative path inside the checkpoint")
+        if not isinstance(self.method, str):
+            raise DarConfigError(f"dar.method: {self.method!r} must be a string")
+        if not isinstance(self.extra, dict):
+            raise DarConfigError(f"dar.extra: {self.extra!r} must be an object")
         limit = self.group_dim
         for name, lo in (("window", 0), ("key_rank", 1), ("value_rank", 1)):
             values = getattr(self, name)
@@ -167,7 +200,7 @@ class DarConfig:
                     f"dar.{name}: expected a list of {s.num_layers} integers (one per layer), got {values!r}"
                 )
             for i, v in enumerate(values):
-                if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                if not _is_int(v) or v < lo:
                     raise DarConfigError(f"dar.{name}[{i}]: {v!r} must be an integer >= {lo}")
                 if name != "window" and v > limit:
                     raise DarConfigError(
@@ -252,8 +285,7 @@ class DarConfig:
     @classmethod
     def from_model_dir(cls, model_dir: str) -> DarConfig | None:
         """The model's DAR config, or None for a model without a ``dar`` section."""
-        with open(os.path.join(model_dir, "config.json")) as f:
-            cfg = json.load(f)
+        cfg = read_json(os.path.join(model_dir, "config.json"))
         if "dar" not in cfg:
             return None
         return cls.from_json(cfg["dar"], ModelShape.from_hf_config(cfg))

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import shutil
 import time
 import warnings
@@ -409,6 +410,20 @@ def _save_state(path: str, state: dict) -> None:
     os.replace(tmp, path)  # a crash mid-save keeps the previous state
 
 
+def load_state(path: str) -> dict:
+    """A saved run state, read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples
+    and dicts only, so a crafted file cannot run code. Anything else is refused naming the file."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DarConfigError(f"--resume: {path} is not a heal run state readable without running code "
+                             f"(torch.load weights_only=True: {why})") from e
+    if not isinstance(state, dict) or state.get("format") != 1 or not {"run", "source", "params"} <= state.keys():
+        raise DarConfigError(f"--resume: {path} is not a heal run state (format 1 with run, source and params)")
+    return state
+
+
 def _check_resume(state: dict, settings: HealSettings, source: dict, out: str) -> None:
     defaults = {k: f.default for k, f in HealSettings.__dataclass_fields__.items()}
     for k in _RUN_FIELDS:
@@ -445,7 +460,7 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
         path = _state_path(out)
         if path is None:
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")
-        state = torch.load(path, weights_only=False, map_location="cpu")
+        state = load_state(path)
         _check_resume(state, settings, source, out)
     elif os.path.exists(out):
         if not force:

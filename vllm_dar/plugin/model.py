@@ -25,9 +25,15 @@ class DarModel:
     projections: tuple[LayerProjections, ...]
 
 
+def has_dar_section(hf_config) -> bool:
+    """Whether the model's ``config.json`` has a ``dar`` key, whatever its value: a ``"dar": null`` is a malformed
+    section (refused by the loader), not a stock model."""
+    return hasattr(hf_config, "dar")
+
+
 def served_dar_model(model_config) -> DarModel | None:
     """The served model's DAR state, or None for a model without a ``dar`` section (served as stock)."""
-    if getattr(model_config.hf_config, "dar", None) is None:
+    if not has_dar_section(model_config.hf_config):
         return None
     return dar_model(model_directory(model_config.model, getattr(model_config, "revision", None)))
 
@@ -78,7 +84,7 @@ def select_cuda_backend(vllm_config, *, on_cuda: bool) -> None:
     backend was asked for, refuse any other (it would run full attention, uncompressed). No-op elsewhere.
     Runs while vLLM builds its config (``vllm_dar.patches.dar_backend_selection``)."""
     model_config = vllm_config.model_config
-    if not on_cuda or model_config is None or getattr(model_config.hf_config, "dar", None) is None:
+    if not on_cuda or model_config is None or not has_dar_section(model_config.hf_config):
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 

@@ -435,12 +435,7 @@ void dar_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::
       }
     });
   };
-  if (q.scalar_type() == at::kFloat)
-    run(float{});
-  else if (q.scalar_type() == at::kBFloat16)
-    run(at::BFloat16{});
-  else
-    TORCH_CHECK(false, "dar_attention: fp32 or bf16 only, got ", q.scalar_type());
+  dispatch_fp32_bf16(q.scalar_type(), "dar_attention", run);
 }
 
 }  // namespace vllm_dar

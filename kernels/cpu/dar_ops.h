@@ -24,6 +24,18 @@ inline bool dense_blocks(const torch::Tensor& cache) {
   return cache.stride(3) == 1 && cache.stride(2) == c && cache.stride(1) == b * c && cache.stride(0) >= h * b * c;
 }
 
+// Calls run(float{}) or run(at::BFloat16{}), the element type of the op's tensors (``dtype``); refuses any other
+// dtype, naming the op.
+template <typename Run>
+inline void dispatch_fp32_bf16(at::ScalarType dtype, const char* op, Run&& run) {
+  if (dtype == at::kFloat)
+    run(float{});
+  else if (dtype == at::kBFloat16)
+    run(at::BFloat16{});
+  else
+    TORCH_CHECK(false, op, ": fp32 or bf16 only, got ", dtype);
+}
+
 void dar_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
                    torch::Tensor& output, const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
                    const torch::Tensor& window_cache, const torch::Tensor& window_table,

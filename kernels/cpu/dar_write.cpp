@@ -106,12 +106,7 @@ void dar_write(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& wc
                               fcache.stride(0), Bf, kd, vd, J, D, G, rk, rv, xf.data(), red.data());
     });
   };
-  if (k.scalar_type() == at::kFloat)
-    run(float{});
-  else if (k.scalar_type() == at::kBFloat16)
-    run(at::BFloat16{});
-  else
-    TORCH_CHECK(false, "dar_write: fp32 or bf16 only, got ", k.scalar_type());
+  dispatch_fp32_bf16(k.scalar_type(), "dar_write", run);
 }
 
 }  // namespace vllm_dar

@@ -310,8 +310,8 @@ def test_vllm_dar_eval_refuses_a_malformed_checkpoint(tiny_llama, calib_text, tm
     from vllm_dar.convert import convert
 
     out = str(tmp_path / "dar")
-    convert(tiny_llama, out, window=8, key_rank=2, value_rank=2, sink_tokens=1, calib_files=calib_text,
-            calib_tokens=256, context=64, progress=False)
+    convert(tiny_llama, out, window=8, key_rank=2, value_rank=2, sink_tokens=1, schedule="uniform",
+            head_sharing="per_head", calib_files=calib_text, calib_tokens=256, context=64, progress=False)
     proj = os.path.join(out, "dar", "projections.safetensors")
     tensors = load_file(proj)
     tensors["layers.1.v_up"][0, 0, 0] = math.nan

@@ -46,8 +46,8 @@ def dar_tiny(tiny_llama, calib_text, tmp_path_factory) -> str:
     from vllm_dar.convert import convert
 
     out = str(tmp_path_factory.mktemp("nopickle") / "dar")
-    convert(tiny_llama, out, window=8, key_rank=2, value_rank=2, sink_tokens=1, calib_files=calib_text,
-            calib_tokens=256, context=64, progress=False)
+    convert(tiny_llama, out, window=8, key_rank=2, value_rank=2, sink_tokens=1, schedule="uniform",
+            head_sharing="per_head", calib_files=calib_text, calib_tokens=256, context=64, progress=False)
     return out
 
 

@@ -28,21 +28,59 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import harness
 import torch
 
+from vllm_dar.checkpoint import load_dar
 from vllm_dar.config import DarConfig, ModelShape
+from vllm_dar.plugin.spec import far_block_sizes
 from vllm_dar.ops import cpp, paged
 from vllm_dar.ops.paged import PagedProjections
 from vllm_dar.reference import LayerProjections
 
-H, J, D, RK, RV, W, S, BLOCK = 9, 3, 64, 16, 16, 64, 4, 128
-WBLOCK, FBLOCK = 16, 64  # the plugin's default window block and the far block whose page equals it (r=16/16)
-SCALE = D ** -0.5
-# One layer of vllm_dar.config's byte model at these shapes.
-LAYER = DarConfig.uniform(ModelShape(num_layers=1, num_heads=H, num_kv_heads=J, head_dim=D), window=W,
-                          key_rank=RK, value_rank=RV, sink_tokens=S)
+BLOCK = 128  # stock's block (vLLM's CPU default)
+WBLOCK = 16  # the plugin's default window block (VLLM_DAR_BLOCK_SIZE)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer's attention shape: SmolLM2-135M's heads, and a DAR setting (``groups`` projection groups)."""
+
+    H: int = 9
+    J: int = 3
+    D: int = 64
+    groups: int = 3  # 3: per head, 1: joint
+    rk: int = 16
+    rv: int = 16
+    window: int = 64
+    sinks: int = 4
+
+    @property
+    def far_block(self) -> int:
+        """The plugin's far block: the page of a window block (``vllm_dar.plugin.spec.far_block_sizes``)."""
+        return far_block_sizes(WBLOCK, 2 * self.J * self.D, [self.groups * (self.rk + self.rv)])[0]
+
+    def config(self) -> DarConfig:
+        """This layer as a one-layer DarConfig (the byte model)."""
+        return DarConfig.uniform(ModelShape(num_layers=1, num_heads=self.H, num_kv_heads=self.J, head_dim=self.D),
+                                 window=self.window, key_rank=self.rk, value_rank=self.rv, sink_tokens=self.sinks,
+                                 head_sharing="per_head" if self.groups == self.J else "joint")
+
+
+DEFAULT = Layer()  # the fast model's layer: per head, w=64, r=16/16
+
+
+def model_layers(model_dir: str) -> tuple[list[Layer], list[LayerProjections]]:
+    """The layers of a DAR checkpoint (shapes and projections)."""
+    cfg, projections = load_dar(model_dir)
+    if cfg is None:
+        raise SystemExit(f"{model_dir}: no dar section")
+    s = cfg.shape
+    return [Layer(H=s.num_heads, J=s.num_kv_heads, D=s.head_dim, groups=cfg.groups, rk=lay.key_rank,
+                  rv=lay.value_rank, window=lay.window, sinks=lay.sink_tokens)
+            for lay in map(cfg.layer, range(s.num_layers))], projections
 
 
 def read_bandwidth() -> dict:
@@ -74,29 +112,34 @@ def bench(fn, min_time: float = 0.3, max_reps: int = 200) -> float:
 
 
 class Batch:
-    """One batch in both layouts: DAR caches (window + far) and a stock full-width cache; random contents."""
+    """One batch in both layouts: DAR caches (window + far) of ``layer`` and a stock full-width cache; random
+    contents, and random projections unless ``projections`` are given."""
 
-    def __init__(self, reqs: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0):
+    def __init__(self, reqs: list[tuple[int, int]], dtype: torch.dtype, layer: Layer = DEFAULT,
+                 projections: LayerProjections | None = None, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.reqs, self.dtype = reqs, dtype
-        lp = LayerProjections(q_proj=torch.randn(J, D, RK, generator=g) / 8, k_down=torch.randn(J, D, RK, generator=g) / 8,
-                              v_down=torch.randn(J, D, RV, generator=g) / 8, v_up=torch.randn(J, RV, D, generator=g) / 4)
+        self.reqs, self.dtype, self.layer = reqs, dtype, layer
+        H, J, D, G, rk, rv = layer.H, layer.J, layer.D, layer.groups, layer.rk, layer.rv
+        dg = J * D // G
+        lp = projections or LayerProjections(
+            q_proj=torch.randn(J, D, rk, generator=g) / 8, k_down=torch.randn(G, dg, rk, generator=g) / 8,
+            v_down=torch.randn(G, dg, rv, generator=g) / 8, v_up=torch.randn(J, rv, D, generator=g) / 4)
         self.proj = PagedProjections.from_layer(lp, H)
         rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
 
-        def paged(block: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """(cache [blocks, J, block, width] with block 0 the null block, shuffled block table)"""
+        def paged(block: int, heads: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """(cache [blocks, heads, block, width] with block 0 the null block, shuffled block table)"""
             nblk = [-(-s // block) for s, _ in reqs]
             perm = (torch.randperm(sum(nblk), generator=g) + 1).int()
             table = torch.zeros(len(reqs), max(nblk), dtype=torch.int32)
             at = 0
             for r, n in enumerate(nblk):
                 table[r, :n], at = perm[at: at + n], at + n
-            return rnd(sum(nblk) + 1, J, block, width), table
+            return rnd(sum(nblk) + 1, heads, block, width), table
 
-        self.window_cache, self.window_table = paged(WBLOCK, 2 * D)
-        self.far_cache, self.far_table = paged(FBLOCK, RK + RV)
-        self.stock_cache, self.table = paged(BLOCK, 2 * D)
+        self.window_cache, self.window_table = paged(WBLOCK, J, 2 * D)
+        self.far_cache, self.far_table = paged(layer.far_block, G, rk + rv)
+        self.stock_cache, self.table = paged(BLOCK, J, 2 * D)
         t = sum(q for _, q in reqs)
         self.query, self.key, self.value = rnd(t, H, D), rnd(t, J, D), rnd(t, J, D)
         self.out = torch.empty(t, H, D, dtype=dtype)
@@ -108,7 +151,8 @@ class Batch:
     def dar_kwargs(self) -> dict:
         return {"window_cache": self.window_cache, "window_table": self.window_table, "far_cache": self.far_cache,
                 "far_table": self.far_table, "query_start_loc": self.qsl, "seq_lens": self.seq_lens,
-                "proj": self.proj, "window": W, "sink_tokens": S, "scale": SCALE}
+                "proj": self.proj, "window": self.layer.window, "sink_tokens": self.layer.sinks,
+                "scale": self.layer.D ** -0.5}
 
     def fast(self):
         cpp.dar_paged_attention_cpp(self.query, self.key, self.value, self.out, **self.dar_kwargs())
@@ -121,6 +165,7 @@ class Batch:
         from vllm import _custom_ops as ops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+        H, J, D = self.layer.H, self.layer.J, self.layer.D
         if not hasattr(self, "_stock"):
             isa = _get_attn_isa(self.dtype, BLOCK, D, "auto")
             qsl = torch.tensor(self.qsl, dtype=torch.int32)
@@ -132,66 +177,91 @@ class Batch:
             k_cache, v_cache = self.stock_cache.view(n, J, 2 * BLOCK, D).chunk(2, dim=2)
             self._stock = {"key_cache": k_cache, "value_cache": v_cache, "query_start_loc": qsl, "seq_lens": lens,
                                "scheduler_metadata": meta}
-        ops.cpu_attention_with_kv_cache(query=self.query, output=self.out, scale=SCALE, causal=True,
+        ops.cpu_attention_with_kv_cache(query=self.query, output=self.out, scale=D ** -0.5, causal=True,
                                         alibi_slopes=None, sliding_window=-1, block_table=self.table, softcap=0,
                                         s_aux=None, **self._stock)
 
     def bytes_read(self) -> dict:
         """Cache bytes a decode step must read (``vllm_dar.config``'s byte model: no block rounding)."""
-        steps = [LAYER.decode_bytes(s, self.dtype.itemsize) for s, _ in self.reqs]
+        steps = [self.layer.config().decode_bytes(s, self.dtype.itemsize) for s, _ in self.reqs]
         return {"dar": sum(b.dar for b in steps), "stock": sum(b.full for b in steps)}
 
 
-def configs(quick: bool):
-    ctxs, batches = ((512, 2048), (1, 8)) if quick else ((512, 2048, 4096), (1, 8, 16, 32))
-    for ctx in ctxs:
-        for b in batches:
-            yield f"decode_b{b}_ctx{ctx}", [(ctx, 1)] * b
-    yield "prefill_512_ctx512", [(512, 512)]
-    if not quick:
-        yield "prefill_512_ctx4096", [(4096, 512)]
+def configs(quick: bool, only: str | None = None):
+    """(name, [(seq_len, query_len) per request]); ``only``: comma-separated names to keep."""
+    def all_configs():
+        ctxs, batches = ((512, 2048), (1, 8)) if quick else ((512, 2048, 4096), (1, 8, 16, 32))
+        for ctx in ctxs:
+            for b in batches:
+                yield f"decode_b{b}_ctx{ctx}", [(ctx, 1)] * b
+        yield "prefill_512_ctx512", [(512, 512)]
+        if not quick:
+            yield "prefill_512_ctx4096", [(4096, 512)]
+    keep = set(only.split(",")) if only else None
+    for name, reqs in all_configs():
+        if keep is None or name in keep:
+            yield name, reqs
 
 
 def run(args) -> dict:
+    """Each config's op times summed over the layers: the fast model's layer alone, or every layer of
+    ``--model`` (stock: its one layer shape, times the number of layers; ``loop`` only without ``--model``)."""
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
     if not cpp.load():
         raise SystemExit("the C++ ops did not build (see the warning above)")
     build_s = time.perf_counter() - t  # ~0 when ~/.cache/torch_extensions already holds it
     bw = read_bandwidth()
+    layers, projections = model_layers(args.model) if args.model else ([DEFAULT], [None])
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for name, reqs in configs(args.quick):
-            b = Batch(reqs, dtype)
-            row = {"config": name, "dtype": str(dtype).removeprefix("torch."), "fast_us": bench(b.fast) * 1e6,
-                   "stock_us": bench(b.stock) * 1e6}
-            row["loop_us"] = bench(b.loop, min_time=0.1, max_reps=20) * 1e6
+    for dtype in dtypes:
+        for name, reqs in configs(args.quick, args.configs):
+            row = {"config": name, "dtype": str(dtype).removeprefix("torch."), "fast_us": 0.0, "per_layer_us": []}
+            by = {"dar": 0, "stock": 0}
+            for lay, proj in zip(layers, projections):
+                b = Batch(reqs, dtype, lay, proj)
+                us = bench(b.fast) * 1e6
+                row["fast_us"] += us
+                row["per_layer_us"].append(round(us, 1))
+                if "stock_us" not in row:
+                    row["stock_us"] = bench(b.stock) * 1e6 * len(layers)
+                    if not args.model:
+                        row["loop_us"] = bench(b.loop, min_time=0.1, max_reps=20) * 1e6
+                by = {k: by[k] + v for k, v in b.bytes_read().items()}
+                del b
             if name.startswith("decode"):
-                by = b.bytes_read()
                 row |= {"dar_bytes": by["dar"], "stock_bytes": by["stock"],
                         "dar_bound_us": by["dar"] / (bw["read_GBps"] * 1e3),
                         "stock_bound_us": by["stock"] / (bw["read_GBps"] * 1e3)}
             row["fast_over_stock"] = row["fast_us"] / row["stock_us"]
-            row["fast_over_loop"] = row["fast_us"] / row["loop_us"]
+            if "loop_us" in row:
+                row["fast_over_loop"] = row["fast_us"] / row["loop_us"]
+            if not args.model:
+                del row["per_layer_us"]
             rows.append(row)
-            print(f"{row['dtype']:9s} {name:22s} fast {row['fast_us']:9.0f} us  loop {row['loop_us']:9.0f} us  "
-                  f"stock {row['stock_us']:8.0f} us  fast/stock {row['fast_over_stock']:.2f}  "
-                  f"fast/loop {row['fast_over_loop']:.3f}"
+            print(f"{row['dtype']:9s} {name:22s} fast {row['fast_us']:9.0f} us  "
+                  + (f"loop {row['loop_us']:9.0f} us  " if "loop_us" in row else "")
+                  + f"stock {row['stock_us']:8.0f} us  fast/stock {row['fast_over_stock']:.2f}"
                   + (f"  bound dar {row['dar_bound_us']:.0f} stock {row['stock_bound_us']:.0f} us"
                      if "dar_bound_us" in row else ""), file=sys.stderr, flush=True)
-    return {"threads": args.threads, "timing": "median process CPU time per call", "kernel_load_s": build_s,
-            "bandwidth": bw, "shape": {"H": H, "J": J, "D": D, "rk": RK, "rv": RV, "window": W,
-            "sinks": S, "block": BLOCK, "window_block": WBLOCK, "far_block": FBLOCK}, "rows": rows}
+    return {"threads": args.threads, "timing": "median process CPU time per call, summed over the layers",
+            "kernel_load_s": build_s, "bandwidth": bw, "model": args.model,
+            "layers": [vars(lay) | {"far_block": lay.far_block} for lay in layers],
+            "block": BLOCK, "window_block": WBLOCK, "rows": rows}
 
 
-def profile(name: str, dtype: str) -> None:
+def profile(name: str, dtype: str, model: str | None) -> None:
     torch.set_num_threads(1)
     reqs = dict(configs(False))[name]
-    b = Batch(reqs, getattr(torch, dtype))
-    b.fast()
+    layers, projections = model_layers(model) if model else ([DEFAULT], [None])
+    batches = [Batch(reqs, getattr(torch, dtype), lay, p) for lay, p in zip(layers, projections)]
+    for b in batches:
+        b.fast()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(20):
-            b.fast()
+        for _ in range(5):
+            for b in batches:
+                b.fast()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
@@ -203,11 +273,15 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(harness.RESULTS, "attention_cpu.json"))
     ap.add_argument("--profile", metavar="CONFIG", help="torch.profiler table of the fast op on one config")
     ap.add_argument("--dtype", default="float32", help="with --profile")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes to time")
+    ap.add_argument("--model", help="a DAR checkpoint: time every layer's shape (summed) instead of the fast "
+                    "model's one layer")
+    ap.add_argument("--configs", help="comma-separated config names (default: all)")
     args = ap.parse_args()
     if args.profile:
-        return profile(args.profile, args.dtype)
+        return profile(args.profile, args.dtype, args.model)
     res = run(args)
-    if not args.quick:
+    if not args.quick and not args.configs:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     if args.json:

@@ -80,36 +80,66 @@ static inline float max_of(const float* x, int64_t n, float init) {
   return mx;
 }
 
-// acc[0..rv) += sum_x e[x] * v[x * ld + c]: four independent accumulator chains (one chain waits on the FMA
-// latency at every position), summed at the end. RV: compile-time rank (0: runtime rv, chains in the scratch
-// tmp [4 * rv]).
-template <int RV>
-static inline void accumulate(float* acc, const float* e, const float* v, int64_t n, int64_t ld, int64_t rv,
-                              float* tmp) {
-  constexpr int64_t NR = RV ? RV : 1;
-  float r0[NR], r1[NR], r2[NR], r3[NR];
-  float *a0 = RV ? r0 : tmp, *a1 = RV ? r1 : tmp + rv, *a2 = RV ? r2 : tmp + 2 * rv, *a3 = RV ? r3 : tmp + 3 * rv;
-  const int64_t m = RV ? RV : rv;
-  for (int64_t c = 0; c < m; ++c) { a0[c] = acc[c]; a1[c] = 0.f; a2[c] = 0.f; a3[c] = 0.f; }
-  int64_t x = 0;
-  for (; x + 4 <= n; x += 4) {
-    const float e0 = e[x], e1 = e[x + 1], e2 = e[x + 2], e3 = e[x + 3];
-    const float* v0 = v + x * ld;
-#pragma omp simd
-    for (int64_t c = 0; c < m; ++c) {
-      a0[c] += e0 * v0[c];
-      a1[c] += e1 * v0[ld + c];
-      a2[c] += e2 * v0[2 * ld + c];
-      a3[c] += e3 * v0[3 * ld + c];
-    }
+// acc[0..rv) += sum_x e[x] * v[x * ld + c] for x < n (v fp32 rows of stride ld).
+// AVX-512: rv in NC = ceil(rv / 16) vector chunks held in registers (the last one masked, so any rank runs the
+// vector path), with K independent accumulator chains over the positions (one chain waits on the FMA latency at
+// every position); rv > 128 and other CPUs: the scalar loop below.
+#ifdef __AVX512F__
+template <int NC>
+static void accumulate_avx(float* acc, const float* e, const float* v, int64_t n, int64_t ld, int64_t rv) {
+  constexpr int K = NC <= 2 ? 4 : 2;
+  const __mmask16 last = rv % 16 ? static_cast<__mmask16>((1u << (rv % 16)) - 1u) : static_cast<__mmask16>(0xFFFF);
+  auto mk = [&](int c) { return c == NC - 1 ? last : static_cast<__mmask16>(0xFFFF); };
+  __m512 a[K][NC];
+  for (int c = 0; c < NC; ++c) {
+    a[0][c] = _mm512_maskz_loadu_ps(mk(c), acc + 16 * c);
+    for (int k = 1; k < K; ++k) a[k][c] = _mm512_setzero_ps();
   }
+  int64_t x = 0;
+  for (; x + K <= n; x += K)
+    for (int k = 0; k < K; ++k) {
+      const __m512 ex = _mm512_set1_ps(e[x + k]);
+      const float* vx = v + (x + k) * ld;
+      for (int c = 0; c < NC; ++c) a[k][c] = _mm512_fmadd_ps(ex, _mm512_maskz_loadu_ps(mk(c), vx + 16 * c), a[k][c]);
+    }
   for (; x < n; ++x) {
+    const __m512 ex = _mm512_set1_ps(e[x]);
+    for (int c = 0; c < NC; ++c) a[0][c] = _mm512_fmadd_ps(ex, _mm512_maskz_loadu_ps(mk(c), v + x * ld + 16 * c), a[0][c]);
+  }
+  for (int c = 0; c < NC; ++c) {
+    for (int k = 1; k < K; ++k) a[0][c] = _mm512_add_ps(a[0][c], a[k][c]);
+    _mm512_mask_storeu_ps(acc + 16 * c, mk(c), a[0][c]);
+  }
+}
+#endif
+
+static void accumulate_scalar(float* acc, const float* e, const float* v, int64_t n, int64_t ld, int64_t rv) {
+  for (int64_t x = 0; x < n; ++x) {
     const float ex = e[x];
     const float* vx = v + x * ld;
 #pragma omp simd
-    for (int64_t c = 0; c < m; ++c) a0[c] += ex * vx[c];
+    for (int64_t c = 0; c < rv; ++c) acc[c] += ex * vx[c];
   }
-  for (int64_t c = 0; c < m; ++c) acc[c] = (a0[c] + a1[c]) + (a2[c] + a3[c]);
+}
+
+using AccumulateFn = void (*)(float*, const float*, const float*, int64_t, int64_t, int64_t);
+
+// The accumulate for value rank rv (chosen once per work item).
+static AccumulateFn accumulate_for(int64_t rv) {
+#ifdef __AVX512F__
+  switch ((rv + 15) / 16) {
+    case 1: return accumulate_avx<1>;
+    case 2: return accumulate_avx<2>;
+    case 3: return accumulate_avx<3>;
+    case 4: return accumulate_avx<4>;
+    case 5: return accumulate_avx<5>;
+    case 6: return accumulate_avx<6>;
+    case 7: return accumulate_avx<7>;
+    case 8: return accumulate_avx<8>;
+    default: break;
+  }
+#endif
+  return accumulate_scalar;
 }
 
 // Rows are token-major: q [T, H, D] (token stride q_st), k/v [T, J, D] (kv_st), out [T, H, D] (out_st).
@@ -133,7 +163,7 @@ template <typename T> struct Args {
 };
 
 struct Scratch {
-  std::vector<float> qf, qr, m, l, acc_f, acc_r, sc, fs, kt, rows, acc4;
+  std::vector<float> qf, qr, m, l, acc_f, acc_r, sc, fs, kt, rows;
   std::vector<int64_t> lo;
   std::vector<const void*> kp, vp;
 };
@@ -183,40 +213,41 @@ static inline void transpose16(__m512* r) {
 #endif
 
 // The far block's scores for every row: sc[row * lds + x] = qr[row] . rows[x, :rk] for x < ns (positions past ns
-// may be written, up to lds). AVX-512 with rk % 16 == 0: 16 positions x 16 ranks are loaded and transposed in
-// registers, then each row's 16 scores are 16 broadcast FMAs (a scalar transpose through kt costs 2 x rk moves
-// per position). Otherwise: transpose through kt [rk, ldk], vectorise over positions.
-static inline void far_scores(const float* rows, int64_t ld, int64_t ns, int64_t rk, const float* qr, int64_t nrow,
-                              float* sc, int64_t lds, float* kt, int64_t ldk) {
+// may be written, up to lds); qr rows have stride ldq >= rk. AVX-512: 16 positions x 16 ranks are loaded (the
+// last rank tile masked, and qr zero-padded to ldq = rk rounded up to 16, so any rank takes this path) and
+// transposed in registers, then each row's 16 scores are 16 broadcast FMAs. Other CPUs: transpose through kt
+// [rk, ldk], vectorise over positions.
+static inline void far_scores(const float* rows, int64_t ld, int64_t ns, int64_t rk, const float* qr, int64_t ldq,
+                              int64_t nrow, float* sc, int64_t lds, float* kt, int64_t ldk) {
 #ifdef __AVX512F__
-  if (rk % 16 == 0) {
-    for (int64_t x0 = 0; x0 < ns; x0 += 16) {
-      const int64_t n = std::min<int64_t>(16, ns - x0);
-      for (int64_t c0 = 0; c0 < rk; c0 += 16) {
-        __m512 col[16];
-        for (int64_t i = 0; i < 16; ++i)
-          col[i] = i < n ? _mm512_loadu_ps(rows + (x0 + i) * ld + c0) : _mm512_setzero_ps();
-        transpose16(col);
-        for (int64_t row = 0; row < nrow; ++row) {
-          const float* q = qr + row * rk + c0;
-          float* s = sc + row * lds + x0;
-          __m512 s0 = c0 ? _mm512_loadu_ps(s) : _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-          for (int i = 0; i < 16; i += 2) {
-            s0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), col[i], s0);
-            s1 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), col[i + 1], s1);
-          }
-          _mm512_storeu_ps(s, _mm512_add_ps(s0, s1));
+  (void)kt, (void)ldk;
+  for (int64_t x0 = 0; x0 < ns; x0 += 16) {
+    const int64_t n = std::min<int64_t>(16, ns - x0);
+    for (int64_t c0 = 0; c0 < rk; c0 += 16) {
+      const int64_t cw = std::min<int64_t>(16, rk - c0);
+      const __mmask16 km = cw == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cw) - 1u);
+      __m512 col[16];
+      for (int64_t i = 0; i < 16; ++i)
+        col[i] = i < n ? _mm512_maskz_loadu_ps(km, rows + (x0 + i) * ld + c0) : _mm512_setzero_ps();
+      transpose16(col);
+      for (int64_t row = 0; row < nrow; ++row) {
+        const float* q = qr + row * ldq + c0;  // zero past rk: the masked ranks add nothing
+        float* s = sc + row * lds + x0;
+        __m512 s0 = c0 ? _mm512_loadu_ps(s) : _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (int i = 0; i < 16; i += 2) {
+          s0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), col[i], s0);
+          s1 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), col[i + 1], s1);
         }
+        _mm512_storeu_ps(s, _mm512_add_ps(s0, s1));
       }
     }
-    return;
   }
-#endif
+#else
   for (int64_t x = 0; x < ns; ++x)
     for (int64_t c = 0; c < rk; ++c) kt[c * ldk + x] = rows[x * ld + c];
   for (int64_t row = 0; row < nrow; ++row) {
     float* si = sc + row * lds;
-    const float* q = qr + row * rk;
+    const float* q = qr + row * ldq;
 #pragma omp simd
     for (int64_t x = 0; x < ns; ++x) {  // vectorised over positions, the rank sum stays in a register
       float s = 0.f;
@@ -224,21 +255,23 @@ static inline void far_scores(const float* rows, int64_t ld, int64_t ns, int64_t
       si[x] = s;
     }
   }
+#endif
 }
 
 // One work item: request r, projection group g, queries q0 .. q0 + qn - 1 of its chunk; a row is (query, head).
-// RK / RV / HD: ranks and head_dim as compile-time constants (0: read from Args), so the loops over them unroll
-// and their accumulators stay in registers.
-template <typename T, int RK, int RV, int HD>
+// HD: head_dim as a compile-time constant (0: read from Args), so the full-width loops unroll.
+template <typename T, int HD>
 static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, Scratch& w) {
-  const int64_t rk = RK ? RK : a.rk, rv = RV ? RV : a.rv, D = HD ? HD : a.D;
+  const int64_t rk = a.rk, rv = a.rv, D = HD ? HD : a.D;
+  const int64_t ldq = (rk + 15) / 16 * 16;  // reduced-query stride: whole rank tiles, zero-padded
+  const AccumulateFn accumulate = accumulate_for(rv);
   const int64_t hpg = a.H / a.G, rep = a.H / a.J, C = rk + rv, Bf = a.Bf;
   const int64_t nrow = qn * hpg, ldk = Bf + 16;  // transposed-key stride: not 2^k (L1 set conflicts)
   const int64_t lds = (Bf + 15) / 16 * 16;         // score row stride: whole 16-wide stores
   const int64_t L = a.lens[r], tok0 = a.qsl[r] + q0, c0 = L - (a.qsl[r + 1] - a.qsl[r]);
-  w.qf.resize(nrow * D); w.qr.resize(nrow * rk); w.m.resize(nrow); w.l.resize(nrow); w.lo.resize(nrow);
+  w.qf.resize(nrow * D); w.qr.assign(nrow * ldq, 0.f); w.m.resize(nrow); w.l.resize(nrow); w.lo.resize(nrow);
   w.acc_f.assign(nrow * D, 0.f); w.acc_r.assign(nrow * rv, 0.f); w.sc.resize(nrow * lds);
-  w.kt.resize(rk * ldk); w.rows.resize(Bf * C); w.acc4.resize(4 * rv);
+  w.kt.resize(rk * ldk); w.rows.resize(Bf * C);
   const int64_t nfull = a.sinks + std::max<int64_t>(a.window, 1) + 1;
   w.fs.resize(nfull); w.kp.resize(nfull); w.vp.resize(nfull);
   int64_t max_lo = 0;
@@ -246,7 +279,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     const int64_t qi = row / hpg, h = g * hpg + row % hpg, t = c0 + q0 + qi;
     const T* qrow = a.q + (tok0 + qi) * a.q_st + h * D;
     float* qf = w.qf.data() + row * D;
-    float* qr = w.qr.data() + row * rk;
+    float* qr = w.qr.data() + row * ldq;
     for (int64_t d = 0; d < D; ++d) qf[d] = f32(qrow[d]) * a.scale;
     for (int64_t c = 0; c < rk; ++c) qr[c] = 0.f;
     const float* P = a.q_proj + h * D * rk;
@@ -310,7 +343,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
 #pragma omp simd
       for (int64_t e = 0; e < ns * C; ++e) w.rows[e] = f32(src[e]);
     }
-    far_scores(rows, C, ns, rk, w.qr.data(), nrow, w.sc.data(), lds, w.kt.data(), ldk);
+    far_scores(rows, C, ns, rk, w.qr.data(), ldq, nrow, w.sc.data(), lds, w.kt.data(), ldk);
     for (int64_t row = 0; row < nrow; ++row) {
       const int64_t nv = std::min(ns, w.lo[row] - s0);  // visible prefix of this block
       if (nv <= 0) continue;
@@ -324,7 +357,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
         w.m[row] = mx;
       }
       w.l[row] += exp_shifted(si, nv, mx);
-      accumulate<RV>(w.acc_r.data() + row * rv, si, rows + rk, nv, C, rv, w.acc4.data());
+      accumulate(w.acc_r.data() + row * rv, si, rows + rk, nv, C, rv);
     }
   }
   // Project the reduced accumulator up once per row, normalise, store.
@@ -423,15 +456,15 @@ void dar_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::
                      lens.data_ptr<int64_t>(), q_proj.data_ptr<float>(), v_up.data_ptr<float>(), q.size(1),
                      k.size(1), G, q.size(2), q_proj.size(2), v_up.size(1), wcache.size(2), fcache.size(2), window,
                      sinks, static_cast<float>(scale)};
-    const bool r16 = a.rk == 16 && a.rv == 16 && a.D == 64;  // SmolLM2 / Llama-style DAR defaults
+    const bool d64 = a.D == 64;  // SmolLM2's head_dim
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       Scratch w;
       for (int64_t i = begin; i < end; ++i) {
         const auto& it = items[i];
-        if (r16)
-          run_item<scalar_t, 16, 16, 64>(a, it[0], it[1], it[2], it[3], w);
+        if (d64)
+          run_item<scalar_t, 64>(a, it[0], it[1], it[2], it[3], w);
         else
-          run_item<scalar_t, 0, 0, 0>(a, it[0], it[1], it[2], it[3], w);
+          run_item<scalar_t, 0>(a, it[0], it[1], it[2], it[3], w);
       }
     });
   };

@@ -21,6 +21,7 @@ from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
 from vllm_dar.reference import LayerProjections, dar_attention
 
 SMALL = (6, 3, 16, 5, 7)  # (H, J, D, rk, rv): odd ranks, the kernel's generic instantiation
+RECIPE = (9, 3, 64, 24, 40)  # joint-recipe-like ranks: a masked rank tile and a masked value chunk
 SMOL = (9, 3, 64, 16, 16)  # SmolLM2-135M with r=16/16: the kernel's specialised instantiation
 WBS, FBS, NBLOCKS = 8, 16, 256
 SCALE = 0.3
@@ -117,7 +118,7 @@ def attend(request):
     return fn if request.param == "cpp" else functools.partial(fn, rows_per_item=4)
 
 
-@pytest.mark.parametrize("dims", [SMALL, SMOL], ids=["small", "smol"])
+@pytest.mark.parametrize("dims", [SMALL, SMOL, RECIPE], ids=["small", "smol", "recipe"])
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS, ids=IDS)
 def test_ops_match_reference_fp32(name, reqs, window, sinks, joint, dims, attend):
     query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.float32, dims)
@@ -127,7 +128,7 @@ def test_ops_match_reference_fp32(name, reqs, window, sinks, joint, dims, attend
 
 
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS[:4] + SCENARIOS[5:6], ids=IDS[:4] + IDS[5:6])
-@pytest.mark.parametrize("dims", [SMALL, SMOL], ids=["small", "smol"])
+@pytest.mark.parametrize("dims", [SMALL, SMOL, RECIPE], ids=["small", "smol", "recipe"])
 def test_ops_match_reference_bf16(name, reqs, window, sinks, joint, dims, ops):
     query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.bfloat16, dims)
     out = torch.full_like(query, float("nan"))
@@ -140,7 +141,7 @@ WIDE = (4, 2, 32, 32, 16)  # rk = 32: two 16-rank tiles of the kernel's far scor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("dims", [WIDE, SMOL], ids=["wide", "smol"])
+@pytest.mark.parametrize("dims", [WIDE, SMOL, RECIPE], ids=["wide", "smol", "recipe"])
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", [SCENARIOS[i] for i in (1, 2, 3, 4)],
                          ids=[IDS[i] for i in (1, 2, 3, 4)])
 def test_kernel_far_blocks_of_partial_tiles(name, reqs, window, sinks, joint, dims, dtype, monkeypatch):

@@ -29,27 +29,33 @@ namespace {
 // exp(x) for x <= 0: 2^(x log2 e) split into an exponent and a degree-6 polynomial for 2^f on [0, 1) (relative
 // error ~2e-7, below fp32 attention's summation noise). GCC 12 does not vectorise std::exp nor a scalar version
 // of this (the float bit-cast blocks it), so the AVX-512 loop below is written out; other CPUs use std::exp.
+#ifdef __AVX512F__
+// exp(x) lane-wise for x <= 0 (clamped at -87, where exp is below fp32's normal range).
+static inline __m512 exp512(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, fi);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, fi);  // p * 2^fi
+}
+#endif
+
 // x[i] = exp(x[i] - shift) for i < n, where every x[i] <= shift; returns the sum of the results.
 static inline float exp_shifted(float* x, int64_t n, float shift) {
   int64_t i = 0;
   float sum = 0.f;
 #ifdef __AVX512F__
-  const __m512 vs = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-87.f), l2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 vs = _mm512_set1_ps(shift);
   __m512 acc = _mm512_setzero_ps();
   for (; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 v = _mm512_maskz_loadu_ps(k, x + i);
-    const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_sub_ps(v, vs), lo), l2e);
-    const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, fi);
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    const __m512 e = _mm512_scalef_ps(p, fi);  // p * 2^fi
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vs));
     _mm512_mask_storeu_ps(x + i, k, e);
     acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
   }
@@ -163,7 +169,7 @@ template <typename T> struct Args {
 };
 
 struct Scratch {
-  std::vector<float> qf, qr, m, l, acc_f, acc_r, sc, fs, kt, rows;
+  std::vector<float> qf, qr, m, l, acc_f, acc_r, sc, fs, kt, rows, vb;
   std::vector<int64_t> lo;
   std::vector<const void*> kp, vp;
 };
@@ -258,13 +264,104 @@ static inline void far_scores(const float* rows, int64_t ld, int64_t ns, int64_t
 #endif
 }
 
+#ifdef __AVX512F__
+// 16 consecutive elements widened to fp32.
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The full-width part of one work item, 16 positions at a time (AVX-512, D a multiple of 16, D <= 128): for each
+// KV head j of the group, the 16 positions' keys are transposed once into kt [D, 16] and their values widened
+// into vb [16, D], then every row of j scores all 16 with D broadcast FMAs, masks what it does not see, and
+// updates its online softmax (m, l, acc_f) once per chunk. Positions: the sinks below the item's first window
+// start lo_min, then [lo_min, t_last]; row (query at t, window start lo) sees p <= t with p >= lo or p < S.
+template <typename T>
+static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, int64_t c0,
+                               const float* qf, const int64_t* lo_row, float* m, float* l, float* acc_f,
+                               float* kt, float* vb) {
+  const int64_t D = a.D, hpg = a.H / a.G, rep = a.H / a.J, jpg = a.J / a.G, nd = D / 16;
+  const int64_t t_first = c0 + q0, t_last = t_first + qn - 1;
+  const int64_t lo_min = std::max<int64_t>(0, t_first - a.window + 1), n_sink = std::min(a.sinks, lo_min);
+  const int64_t np = n_sink + (t_last - lo_min + 1);
+  const AccumulateFn acc_d = accumulate_for(D);
+  alignas(64) float ebuf[16];
+  alignas(64) int32_t pbuf[16];
+  const T* kp[16];
+  for (int64_t i0 = 0; i0 < np; i0 += 16) {
+    const int64_t n = std::min<int64_t>(16, np - i0);
+    for (int64_t x = 0; x < 16; ++x) {
+      const int64_t i = i0 + std::min(x, n - 1);
+      pbuf[x] = static_cast<int32_t>(i < n_sink ? i : lo_min + (i - n_sink));
+    }
+    const __m512i pv = _mm512_load_si512(pbuf);
+    const __mmask16 in_chunk = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1u);
+    const int64_t p_min = pbuf[0], p_max = pbuf[n - 1];
+    for (int64_t jj = 0; jj < jpg; ++jj) {
+      const int64_t j = g * jpg + jj;
+      for (int64_t x = 0; x < n; ++x) {
+        const int64_t p = pbuf[x];
+        kp[x] = p < c0 ? a.wcache + a.wtable[r * a.mw + p / a.Bw] * a.wbs + (j * a.Bw + p % a.Bw) * 2 * D
+                       : a.k + (a.qsl[r] + (p - c0)) * a.kv_st + j * D;
+      }
+      for (int64_t d0 = 0; d0 < nd; ++d0) {
+        __m512 col[16];
+        for (int64_t x = 0; x < 16; ++x) col[x] = x < n ? load16(kp[x] + d0 * 16) : _mm512_setzero_ps();
+        transpose16(col);
+        for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (d0 * 16 + i) * 16, col[i]);
+        for (int64_t x = 0; x < 16; ++x) {
+          const int64_t p = pbuf[x];
+          const T* vr = p < c0 ? kp[x] + D : a.v + (a.qsl[r] + (p - c0)) * a.kv_st + j * D;
+          _mm512_storeu_ps(vb + x * D + d0 * 16, x < n ? load16(vr + d0 * 16) : _mm512_setzero_ps());
+        }
+      }
+      for (int64_t qi = 0; qi < qn; ++qi) {
+        const int64_t t = t_first + qi;
+        if (p_min > t) continue;  // the chunk is wholly after this query
+        for (int64_t hh = jj * rep; hh < (jj + 1) * rep; ++hh) {
+          const int64_t row = qi * hpg + hh, lo = lo_row[row];
+          if (p_max < lo && p_min >= a.sinks) continue;
+          const __mmask16 vis = in_chunk & _mm512_cmple_epi32_mask(pv, _mm512_set1_epi32(static_cast<int32_t>(t))) &
+                                (_mm512_cmpge_epi32_mask(pv, _mm512_set1_epi32(static_cast<int32_t>(lo))) |
+                                 _mm512_cmplt_epi32_mask(pv, _mm512_set1_epi32(static_cast<int32_t>(a.sinks))));
+          if (!vis) continue;
+          const float* q = qf + row * D;
+          __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(),
+                 s3 = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 4) {
+            s0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + d * 16), s0);
+            s1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), _mm512_loadu_ps(kt + (d + 1) * 16), s1);
+            s2 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 2]), _mm512_loadu_ps(kt + (d + 2) * 16), s2);
+            s3 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 3]), _mm512_loadu_ps(kt + (d + 3) * 16), s3);
+          }
+          const __m512 sc = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+          const float cm = _mm512_mask_reduce_max_ps(vis, sc);
+          if (cm > m[row]) {
+            const float f = std::exp(m[row] - cm);  // 0 on the first chunk (m = -inf)
+            l[row] *= f;
+            float* acc = acc_f + row * D;
+            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(f)));
+            m[row] = cm;
+          }
+          const __m512 e = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(m[row]))));
+          l[row] += _mm512_reduce_add_ps(e);
+          _mm512_store_ps(ebuf, e);
+          acc_d(acc_f + row * D, ebuf, vb, 16, D, D);
+        }
+      }
+    }
+  }
+}
+#endif
+
 // One work item: request r, projection group g, queries q0 .. q0 + qn - 1 of its chunk; a row is (query, head).
 // HD: head_dim as a compile-time constant (0: read from Args), so the full-width loops unroll.
 template <typename T, int HD>
 static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, Scratch& w) {
   const int64_t rk = a.rk, rv = a.rv, D = HD ? HD : a.D;
   const int64_t ldq = (rk + 15) / 16 * 16;  // reduced-query stride: whole rank tiles, zero-padded
-  const AccumulateFn accumulate = accumulate_for(rv);
+  const AccumulateFn accumulate = accumulate_for(rv), project = accumulate_for(rk), project_d = accumulate_for(D);
   const int64_t hpg = a.H / a.G, rep = a.H / a.J, C = rk + rv, Bf = a.Bf;
   const int64_t nrow = qn * hpg, ldk = Bf + 16;  // transposed-key stride: not 2^k (L1 set conflicts)
   const int64_t lds = (Bf + 15) / 16 * 16;         // score row stride: whole 16-wide stores
@@ -274,6 +371,12 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
   w.kt.resize(rk * ldk); w.rows.resize(Bf * C);
   const int64_t nfull = a.sinks + std::max<int64_t>(a.window, 1) + 1;
   w.fs.resize(nfull); w.kp.resize(nfull); w.vp.resize(nfull);
+#ifdef __AVX512F__
+  const bool blocked = D % 16 == 0 && D <= 128;  // full width 16 positions at a time (full_width_blocked)
+  if (blocked) { w.kt.resize(std::max(rk * ldk, 16 * D)); w.vb.resize(16 * D); }
+#else
+  const bool blocked = false;
+#endif
   int64_t max_lo = 0;
   for (int64_t row = 0; row < nrow; ++row) {
     const int64_t qi = row / hpg, h = g * hpg + row % hpg, t = c0 + q0 + qi;
@@ -281,16 +384,16 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     float* qf = w.qf.data() + row * D;
     float* qr = w.qr.data() + row * ldq;
     for (int64_t d = 0; d < D; ++d) qf[d] = f32(qrow[d]) * a.scale;
-    for (int64_t c = 0; c < rk; ++c) qr[c] = 0.f;
-    const float* P = a.q_proj + h * D * rk;
-    for (int64_t d = 0; d < D; ++d) {
-#pragma omp simd
-      for (int64_t c = 0; c < rk; ++c) qr[c] += qf[d] * P[d * rk + c];
-    }
+    project(qr, qf, a.q_proj + h * D * rk, D, rk, rk);  // qr = qf Q_h (qr was zeroed)
     // Full width: {s <= t : t - s < w or s < S}. lo = first window position; the reduced ones are [S, lo).
     const int64_t lo = std::max<int64_t>(0, t - a.window + 1);
     w.lo[row] = lo;
     max_lo = std::max(max_lo, lo);
+    if (blocked) {
+      w.m[row] = -INFINITY;
+      w.l[row] = 0.f;
+      continue;
+    }
     const int64_t j = h / rep;
     int64_t n = 0;
     auto cached = [&](int64_t p) {
@@ -323,6 +426,11 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     w.m[row] = mx;
     w.l[row] = sum;
   }
+#ifdef __AVX512F__
+  if (blocked)
+    full_width_blocked(a, r, g, q0, qn, c0, w.qf.data(), w.lo.data(), w.m.data(), w.l.data(), w.acc_f.data(),
+                       w.kt.data(), w.vb.data());
+#endif
   // Reduced width: positions [S, lo) per row, far block by far block; one rescale per block and row.
   for (int64_t b = a.sinks / Bf; b * Bf < max_lo; ++b) {
     const int64_t s0 = std::max(a.sinks, b * Bf), s1 = std::min(max_lo, (b + 1) * Bf), ns = s1 - s0;
@@ -364,12 +472,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
   for (int64_t row = 0; row < nrow; ++row) {
     const int64_t qi = row / hpg, h = g * hpg + row % hpg;
     float* acc = w.acc_f.data() + row * D;
-    const float* U = a.v_up + h * rv * D;
-    for (int64_t c = 0; c < rv; ++c) {
-      const float x = w.acc_r[row * rv + c];
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) acc[d] += x * U[c * D + d];
-    }
+    project_d(acc, w.acc_r.data() + row * rv, a.v_up + h * rv * D, rv, D, D);  // acc += acc_r U_h
     const float inv = 1.f / w.l[row];
     T* o = a.out + (tok0 + qi) * a.out_st + h * D;
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);

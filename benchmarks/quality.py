@@ -86,7 +86,8 @@ def main() -> int:
                          "the main table's); recorded as the row's 'wide'")
     ap.add_argument("--calib-tokens", type=int, default=8 * 2048)
     ap.add_argument("--kv-budget", type=float, default=None,
-                    help="budget for the calibrated rows (default: what the 'dar' row costs)")
+                    help="budget for the calibrated rows, windows as vLLM reserves them (default: what the 'dar' "
+                         "row costs so)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--heal-minutes", type=float, default=30.0, help="wall-time budget of each heal row")
     ap.add_argument("--heal-tokens", type=int, default=None, help="training-token budget of each heal row")
@@ -276,9 +277,11 @@ def delta_by_half(res: dict, full: dict) -> list[float]:
 
 
 def plan_fraction(shape, context: int) -> float:
+    """The calibrated rows' budget: the ``dar`` row's bytes, windows priced as the calibrated schedule prices
+    them (``reserved_fraction``; the same as convert's default budget, so ``calibrated-joint`` is its recipe)."""
     from vllm_dar.config import DarConfig
 
-    return DarConfig.uniform(shape, window=64, key_rank=16, value_rank=16, sink_tokens=4).kv_fraction(context)
+    return DarConfig.uniform(shape, window=64, key_rank=16, value_rank=16, sink_tokens=4).reserved_fraction(context)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,29 @@ def test_held_and_read_by_hand(head_sharing):
     assert cfg.kv_elems(3) == (3 * reduced[0] + 3 * slot) + (3 * reduced[1] + 1 * slot)
 
 
+def test_reserved_fraction_counts_the_window_cache_blocks():
+    """Windows priced as the window cache reserves them: sink blocks plus two block-rounded tails of w - 1."""
+    from vllm_dar.config import window_cache_blocks
+
+    assert window_cache_blocks(64, 4, 16, tails=2) == 1 + 2 * (4 + 1)  # 63 positions touch up to 5 blocks
+    assert window_cache_blocks(65, 0, 16, tails=1) == 5  # 64 positions: 4 blocks, 5 when not aligned
+    assert window_cache_blocks(0, 0, 16, tails=2) == 2 and window_cache_blocks(1, 16, 16, tails=0) == 1
+    cfg = DarConfig.uniform(SMOLLM2, window=64, key_rank=16, value_rank=16, sink_tokens=4)
+    full = 2048 * 384
+    assert cfg.reserved_fraction(2048) == pytest.approx((2048 * 96 + 11 * 16 * 384) / full)
+    assert cfg.reserved_fraction(2048) > cfg.kv_fraction(2048)
+    assert cfg.reserved_fraction(100) == pytest.approx((100 * 96 + 100 * 384) / (100 * 384))  # capped at context
+    assert cfg.reserved_fraction(2048, block_size=1) == pytest.approx((2048 * 96 + (4 + 2 * 64) * 384) / full)
+
+
+def test_rank_grid_fills_the_kernel_tiles():
+    from vllm_dar.convert.schedule import RANK_TILE, rank_grid
+
+    assert rank_grid(192) == [16, 32, 48, 64, 80, 96]  # joint SmolLM2: whole 16-rank tiles
+    assert all(r % RANK_TILE == 0 for r in rank_grid(3 * 128))
+    assert rank_grid(64) == [8, 16, 24, 32] and rank_grid(4) == [2]  # narrow groups: half tiles, or half the width
+
+
 def test_kv_report_is_the_byte_model():
     from vllm_dar.evaluate import kv_report
 
@@ -88,12 +111,19 @@ def test_calibrated_schedule_stays_within_the_budget(budget):
         return torch.rand(len(windows), len(ranks), generator=g)
 
     errors = [(rand(), rand()) for _ in range(shape.num_layers)]
-    s = calibrated(errors, windows=windows, ranks=ranks, groups=3, full_per_token=shape.slot_elems,
-                   context=2048, sink_tokens=4, budget=budget)
-    cfg = DarConfig(shape=shape, window=tuple(x.window for x in s), key_rank=tuple(x.key_rank for x in s),
-                    value_rank=tuple(x.value_rank for x in s), sink_tokens=4)
-    assert cfg.kv_fraction(2048) <= budget + 1e-9
-    assert cfg.kv_fraction(2048) > budget - 0.05  # it spends the budget, by the same count
+    for block_size, spent in ((None, DarConfig.kv_fraction), (16, DarConfig.reserved_fraction)):
+        if block_size and budget < 0.18:  # below window 32 reserved (7 blocks) at ranks 8/8: refused (next test)
+            with pytest.raises(ValueError, match="below the smallest setting"):
+                calibrated(errors, windows=windows, ranks=ranks, groups=3, full_per_token=shape.slot_elems,
+                           context=2048, sink_tokens=4, budget=budget, block_size=block_size)
+            continue
+        s = calibrated(errors, windows=windows, ranks=ranks, groups=3, full_per_token=shape.slot_elems,
+                       context=2048, sink_tokens=4, budget=budget, block_size=block_size)
+        cfg = DarConfig(shape=shape, window=tuple(x.window for x in s), key_rank=tuple(x.key_rank for x in s),
+                        value_rank=tuple(x.value_rank for x in s), sink_tokens=4)
+        fraction = spent(cfg, 2048)
+        assert fraction <= budget + 1e-9, block_size
+        assert fraction > budget - 0.05, block_size  # it spends the budget, by the same count
 
 
 def test_plugin_summary_line_is_the_byte_model():

@@ -19,7 +19,8 @@ def _cmd_convert(a) -> dict:
 
     cfg = convert(a.src, a.out, **{f: getattr(a, f) for f in FIELDS}, calib_files=a.calib, force=a.force,
                   progress=not a.quiet, device=a.device)
-    return {"out": a.out, "dar": cfg.describe(), "kv_fraction": round(cfg.kv_fraction(a.context), 4)}
+    return {"out": a.out, "dar": cfg.describe(), "kv_fraction": round(cfg.kv_fraction(a.context), 4),
+            "kv_fraction_reserved": round(cfg.reserved_fraction(a.context), 4)}
 
 
 def _cmd_compare(a) -> dict:
@@ -107,7 +108,8 @@ def _add_convert(sub) -> None:
     s.add_argument("out")
     s.add_argument("--kv-budget", type=float, default=R.kv_budget, metavar="F",
                    help="KV bytes as a fraction of the stock cache's at --context, in (0, 1], spent by the "
-                        "calibrated schedule (default: the bytes of --window/--key-rank/--value-rank)")
+                        "calibrated schedule, windows counted as vLLM's window cache reserves them (16-token "
+                        "blocks, two tails; default: the bytes of --window/--key-rank/--value-rank)")
     s.add_argument("--window", type=int, default=R.window,
                    help="full-width recent positions, current one included (%(default)s)")
     s.add_argument("--key-rank", type=int, default=R.key_rank, help="(%(default)s)")

@@ -34,6 +34,13 @@ sees ``F = min(L, w + S)`` positions at full width (``LayerDar.full_positions``)
 Not counted: block rounding, the window manager's tails and the padded far pages of per-layer ranks (the
 allocator's; vLLM's logged capacity includes them), and per step the write of the new token (``2 J D``, DAR
 also ``G (rk + rv)``) and the kernels' fp32 scratch, both negligible at long ``L``.
+
+What the window cache *reserves* per request is block-rounded (``window_cache_blocks``): with ``B``-token blocks,
+the sinks' ``ceil(S / B)`` blocks and, per tail, ``ceil((w - 1) / B) + 1`` blocks (the ``w - 1`` positions the
+next step reads at full width); vLLM's admission and logged capacity count two tails (the one in flight and the
+next), a request in steady decode holds one. ``DarConfig.reserved_fraction`` prices the window that way (the
+far cache as held): the calibrated schedule spends its budget in those terms, so that large windows cost what
+vLLM makes them cost.
 """
 from __future__ import annotations
 
@@ -54,6 +61,18 @@ class DarConfigError(ValueError):
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def window_cache_blocks(window: int, sink_tokens: int, block_size: int, tails: int) -> int:
+    """Blocks the window cache reserves for one request (``vllm_dar.plugin.spec.DarWindowManager``): the sinks'
+    blocks, and ``tails`` spans of the ``w - 1`` newest positions, each touching up to ``ceil((w - 1) / B) + 1``
+    blocks of ``B = block_size`` tokens (window 0 keeps one position: the plugin's sliding window is >= 1)."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    return cdiv(sink_tokens, block_size) + tails * (cdiv(max(window, 1) - 1, block_size) + 1)
+
+
+RESERVED_TAILS = 2  # tails vLLM's admission and logged capacity count per request (module docstring)
+PRICED_BLOCK_SIZE = 16  # the plugin's default window block (VLLM_DAR_BLOCK_SIZE), at which convert prices windows
 
 
 def read_json(path: str) -> dict:
@@ -146,6 +165,11 @@ class LayerDar:
         """K/V elements the layer's caches hold for one ``context``-token sequence (module docstring)."""
         return context * self.reduced_elems() + self.full_positions(context) * self.slot_elems
 
+    def reserved_full_slots(self, context: int, block_size: int = PRICED_BLOCK_SIZE) -> int:
+        """Full-width slots the window cache reserves for one ``context``-token request (module docstring)."""
+        blocks = window_cache_blocks(self.window, self.sink_tokens, block_size, RESERVED_TAILS)
+        return min(context, blocks * block_size)
+
     def read_elems(self, context: int) -> int:
         """K/V elements one decode step reads for a sequence at ``context`` tokens, the fresh one included."""
         full = self.full_positions(context)
@@ -233,6 +257,14 @@ class DarConfig:
         """Bytes the DAR caches hold per token of a ``context``-token sequence, at ``itemsize`` bytes per
         element (the dtype the engine caches K/V in)."""
         return self.kv_elems(context) * itemsize / context
+
+    def reserved_fraction(self, context: int, block_size: int = PRICED_BLOCK_SIZE) -> float:
+        """``kv_fraction`` with each window priced as the window cache reserves it at ``block_size``-token blocks
+        (``LayerDar.reserved_full_slots``; far cache as held): what the calibrated schedule's budget counts."""
+        n = self.shape.num_layers
+        elems = sum(context * lay.reduced_elems() + lay.reserved_full_slots(context, block_size) * lay.slot_elems
+                    for lay in map(self.layer, range(n)))
+        return elems / self.shape.kv_elems(context)
 
     def far_elems_per_token(self) -> int:
         """Reduced K/V elements the far caches hold per token, all layers."""

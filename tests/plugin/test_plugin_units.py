@@ -25,12 +25,14 @@ def test_register_is_lazy_and_idempotent():
 
 def test_each_dar_backend_builds_its_metadata():
     """Every DAR backend's builder slices the batch's R requests out of vLLM's buffers (3 slots, 2 requests):
-    host lists on CPU, views of the buffers on CUDA (no copy per step); the block table is a view either way."""
+    on CPU int64 host tensors made once per step (the C++ op takes them as they are), on CUDA views of the
+    buffers (no copy per step)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     from vllm_dar.plugin import cpu, cuda
 
-    qsl, seq_lens, table = torch.tensor([0, 3, 4, 9]), torch.tensor([10, 4, 7]), torch.arange(12).view(3, 4)
+    qsl, seq_lens = torch.tensor([0, 3, 4, 9], dtype=torch.int32), torch.tensor([10, 4, 7], dtype=torch.int32)
+    table = torch.arange(12, dtype=torch.int32).view(3, 4)  # vLLM's block tables are int32
     m = CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=seq_lens, num_reqs=2,
                                 num_actual_tokens=4, max_query_len=3, max_seq_len=10, block_table_tensor=table,
                                 slot_mapping=torch.arange(4))
@@ -39,11 +41,13 @@ def test_each_dar_backend_builds_its_metadata():
     for backend in backends:
         built = backend.get_builder_cls()(None, [], None, torch.device("cpu")).build(0, m)
         assert built.num_actual_tokens == 4
-        assert built.block_table.shape == (2, 4) and built.block_table.data_ptr() == table.data_ptr()
+        assert built.block_table.tolist() == table[:2].tolist()
+        assert built.query_start_loc.tolist() == [0, 3, 4] and built.seq_lens.tolist() == [10, 4], backend
         if backend.__module__ == cpu.__name__:
-            assert (built.query_start_loc, built.seq_lens) == ([0, 3, 4], [10, 4]), backend
+            for x in (built.query_start_loc, built.seq_lens, built.block_table):
+                assert x.dtype == torch.int64 and x.is_contiguous() and x.device.type == "cpu", backend
         else:
-            assert built.query_start_loc.tolist() == [0, 3, 4] and built.seq_lens.tolist() == [10, 4], backend
+            assert built.block_table.data_ptr() == table.data_ptr(), backend
             assert built.query_start_loc.data_ptr() == qsl.data_ptr(), backend
             assert built.seq_lens.data_ptr() == seq_lens.data_ptr(), backend
 

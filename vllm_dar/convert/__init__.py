@@ -12,7 +12,7 @@ import time
 import torch
 
 from ..checkpoint import write_converted
-from ..config import DarConfig, DarConfigError, ModelShape
+from ..config import PRICED_BLOCK_SIZE, DarConfig, DarConfigError, ModelShape
 from ..data import split_files, token_windows
 from ..hf import load_model
 from .calibrate import LayerStats, calibrate
@@ -83,13 +83,13 @@ def plan(
         settings = pyramid(shape.num_layers, window=window, key_rank=key_rank, value_rank=value_rank,
                            max_rank=layout.group_dim)
     else:
-        budget = kv_budget if kv_budget is not None else base.kv_fraction(context)
+        budget = kv_budget if kv_budget is not None else base.reserved_fraction(context, PRICED_BLOCK_SIZE)
         ranks = rank_grid(layout.group_dim)
         errors = measure_all(stats, fits, windows=WINDOWS, ranks=ranks, sink_tokens=sink_tokens,
                              progress=progress)
         settings = calibrated(errors, windows=WINDOWS, ranks=ranks, groups=groups,
                               full_per_token=shape.slot_elems, context=context, sink_tokens=sink_tokens,
-                              budget=budget)
+                              budget=budget, block_size=PRICED_BLOCK_SIZE)
     cfg = DarConfig(shape=shape, window=tuple(s.window for s in settings),
                     key_rank=tuple(s.key_rank for s in settings), value_rank=tuple(s.value_rank for s in settings),
                     sink_tokens=sink_tokens, head_sharing=head_sharing, method=method,
@@ -163,7 +163,7 @@ def convert(
                                 head_sharing=head_sharing, kv_budget=kv_budget, context=context,
                                 qk_reg=qk_reg, fit_steps=fit_steps, progress=progress)
     record.update(cfg.extra, seconds=round(time.time() - t0, 1), kv_fraction_at_context=round(
-        cfg.kv_fraction(context), 4))
+        cfg.kv_fraction(context), 4), reserved_fraction_at_context=round(cfg.reserved_fraction(context), 4))
     cfg = DarConfig(**{**cfg.__dict__, "extra": record})
     write_converted(src, out, cfg, projections, force=force)
     return cfg

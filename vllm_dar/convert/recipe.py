@@ -3,14 +3,15 @@
 The defaults are the best recipe that needs no training: one projection across a layer's KV heads (``joint``,
 LRKV-style), 4 sink tokens at full width, and per-layer windows and ranks chosen by the ``calibrated`` schedule
 within a KV byte budget. The budget is ``kv_budget`` (a fraction of the stock cache's bytes at ``context``) or,
-when it is not given, the bytes of the uniform setting ``window`` / ``key_rank`` / ``value_rank``. Both
+when it is not given, the bytes of the uniform setting ``window`` / ``key_rank`` / ``value_rank``; windows are
+priced as vLLM's window cache reserves them (``DarConfig.reserved_fraction``). Both
 ``convert()``'s keyword defaults and the CLI's option defaults read ``Recipe()``, so they cannot disagree.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..config import DarConfig, DarConfigError, ModelShape
+from ..config import PRICED_BLOCK_SIZE, DarConfig, DarConfigError, ModelShape
 from .fit import METHODS
 from .schedule import SCHEDULES, cheapest
 
@@ -64,9 +65,10 @@ class Recipe:
                               sink_tokens=self.sink_tokens, head_sharing=self.head_sharing, method=self.method)
             return
         low = cheapest(shape, sink_tokens=self.sink_tokens, head_sharing=self.head_sharing)
-        if self.kv_budget < low.kv_fraction(self.context):
+        least = low.reserved_fraction(self.context, PRICED_BLOCK_SIZE)
+        if self.kv_budget < least:
             raise DarConfigError(
-                f"--kv-budget: {self.kv_budget} is below {low.kv_fraction(self.context):.4f}, the least the "
+                f"--kv-budget: {self.kv_budget} is below {least:.4f}, the least the "
                 f"calibrated schedule can spend on this model at --context {self.context} (window {low.window[0]}, "
                 f"ranks {low.key_rank[0]}/{low.value_rank[0]} in every layer)")
 

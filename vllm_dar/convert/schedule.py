@@ -4,7 +4,8 @@
 * ``pyramid``: PyramidKV's shape (arXiv 2406.02069: lower layers need more cache) applied to ranks: a linear ramp
   from ``(1 + slope) r`` at the bottom to ``(1 - slope) r`` at the top, same total bytes as uniform.
 * ``calibrated``: choose each layer's (window, rk, rv) to minimise the summed, measured error of the layers'
-  attention outputs (after ``o_proj``) under a KV byte budget. A multiple-choice knapsack solved by its Lagrangian:
+  attention outputs (after ``o_proj``) under a KV byte budget (convert prices windows as vLLM reserves them:
+  ``DarConfig.reserved_fraction``; ranks from ``rank_grid``, kernel-friendly). A multiple-choice knapsack solved by its Lagrangian:
   for a price ``lam`` per byte each layer picks ``argmin err + lam * bytes`` and ``lam`` is bisected to the budget.
   Key and value errors are measured separately (the other side at full width) and added, which keeps the search
   to ``windows x ranks x 2`` attention evaluations per layer.
@@ -17,13 +18,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import DarConfig, ModelShape
+from ..config import RESERVED_TAILS, DarConfig, ModelShape, window_cache_blocks
 from ..reference import dar_masks, reconstruct_kv
 from .fit import LayerFit
 
 SCHEDULES = ("uniform", "pyramid", "calibrated")
 WINDOWS = (32, 64, 128, 256, 512)
-RANK_FRACTIONS = (1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2)  # of the projection input width
+RANK_TILE = 16  # the C++ kernel's rank tile (AVX-512 lanes): ranks that fill whole tiles waste no work
 QUERY_SAMPLES = 128
 
 
@@ -35,13 +36,17 @@ class Setting:
 
 
 def rank_grid(group_dim: int) -> list[int]:
-    """The ranks the calibrated search tries for a projection input width ``group_dim`` (ascending)."""
-    return sorted({max(1, round(group_dim * f)) for f in RANK_FRACTIONS})
+    """The ranks the calibrated search tries for a projection input width ``group_dim`` (ascending): multiples
+    of ``RANK_TILE`` up to half the width (joint SmolLM2, 192 wide: 16, 32, ..., 96), so every rank fills the
+    kernel's tiles and far pages (``rk + rv`` a multiple of 16) fit a window page with little padding; half
+    tiles where that half is below ``3 * RANK_TILE`` (per-head 64-wide groups: 8, 16, 24, 32)."""
+    step = RANK_TILE if group_dim // 2 >= 3 * RANK_TILE else RANK_TILE // 2
+    return list(range(step, group_dim // 2 + 1, step)) or [max(1, group_dim // 2)]
 
 
 def cheapest(shape: ModelShape, *, sink_tokens: int, head_sharing: str) -> DarConfig:
     """The smallest setting the calibrated search can reach: its narrowest window and lowest ranks in every layer.
-    Its ``kv_fraction`` is the lowest budget the search accepts."""
+    Its ``reserved_fraction`` is the lowest budget the search accepts."""
     width = DarConfig.uniform(shape, window=0, key_rank=1, value_rank=1, head_sharing=head_sharing).group_dim
     r = rank_grid(width)[0]
     return DarConfig.uniform(shape, window=min(WINDOWS), key_rank=r, value_rank=r, sink_tokens=sink_tokens,
@@ -107,14 +112,20 @@ def layer_errors(sample: tuple[Tensor, Tensor, Tensor], wo: Tensor, fit: LayerFi
 
 
 def calibrated(errors: list[tuple[Tensor, Tensor]], *, windows, ranks, groups: int, full_per_token: int,
-               context: int, sink_tokens: int, budget: float) -> list[Setting]:
+               context: int, sink_tokens: int, budget: float, block_size: int | None = None) -> list[Setting]:
     """Lagrangian allocation under ``budget`` (fraction of the full KV bytes at ``context``).
 
-    Bytes are counted as the cache holds them: reduced K/V for every token plus full-width window and sinks.
+    Bytes are counted as the cache holds them: reduced K/V for every token plus full-width window and sinks;
+    with ``block_size``, each window's full-width positions as the window cache reserves them at that block
+    size (``DarConfig.reserved_fraction``: block-rounded, two tails), without it as held (``kv_fraction``).
     """
-    win = torch.tensor(windows, dtype=torch.float64)
     rk = torch.tensor(ranks, dtype=torch.float64)
-    win_cost = (win + sink_tokens).clamp(max=context) * full_per_token / context  # [W] per-token elems
+    if block_size is None:
+        slots = [min(context, w + sink_tokens) for w in windows]
+    else:
+        slots = [min(context, block_size * window_cache_blocks(w, sink_tokens, block_size, RESERVED_TAILS))
+                 for w in windows]
+    win_cost = torch.tensor(slots, dtype=torch.float64) * full_per_token / context  # [W] per-token elems
     rank_cost = rk * groups  # [R]
 
     def pick(lam: float) -> tuple[list[Setting], float]:

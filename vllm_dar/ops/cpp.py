@@ -71,28 +71,33 @@ def _check_caches(dtype: torch.dtype, named: dict[str, Tensor], window_cache: Te
         raise ValueError("vllm-dar C++ ops: each cache block must be dense [heads, block_size, width]")
 
 
+def _i64(x: Tensor | list[int]) -> Tensor:
+    """An int64 contiguous host tensor of offsets or block ids (no copy when it already is one)."""
+    if isinstance(x, Tensor):
+        return x if x.dtype == torch.int64 and x.is_contiguous() else x.long().contiguous()
+    return torch.tensor(x, dtype=torch.int64)
+
+
 def dar_paged_attention_cpp(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
                             window_table: Tensor, far_cache: Tensor, far_table: Tensor,
-                            query_start_loc: list[int], seq_lens: list[int], proj: PagedProjections, window: int,
-                            sink_tokens: int, scale: float, rows_per_item: int = ROWS_PER_ITEM) -> None:
+                            query_start_loc: list[int] | Tensor, seq_lens: list[int] | Tensor,
+                            proj: PagedProjections, window: int, sink_tokens: int, scale: float,
+                            rows_per_item: int = ROWS_PER_ITEM) -> None:
     """``vllm_dar.ops.paged.dar_paged_attention`` for the whole batch in one kernel call.
 
     query [T, H, D]; key, value [T, J, D]; output [T, H, D] with each token's rows contiguous (any token stride;
     query, key, value are copied only if theirs are not); caches in the query dtype with dense blocks
-    (``dense_blocks``); block tables int32 or int64. ``rows_per_item``: (query, head) rows per work item.
+    (``dense_blocks``); block tables, ``query_start_loc`` and ``seq_lens`` as lists or host tensors (int64 and
+    contiguous: used as they are; anything else is converted per call). ``rows_per_item``: (query, head) rows per
+    work item. The op itself checks dtypes, shapes and strides (``check_attention_args``), naming the argument.
     """
-    _check_caches(query.dtype, {"key": key, "value": value, "output": output, "window_cache": window_cache,
-                                "far_cache": far_cache}, window_cache, far_cache)
-    if not _rows_contiguous(output):
-        raise ValueError("vllm-dar C++ ops: output rows must be contiguous [heads, head_dim]")
     if not _rows_contiguous(query):
         query = query.contiguous()
     if not (_rows_contiguous(key) and _rows_contiguous(value) and key.stride(0) == value.stride(0)):
         key, value = key.contiguous(), value.contiguous()  # the kernel takes one token stride for both
     _ops().dar_attention(
-        query, key, value, output, torch.tensor(query_start_loc), torch.tensor(seq_lens), window_cache,
-        window_table.long().contiguous(), far_cache, far_table.long().contiguous(), proj.q_proj.contiguous(),
-        proj.v_up.contiguous(), window, sink_tokens, scale, rows_per_item)
+        query, key, value, output, _i64(query_start_loc), _i64(seq_lens), window_cache, _i64(window_table),
+        far_cache, _i64(far_table), proj.q_proj, proj.v_up, window, sink_tokens, scale, rows_per_item)
 
 
 def write_kv_cpp(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,

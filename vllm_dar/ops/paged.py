@@ -140,16 +140,19 @@ def request_attention(q: Tensor, k_new: Tensor, v_new: Tensor, window_cache: Ten
 
 
 def dar_paged_attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
-                        window_table: Tensor, far_cache: Tensor, far_table: Tensor, query_start_loc: list[int],
-                        seq_lens: list[int], proj: PagedProjections, window: int, sink_tokens: int,
+                        window_table: Tensor, far_cache: Tensor, far_table: Tensor,
+                        query_start_loc: list[int] | Tensor, seq_lens: list[int] | Tensor,
+                        proj: PagedProjections, window: int, sink_tokens: int,
                         scale: float) -> None:
     """DAR attention for a batch of requests (prefill chunks, decodes, or both), into ``output``.
 
     query: [T, H, D]; key, value: [T, J, D] (the scheduled tokens' own K/V); output: [T, H, D];
     window_table / far_table: [R, max_blocks] block ids; query_start_loc: R + 1 offsets into the T tokens;
-    seq_lens: R (cached + new tokens per request). Each request's queries are its last ``q_len`` positions.
+    seq_lens: R (cached + new tokens per request); both host lists or host tensors. Each request's queries are its last ``q_len`` positions.
     The window cache is read only at ``cached_full_positions``; the far cache at every older position.
     """
+    if isinstance(query_start_loc, Tensor):  # host tensors (the CPU plugin's metadata) index as lists here
+        query_start_loc, seq_lens = query_start_loc.tolist(), seq_lens.tolist()
     for r in range(len(seq_lens)):
         a, b = query_start_loc[r], query_start_loc[r + 1]
         if b == a:

@@ -51,8 +51,8 @@ from .spec import DarFarCache, dar_block_size, far_block_sizes, window_spec
 class DarMetadata:
     """Per-batch metadata of one DAR cache group (window or far), R requests in the batch.
 
-    ``query_start_loc`` and ``seq_lens`` are host lists (every op takes them) or device tensors (the Triton ops
-    only), as the platform's builder chooses (``DarMetadataBuilder.offsets``).
+    ``query_start_loc`` and ``seq_lens`` are host lists or tensors (the CPU ops) or device tensors (the Triton
+    ops), as the platform's builder chooses (``DarMetadataBuilder.offsets``).
     """
 
     num_actual_tokens: int  # T: tokens of this step (the leading rows of query/key/value/output)
@@ -63,7 +63,7 @@ class DarMetadata:
 
 class DarMetadataBuilder(AttentionMetadataBuilder[DarMetadata]):
     """Builds ``DarMetadata`` for one cache group from vLLM's common metadata; a platform subclass defines
-    ``offsets``. The block table is always a slice of vLLM's device tensor (no copy)."""
+    ``offsets`` and may override ``table``."""
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # vLLM declares __init__ abstract
@@ -73,12 +73,17 @@ class DarMetadataBuilder(AttentionMetadataBuilder[DarMetadata]):
         """``(query_start_loc[: r + 1], seq_lens[:r])`` where the platform's ops want them."""
         raise NotImplementedError
 
+    @staticmethod
+    def table(m: CommonAttentionMetadata, r: int) -> torch.Tensor:
+        """The group's block table ``[r, max_blocks]`` as the platform's ops want it (default: vLLM's, no copy)."""
+        return m.block_table_tensor[:r]
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> DarMetadata:
         m, r = common_attn_metadata, common_attn_metadata.num_reqs
         query_start_loc, seq_lens = self.offsets(m, r)
         return DarMetadata(num_actual_tokens=m.num_actual_tokens, query_start_loc=query_start_loc,
-                           seq_lens=seq_lens, block_table=m.block_table_tensor[:r])
+                           seq_lens=seq_lens, block_table=self.table(m, r))
 
 
 class DarBackend(AttentionBackend):

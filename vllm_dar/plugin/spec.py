@@ -47,6 +47,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWi
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_dar import envs
+from vllm_dar.config import RESERVED_TAILS, window_cache_blocks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,17 +59,18 @@ class DarWindowSpec(SlidingWindowSpec):
 
     @property
     def sink_blocks(self) -> int:
-        return cdiv(self.sink_tokens, self.block_size)
+        return window_cache_blocks(self.sliding_window, self.sink_tokens, self.block_size, tails=0)
 
     @property
     def tail_blocks(self) -> int:
         """Blocks a span of ``w - 1`` consecutive positions can touch (one more when it straddles a boundary)."""
-        return cdiv(self.sliding_window - 1, self.block_size) + 1
+        return window_cache_blocks(self.sliding_window, 0, self.block_size, tails=1)
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
         # Sinks, the tail after the step in flight and the one before it (freed once that step is processed),
         # and the replay tail. Independent of the chunk size: chunks are never held at full width.
-        blocks = self.sink_blocks + (2 + self.replay_tail) * self.tail_blocks
+        blocks = window_cache_blocks(self.sliding_window, self.sink_tokens, self.block_size,
+                                     tails=RESERVED_TAILS + self.replay_tail)
         return min(blocks, cdiv(max_model_len, self.block_size) + 1)
 
 

@@ -21,7 +21,8 @@ while they are short and then preempts them (recomputing their prompts) as they 
 needs 4,352 tokens: stock holds 10 of the 32 (FP8 21). A DAR layout caches a fraction of stock's bytes per token
 (``DarConfig.kv_bytes_per_token``: about a quarter for the recommended recipe at these lengths), so it can hold
 most or all of them at once: more requests per decode step, fewer preemptions. With ``--dtype float32`` every
-engine holds half as many tokens (FP8's cache stays 1 byte per element).
+engine holds half as many tokens (FP8's cache stays 1 byte per element). (The server log's "CPU KV cache size: N
+tokens" is vLLM's maximum concurrency at ``--max-model-len`` times that length, not the blocks' token capacity.)
 
 Engines (``--engines``, default ``stock,stock-fp8,dar``), each served in turn on 127.0.0.1 with the same settings::
 
@@ -59,11 +60,14 @@ exit status is 1 if any run failed. Localhost only: servers listen on 127.0.0.1 
 
 Run (all defaults: 3 engines x 2 workloads x 2 rates, on the 2-core machine an estimated 3-5 hours, from the
 README's fp32 step times, not measured: decode-heavy 15-25 min per run, prompt-heavy 10-35 min, the DAR recipe's
-slower prefill the longest; plus a 3-5 min start-up per engine)::
+slower prefill the longest; plus a 3-7 min start-up per engine)::
 
     python benchmarks/serve.py [--dar DIR] [--workload decode-heavy,prompt-heavy] [--engines stock,stock-fp8,dar]
 
-A few minutes: ``python benchmarks/serve.py --workload 4:64:16 --engines stock,dar --out-dir /tmp/serve-smoke``.
+A smoke run (about 15 min on the loaded 2-core machine, nearly all of it the two start-ups)::
+
+    python benchmarks/serve.py --workload 4:64:16 --request-rate 2 --engines stock,dar --out-dir /tmp/serve-smoke
+
 The old default run, fp32: ``python benchmarks/serve.py --workload quick --engines stock,dar --dtype float32
 --kv-gib 2``.
 """
@@ -91,6 +95,7 @@ from vllm_dar import envs
 
 OUT_DIR = os.path.join(harness.RESULTS, "serve")
 ENGINES = ("stock", "stock-fp8", "dar")
+COLORS = {"stock": "tab:blue", "stock-fp8": "tab:orange", "dar": "tab:green"}  # as throughput.py's plot
 GRACE_S = 60  # SIGTERM, then SIGKILL after this long
 
 
@@ -530,7 +535,7 @@ def plot(summary: dict, path: str) -> bool:
                 xs.append(i + (j - (len(engines) - 1) / 2) * width)
                 ys.append(value)
                 notes.append("" if ratio is None else f"{ratio:.2f}x")
-            bars = ax.bar(xs, ys, width, label=engine)
+            bars = ax.bar(xs, ys, width, label=engine, color=COLORS[engine])
             ax.bar_label(bars, notes, fontsize=7)
         ax.set_xticks(range(len(runs)), labels, fontsize=8)
         ax.set_title(title, fontsize=10)

@@ -1,6 +1,7 @@
 """The pure parts of the benchmarks (``benchmarks/harness.py`` and the scripts over it): the max_tokens
-stagger, the decode-step filter, workers in subprocesses, weight bytes, tables, default paths, and the K/V
-byte counts, which must be ``vllm_dar.config``'s byte model."""
+stagger, the decode-step filter, workers in subprocesses, weight bytes, tables, default paths, the K/V
+byte counts, which must be ``vllm_dar.config``'s byte model, and ``serve.py``'s workloads, metrics, summary and
+process handling (against a fake ``vllm``)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ if BENCHMARKS not in sys.path:
     sys.path.append(BENCHMARKS)  # appended: benchmarks/kernels.py must not shadow the tests/kernels package
 import capacity
 import harness
+import serve
 import throughput as tp
 
 SHAPE = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -171,3 +173,153 @@ def test_no_benchmark_names_a_machine_path():
         if name.endswith(".py"):
             with open(os.path.join(BENCHMARKS, name)) as f:
                 assert "/work/" not in f.read(), name
+
+
+# ---------------------------------------------------------------- serve.py
+
+def test_serve_workloads_and_run_plan():
+    ws = serve.parse_workloads(["decode-heavy,prompt-heavy", "4:64:16", "decode-heavy"])
+    assert [w.name for w in ws] == ["decode-heavy", "prompt-heavy", "4x64-16"]
+    assert (ws[2].num_prompts, ws[2].input_len, ws[2].output_len, ws[2].request_rate) == (4, 64, 16, None)
+    inf = float("inf")
+    assert [(w.name, r) for w, r in serve.run_plan(ws, None)] == [
+        ("decode-heavy", inf), ("decode-heavy", 0.1), ("prompt-heavy", inf), ("prompt-heavy", 0.05),
+        ("4x64-16", inf)]
+    assert [r for _, r in serve.run_plan(ws[:1], 0.3)] == [inf, 0.3]
+    assert [r for _, r in serve.run_plan(ws[:1], inf)] == [inf]  # all at once only
+    for bad in ("4:64", "nope", "0:64:16", "4:64:x"):
+        with pytest.raises(SystemExit, match="--workload"):
+            serve.parse_workloads([bad])
+    with pytest.raises(SystemExit, match="--engines"):
+        serve.parse_engines("stock,fp8")
+    assert serve.parse_engines("dar,stock,dar") == ["dar", "stock"]
+    assert serve.rate_label(inf) == "inf" and serve.rate_label(0.25) == "0.25"
+
+
+def test_serve_defaults_are_kv_bound():
+    """At the default --kv-gib, in bf16, stock cannot hold every request of the KV-bound workloads at full
+    length (vLLM's CPU blocks hold 128 tokens)."""
+    a = serve.parse_args([])
+    assert [w.name for w in a.workloads] == ["decode-heavy", "prompt-heavy"] and a.dtype == "bfloat16"
+    blocks = a.kv_gib * 2**30 // (128 * ModelShape.from_hf_config(
+        {**SHAPE, "num_hidden_layers": 30, "num_key_value_heads": 3, "head_dim": 64}).kv_bytes_per_token(2))
+    for w in a.workloads:
+        assert blocks // -(-(w.input_len + w.output_len) // 128) < w.num_prompts
+
+
+def test_serve_bench_command_asks_for_p99_and_the_rate():
+    cmd = serve.bench_command("/m", 8000, serve.WORKLOADS["prompt-heavy"], 0.05, 2, "/out", "x.json")
+    joined = " ".join(cmd)
+    assert "--percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99" in joined
+    assert "--request-rate 0.05 " in joined and "--num-prompts 32 " in joined and "127.0.0.1:8000" in joined
+    assert serve.serve_command("/m", "stock-fp8", 1, "bfloat16", 100)[-2:] == ["--kv-cache-dtype", "fp8"]
+    assert "--kv-cache-dtype" not in serve.serve_command("/m", "dar", 1, "bfloat16", 100)
+
+
+def test_serve_parses_prometheus_and_counts_preemptions():
+    text = ('# HELP vllm:num_requests_running Number of requests in model execution batches.\n'
+            '# TYPE vllm:num_requests_running gauge\n'
+            'vllm:num_requests_running{engine="0",model_name="/a b{c}"} 7.0\n'
+            'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0\n'
+            'vllm:num_preemptions_created{engine="0",model_name="m"} 1.7e9\n'
+            'process_cpu_seconds_total 12.5\n')
+    assert serve.parse_prometheus(text) == {"vllm:num_requests_running": 7.0, "vllm:num_preemptions_total": 3.0,
+                                            "vllm:num_preemptions_created": 1.7e9, "process_cpu_seconds_total": 12.5}
+    assert serve.parse_prometheus(text, {"vllm:num_requests_running"}) == {"vllm:num_requests_running": 7.0}
+    p = serve.PROMETHEUS
+    scrapes = [{p["running"]: 2, p["preemptions"]: 1}, {p["running"]: 9, p["waiting"]: 4, p["preemptions"]: 5}]
+    assert serve.metrics_summary(scrapes, scrapes[0], scrapes[1]) == {
+        "peak_running": 9, "peak_waiting": 4, "peak_kv_cache_usage": None, "preemptions": 4, "metrics_scrapes": 2}
+    assert serve.metrics_summary(scrapes, None, scrapes[1])["preemptions"] is None
+
+
+def fake_records():
+    rec = {"workload": "quick", "request_rate": "inf"}
+    return [{**rec, "engine": "stock", "output_throughput": 10.0, "median_tpot_ms": 200.0, "preemptions": 0},
+            {**rec, "engine": "dar", "output_throughput": 25.0, "median_tpot_ms": 150.0, "preemptions": 3},
+            {**rec, "engine": "stock-fp8", "error": "vllm bench serve exited with 1"}]
+
+
+def test_serve_summary_ratios_table_and_plot(tmp_path):
+    settings = {"engines": ["stock", "stock-fp8", "dar"], "workloads": [vars(serve.WORKLOADS["quick"])],
+                "dtype": "bfloat16", "kv_gib": 1}
+    summary = serve.summarize(settings, fake_records(), {})
+    (run,) = summary["runs"]
+    assert run["ratio_to_stock"] == {"dar": {"output_throughput": 2.5, "median_tpot_ms": 0.75}}  # no x / 0
+    assert run["engines"]["stock-fp8"] == {"error": "vllm bench serve exited with 1"}
+    table = serve.format_table(summary)
+    assert "quick, all at once: 16 x 512 in / 64 out" in table
+    assert "output tokens/s" in table and "2.500x" in table and "stock-fp8: FAILED" in table
+    json.dumps(summary)  # JSON-clean (no inf)
+    if harness.pyplot() is None:
+        pytest.skip("matplotlib is not installed")
+    assert serve.plot(summary, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+FAKE_VLLM = r"""
+import http.server, json, os, sys, time
+args = sys.argv[1:]
+opt = lambda name: args[args.index(name) + 1]
+if args[0] == "serve":
+    with open(os.environ["FAKE_PIDS"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    scrapes = [0]
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b""
+            if self.path == "/metrics":
+                scrapes[0] += 1
+                body = (f'vllm:num_requests_running{{engine="0"}} {min(scrapes[0], 3)}.0\n'
+                        f'vllm:num_preemptions_total{{engine="0"}} {scrapes[0]}.0\n').encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    http.server.HTTPServer(("127.0.0.1", int(opt("--port"))), H).serve_forever()
+model = opt("--model")
+time.sleep(float(os.environ.get("FAKE_BENCH_S", "0.3")))
+result = {"output_throughput": 20.0 if "dar" in model else 10.0, "completed": int(opt("--num-prompts"))}
+with open(os.path.join(opt("--result-dir"), opt("--result-filename")), "w") as f:
+    json.dump(result, f)
+print("==== Serving Benchmark Result ====\nok\n====")
+"""
+
+
+def run_fake_serve(tmp_path, monkeypatch, *argv):
+    fake = tmp_path / "fake_vllm.py"
+    fake.write_text(FAKE_VLLM)
+    monkeypatch.setattr(serve, "vllm_command", lambda: [sys.executable, str(fake)])
+    monkeypatch.setenv("FAKE_PIDS", str(tmp_path / "pids"))
+    (tmp_path / "dar-model").mkdir()
+    dar, _ = dar_dir(tmp_path / "dar-model")
+    out = tmp_path / "out"
+    code = serve.main(["--stock", str(tmp_path / "stock"), "--dar", dar, "--engines", "stock,dar",
+                       "--out-dir", str(out), "--metrics-interval", "0.05", "--json", *argv])
+    for pid in map(int, (tmp_path / "pids").read_text().split()):  # every server stopped
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    return code, json.loads((out / "summary.json").read_text())
+
+
+def test_serve_runs_every_engine_and_stops_its_servers(tmp_path, monkeypatch):
+    code, summary = run_fake_serve(tmp_path, monkeypatch, "--workload", "2:8:4", "--request-rate", "5")
+    assert code == 0 and [(r["workload"], r["request_rate"]) for r in summary["runs"]] == [
+        ("2x8-4", "inf"), ("2x8-4", "5")]
+    run = summary["runs"][0]
+    assert run["ratio_to_stock"]["dar"]["output_throughput"] == 2.0
+    stock = run["engines"]["stock"]
+    assert stock["completed"] == 2 and stock["peak_running"] >= 1 and stock["preemptions"] >= 1
+    assert (tmp_path / "out" / "2x8-4-5-dar.json").exists()
+    assert len((tmp_path / "pids").read_text().split()) == 2  # one server per engine
+
+
+def test_serve_times_out_a_run_and_restarts_its_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_BENCH_S", "30")
+    code, summary = run_fake_serve(tmp_path, monkeypatch, "--workload", "2:8:4", "--request-rate", "5",
+                                   "--timeout", "0.5")
+    assert code == 1
+    for run in summary["runs"]:
+        assert all("--timeout" in e["error"] for e in run["engines"].values())
+    assert len((tmp_path / "pids").read_text().split()) == 4  # a fresh server after each failed run

@@ -272,10 +272,82 @@ static inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// NR rows against one chunk of 16 full-width positions of their KV head (kt [D, 16] transposed keys, vb [16, D]
+// values, D = 16 NC): scores with the keys loaded once for all NR rows, each row's online-softmax update, then
+// the values accumulated with each value vector loaded once for all NR rows (NR x NC accumulators in registers).
+// rows[i]: row index (qf, m, l, acc_f are indexed by it); vis[i]: the positions row i sees.
+template <int NC, int NR>
+static inline void rows_chunk(const int64_t* rows, const __mmask16* vis, const float* qf, const float* kt,
+                              const float* vb, float* m, float* l, float* acc_f) {
+  constexpr int D = 16 * NC;
+  __m512 s0[NR], s1[NR];
+  for (int r = 0; r < NR; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 2) {
+    const __m512 k0 = _mm512_loadu_ps(kt + d * 16), k1 = _mm512_loadu_ps(kt + (d + 1) * 16);
+    for (int r = 0; r < NR; ++r) {
+      const float* q = qf + rows[r] * D;
+      s0[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), k0, s0[r]);
+      s1[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), k1, s1[r]);
+    }
+  }
+  alignas(64) float e[NR][16];
+  for (int r = 0; r < NR; ++r) {
+    const int64_t row = rows[r];
+    const __m512 sc = _mm512_add_ps(s0[r], s1[r]);
+    const float cm = _mm512_mask_reduce_max_ps(vis[r], sc);
+    if (cm > m[row]) {
+      const __m512 f = _mm512_set1_ps(std::exp(m[row] - cm));  // 0 on the row's first chunk (m = -inf)
+      l[row] *= _mm512_cvtss_f32(f);
+      float* acc = acc_f + row * D;
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), f));
+      m[row] = cm;
+    }
+    const __m512 ex = _mm512_maskz_mov_ps(vis[r], exp512(_mm512_sub_ps(sc, _mm512_set1_ps(m[row]))));
+    l[row] += _mm512_reduce_add_ps(ex);
+    _mm512_store_ps(e[r], ex);
+  }
+  __m512 acc[NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(acc_f + rows[r] * D + 16 * c);
+  for (int x = 0; x < 16; ++x)
+    for (int c = 0; c < NC; ++c) {
+      const __m512 v = _mm512_loadu_ps(vb + x * D + 16 * c);
+      for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(e[r][x]), v, acc[r][c]);
+    }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc_f + rows[r] * D + 16 * c, acc[r][c]);
+}
+
+// rows_chunk over n rows, as many at a time as NC allows (NR x NC <= 16 accumulators, NR <= 4).
+template <int NC>
+static void rows_chunk_n(int64_t n, const int64_t* rows, const __mmask16* vis, const float* qf, const float* kt,
+                         const float* vb, float* m, float* l, float* acc_f) {
+  constexpr int NRM = 16 / NC < 4 ? 16 / NC : 4;
+  int64_t i = 0;
+  for (; i + NRM <= n; i += NRM) rows_chunk<NC, NRM>(rows + i, vis + i, qf, kt, vb, m, l, acc_f);
+  for (; i < n; ++i) rows_chunk<NC, 1>(rows + i, vis + i, qf, kt, vb, m, l, acc_f);
+}
+
+static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __mmask16* vis, const float* qf,
+                           const float* kt, const float* vb, float* m, float* l, float* acc_f, int64_t D) {
+  (void)D;
+  switch (nc) {
+    case 1: return rows_chunk_n<1>(n, rows, vis, qf, kt, vb, m, l, acc_f);
+    case 2: return rows_chunk_n<2>(n, rows, vis, qf, kt, vb, m, l, acc_f);
+    case 3: return rows_chunk_n<3>(n, rows, vis, qf, kt, vb, m, l, acc_f);
+    case 4: return rows_chunk_n<4>(n, rows, vis, qf, kt, vb, m, l, acc_f);
+    case 5: return rows_chunk_n<5>(n, rows, vis, qf, kt, vb, m, l, acc_f);
+    case 6: return rows_chunk_n<6>(n, rows, vis, qf, kt, vb, m, l, acc_f);
+    case 7: return rows_chunk_n<7>(n, rows, vis, qf, kt, vb, m, l, acc_f);
+    case 8: return rows_chunk_n<8>(n, rows, vis, qf, kt, vb, m, l, acc_f);
+    default: TORCH_CHECK(false, "dar_attention: full-width chunks need head_dim a multiple of 16, <= 128");
+  }
+}
+
 // The full-width part of one work item, 16 positions at a time (AVX-512, D a multiple of 16, D <= 128): for each
 // KV head j of the group, the 16 positions' keys are transposed once into kt [D, 16] and their values widened
-// into vb [16, D], then every row of j scores all 16 with D broadcast FMAs, masks what it does not see, and
-// updates its online softmax (m, l, acc_f) once per chunk. Positions: the sinks below the item's first window
+// into vb [16, D], then the rows of j that see any of them go through rows_chunk, several at a time: scores,
+// masks, online softmax (m, l, acc_f) once per chunk and row. Positions: the sinks below the item's first window
 // start lo_min, then [lo_min, t_last]; row (query at t, window start lo) sees p <= t with p >= lo or p < S.
 template <typename T>
 static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, int64_t c0,
@@ -285,9 +357,9 @@ static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q
   const int64_t t_first = c0 + q0, t_last = t_first + qn - 1;
   const int64_t lo_min = std::max<int64_t>(0, t_first - a.window + 1), n_sink = std::min(a.sinks, lo_min);
   const int64_t np = n_sink + (t_last - lo_min + 1);
-  const AccumulateFn acc_d = accumulate_for(D);
-  alignas(64) float ebuf[16];
   alignas(64) int32_t pbuf[16];
+  std::vector<int64_t> act(qn * hpg);
+  std::vector<__mmask16> actvis(qn * hpg);
   const T* kp[16];
   for (int64_t i0 = 0; i0 < np; i0 += 16) {
     const int64_t n = std::min<int64_t>(16, np - i0);
@@ -316,6 +388,8 @@ static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q
           _mm512_storeu_ps(vb + x * D + d0 * 16, x < n ? load16(vr + d0 * 16) : _mm512_setzero_ps());
         }
       }
+      // The rows of KV head j that see some of the chunk, with what they see; then NR of them at a time.
+      int64_t nact = 0;
       for (int64_t qi = 0; qi < qn; ++qi) {
         const int64_t t = t_first + qi;
         if (p_min > t) continue;  // the chunk is wholly after this query
@@ -326,30 +400,11 @@ static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q
                                 (_mm512_cmpge_epi32_mask(pv, _mm512_set1_epi32(static_cast<int32_t>(lo))) |
                                  _mm512_cmplt_epi32_mask(pv, _mm512_set1_epi32(static_cast<int32_t>(a.sinks))));
           if (!vis) continue;
-          const float* q = qf + row * D;
-          __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(),
-                 s3 = _mm512_setzero_ps();
-          for (int64_t d = 0; d < D; d += 4) {
-            s0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(kt + d * 16), s0);
-            s1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), _mm512_loadu_ps(kt + (d + 1) * 16), s1);
-            s2 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 2]), _mm512_loadu_ps(kt + (d + 2) * 16), s2);
-            s3 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 3]), _mm512_loadu_ps(kt + (d + 3) * 16), s3);
-          }
-          const __m512 sc = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
-          const float cm = _mm512_mask_reduce_max_ps(vis, sc);
-          if (cm > m[row]) {
-            const float f = std::exp(m[row] - cm);  // 0 on the first chunk (m = -inf)
-            l[row] *= f;
-            float* acc = acc_f + row * D;
-            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(f)));
-            m[row] = cm;
-          }
-          const __m512 e = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(m[row]))));
-          l[row] += _mm512_reduce_add_ps(e);
-          _mm512_store_ps(ebuf, e);
-          acc_d(acc_f + row * D, ebuf, vb, 16, D, D);
+          act[nact] = row;
+          actvis[nact++] = vis;
         }
       }
+      rows_chunk_any(D / 16, nact, act.data(), actvis.data(), qf, kt, vb, m, l, acc_f, D);
     }
   }
 }

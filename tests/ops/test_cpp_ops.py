@@ -22,6 +22,7 @@ from vllm_dar.reference import LayerProjections, dar_attention
 
 SMALL = (6, 3, 16, 5, 7)  # (H, J, D, rk, rv): odd ranks, the kernel's generic instantiation
 RECIPE = (9, 3, 64, 24, 40)  # joint-recipe-like ranks: a masked rank tile and a masked value chunk
+HD128 = (8, 2, 128, 16, 48)  # Llama-8B-like head_dim: the full-width rows go two at a time
 SMOL = (9, 3, 64, 16, 16)  # SmolLM2-135M with r=16/16: the kernel's specialised instantiation
 WBS, FBS, NBLOCKS = 8, 16, 256
 SCALE = 0.3
@@ -118,7 +119,7 @@ def attend(request):
     return fn if request.param == "cpp" else functools.partial(fn, rows_per_item=4)
 
 
-@pytest.mark.parametrize("dims", [SMALL, SMOL, RECIPE], ids=["small", "smol", "recipe"])
+@pytest.mark.parametrize("dims", [SMALL, SMOL, RECIPE, HD128], ids=["small", "smol", "recipe", "hd128"])
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", SCENARIOS, ids=IDS)
 def test_ops_match_reference_fp32(name, reqs, window, sinks, joint, dims, attend):
     query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.float32, dims)

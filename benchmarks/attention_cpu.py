@@ -18,7 +18,12 @@ per step for all layers) and not timed; our ops' index building is timed (it run
 sinks + window at full width; stock: full K/V of all L positions) over the read bandwidth measured here (one
 thread summing a 256 MB tensor; memcpy is printed too).
 
+With ``--model DIR`` (a DAR checkpoint) each config is timed on every layer's own shape and projections (window,
+ranks, groups; the far block the plugin would use), summed over the layers; stock is its one layer shape times
+the number of layers; the reference loop is skipped.
+
     python benchmarks/attention_cpu.py [--json] [--quick] [--threads 1] [--profile CONFIG]
+    python benchmarks/attention_cpu.py --model models/smollm2-135m-dar --configs decode_b16_ctx4096 --json
 """
 from __future__ import annotations
 
@@ -35,9 +40,9 @@ import torch
 
 from vllm_dar.checkpoint import load_dar
 from vllm_dar.config import DarConfig, ModelShape
-from vllm_dar.plugin.spec import far_block_sizes
 from vllm_dar.ops import cpp, paged
 from vllm_dar.ops.paged import PagedProjections
+from vllm_dar.plugin.spec import far_block_sizes
 from vllm_dar.reference import LayerProjections
 
 BLOCK = 128  # stock's block (vLLM's CPU default)

@@ -49,7 +49,7 @@ ROWS = {
            dict(window=64, key_rank=16, value_rank=16, sink_tokens=4, method="qk")),
     "pyramid": ("pyramid ranks per head (same bytes as dar), PCA, 4 sinks",
                 dict(window=64, key_rank=16, value_rank=16, sink_tokens=4, schedule="pyramid")),
-    "calibrated": ("calibrated windows+ranks per head (same bytes as dar), PCA, 4 sinks",
+    "calibrated": ("calibrated windows+ranks per head (the recipe's budget), PCA, 4 sinks",
                    dict(window=64, key_rank=16, value_rank=16, sink_tokens=4, schedule="calibrated")),
     "joint": ("DAR w=64 r=48/48 joint across the 3 KV heads (LRKV-style), PCA, 4 sinks",
               dict(window=64, key_rank=48, value_rank=48, sink_tokens=4, head_sharing="joint")),
@@ -57,7 +57,7 @@ ROWS = {
                    dict(window=128, key_rank=42, value_rank=42, sink_tokens=4, head_sharing="joint")),
     "uniform-joint": ("uniform w=0 r=54/54 joint (same bytes as dar), PCA, 4 sinks",
                       dict(window=0, key_rank=54, value_rank=54, sink_tokens=4, head_sharing="joint")),
-    "calibrated-joint": ("calibrated windows+ranks, joint (same bytes as dar), PCA, 4 sinks",
+    "calibrated-joint": ("calibrated windows+ranks, joint (the recommended recipe), PCA, 4 sinks",
                          dict(window=64, key_rank=48, value_rank=48, sink_tokens=4, schedule="calibrated",
                               head_sharing="joint")),
     "fit": ("DAR w=64 r=16/16 per head, PCA + layer-wise fit (--method fit), 4 sinks; starts from dar",
@@ -86,8 +86,8 @@ def main() -> int:
                          "the main table's); recorded as the row's 'wide'")
     ap.add_argument("--calib-tokens", type=int, default=8 * 2048)
     ap.add_argument("--kv-budget", type=float, default=None,
-                    help="budget for the calibrated rows, windows as vLLM reserves them (default: what the 'dar' "
-                         "row costs so)")
+                    help="budget for the calibrated rows, windows as vLLM reserves them (default: convert's, "
+                         "the recommended recipe's)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--heal-minutes", type=float, default=30.0, help="wall-time budget of each heal row")
     ap.add_argument("--heal-tokens", type=int, default=None, help="training-token budget of each heal row")
@@ -277,11 +277,14 @@ def delta_by_half(res: dict, full: dict) -> list[float]:
 
 
 def plan_fraction(shape, context: int) -> float:
-    """The calibrated rows' budget: the ``dar`` row's bytes, windows priced as the calibrated schedule prices
-    them (``reserved_fraction``; the same as convert's default budget, so ``calibrated-joint`` is its recipe)."""
+    """The calibrated rows' budget: convert's default (the recommended recipe's uniform setting, windows priced
+    as vLLM reserves them: ``reserved_fraction``), so that ``calibrated-joint`` is the recipe ``scripts/main.sh``
+    converts."""
     from vllm_dar.config import DarConfig
+    from vllm_dar.convert.recipe import DEFAULT as R
 
-    return DarConfig.uniform(shape, window=64, key_rank=16, value_rank=16, sink_tokens=4).reserved_fraction(context)
+    return DarConfig.uniform(shape, window=R.window, key_rank=R.key_rank, value_rank=R.value_rank,
+                             sink_tokens=R.sink_tokens, head_sharing=R.head_sharing).reserved_fraction(context)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def window_cache_blocks(window: int, sink_tokens: int, block_size: int, tails: i
     """Blocks the window cache reserves for one request (``vllm_dar.plugin.spec.DarWindowManager``): the sinks'
     blocks, and ``tails`` spans of the ``w - 1`` newest positions, each touching up to ``ceil((w - 1) / B) + 1``
     blocks of ``B = block_size`` tokens (window 0 keeps one position: the plugin's sliding window is >= 1)."""
-    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    cdiv = lambda a, b: -(-a // b)
     return cdiv(sink_tokens, block_size) + tails * (cdiv(max(window, 1) - 1, block_size) + 1)
 
 

@@ -191,13 +191,13 @@ def test_capture_hooks_always_come_off(tiny_llama):
 
 def test_defaults_are_the_recommended_recipe_in_one_place():
     """`vllm-dar convert SRC OUT` and `convert(SRC, OUT)` run the same recipe, Recipe()'s: the best measured
-    without training (joint projections, calibrated windows and ranks at the bytes of w=64 r=48/48, 4 sinks)."""
+    without training (joint projections, calibrated windows and ranks at the bytes of w=64 r=48/64, 4 sinks)."""
     import inspect
 
     from vllm_dar.cli import build_parser
     from vllm_dar.convert.recipe import DEFAULT, FIELDS, Recipe
 
-    assert DEFAULT == Recipe(window=64, key_rank=48, value_rank=48, sink_tokens=4, schedule="calibrated",
+    assert DEFAULT == Recipe(window=64, key_rank=48, value_rank=64, sink_tokens=4, schedule="calibrated",
                              method="pca", head_sharing="joint", kv_budget=None, context=2048, calib_tokens=16384)
     a = build_parser().parse_args(["convert", "in", "out"])
     params = inspect.signature(convert).parameters

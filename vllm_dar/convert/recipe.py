@@ -22,8 +22,8 @@ class Recipe:
     ranks against the projection width, in ``DarConfig``)."""
 
     window: int = 64  # full-width recent positions, the current one included
-    key_rank: int = 48  # reduced key width per projection group
-    value_rank: int = 48  # reduced value width per projection group
+    key_rank: int = 48  # reduced key width per projection group (keys need fewer dimensions than values)
+    value_rank: int = 64  # reduced value width per projection group
     sink_tokens: int = 4  # first positions kept at full width
     schedule: str = "calibrated"  # one of SCHEDULES
     method: str = "pca"  # one of METHODS

@@ -5,8 +5,9 @@
   from ``(1 + slope) r`` at the bottom to ``(1 - slope) r`` at the top, same total bytes as uniform.
 * ``calibrated``: choose each layer's (window, rk, rv) to minimise the summed, measured error of the layers'
   attention outputs (after ``o_proj``) under a KV byte budget (convert prices windows as vLLM reserves them:
-  ``DarConfig.reserved_fraction``; ranks from ``rank_grid``, kernel-friendly). A multiple-choice knapsack solved by its Lagrangian:
-  for a price ``lam`` per byte each layer picks ``argmin err + lam * bytes`` and ``lam`` is bisected to the budget.
+  ``DarConfig.reserved_fraction``; ranks from ``rank_grid``, kernel-friendly). A multiple-choice knapsack solved
+  by its Lagrangian: for a price ``lam`` per byte each layer picks ``argmin err + lam * bytes`` and ``lam`` is
+  bisected to the budget.
   Key and value errors are measured separately (the other side at full width) and added, which keeps the search
   to ``windows x ranks x 2`` attention evaluations per layer.
 """

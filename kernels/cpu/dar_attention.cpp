@@ -170,7 +170,8 @@ template <typename T> struct Args {
 
 struct Scratch {
   std::vector<float> qf, qr, m, l, acc_f, acc_r, sc, fs, kt, rows, vb;
-  std::vector<int64_t> lo;
+  std::vector<int64_t> lo, act;  // act: full_width_blocked's rows that see a chunk (with their masks, actvis)
+  std::vector<uint16_t> actvis;
   std::vector<const void*> kp, vp;
 };
 
@@ -329,8 +330,7 @@ static void rows_chunk_n(int64_t n, const int64_t* rows, const __mmask16* vis, c
 }
 
 static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __mmask16* vis, const float* qf,
-                           const float* kt, const float* vb, float* m, float* l, float* acc_f, int64_t D) {
-  (void)D;
+                           const float* kt, const float* vb, float* m, float* l, float* acc_f) {
   switch (nc) {
     case 1: return rows_chunk_n<1>(n, rows, vis, qf, kt, vb, m, l, acc_f);
     case 2: return rows_chunk_n<2>(n, rows, vis, qf, kt, vb, m, l, acc_f);
@@ -346,20 +346,19 @@ static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __m
 
 // The full-width part of one work item, 16 positions at a time (AVX-512, D a multiple of 16, D <= 128): for each
 // KV head j of the group, the 16 positions' keys are transposed once into kt [D, 16] and their values widened
-// into vb [16, D], then the rows of j that see any of them go through rows_chunk, several at a time: scores,
-// masks, online softmax (m, l, acc_f) once per chunk and row. Positions: the sinks below the item's first window
+// into vb [16, D], then the rows of j that see any of them (act, their masks actvis: scratch of qn * H / G
+// entries) go through rows_chunk, several at a time: scores, masks, online softmax (m, l, acc_f) once per chunk
+// and row. Positions: the sinks below the item's first window
 // start lo_min, then [lo_min, t_last]; row (query at t, window start lo) sees p <= t with p >= lo or p < S.
 template <typename T>
 static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, int64_t c0,
                                const float* qf, const int64_t* lo_row, float* m, float* l, float* acc_f,
-                               float* kt, float* vb) {
+                               float* kt, float* vb, int64_t* act, __mmask16* actvis) {
   const int64_t D = a.D, hpg = a.H / a.G, rep = a.H / a.J, jpg = a.J / a.G, nd = D / 16;
   const int64_t t_first = c0 + q0, t_last = t_first + qn - 1;
   const int64_t lo_min = std::max<int64_t>(0, t_first - a.window + 1), n_sink = std::min(a.sinks, lo_min);
   const int64_t np = n_sink + (t_last - lo_min + 1);
   alignas(64) int32_t pbuf[16];
-  std::vector<int64_t> act(qn * hpg);
-  std::vector<__mmask16> actvis(qn * hpg);
   const T* kp[16];
   for (int64_t i0 = 0; i0 < np; i0 += 16) {
     const int64_t n = std::min<int64_t>(16, np - i0);
@@ -404,7 +403,7 @@ static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q
           actvis[nact++] = vis;
         }
       }
-      rows_chunk_any(D / 16, nact, act.data(), actvis.data(), qf, kt, vb, m, l, acc_f, D);
+      rows_chunk_any(nd, nact, act, actvis, qf, kt, vb, m, l, acc_f);
     }
   }
 }
@@ -428,7 +427,9 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
   w.fs.resize(nfull); w.kp.resize(nfull); w.vp.resize(nfull);
 #ifdef __AVX512F__
   const bool blocked = D % 16 == 0 && D <= 128;  // full width 16 positions at a time (full_width_blocked)
-  if (blocked) { w.kt.resize(std::max(rk * ldk, 16 * D)); w.vb.resize(16 * D); }
+  if (blocked) {
+    w.kt.resize(std::max(rk * ldk, 16 * D)); w.vb.resize(16 * D); w.act.resize(nrow); w.actvis.resize(nrow);
+  }
 #else
   const bool blocked = false;
 #endif
@@ -484,7 +485,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
 #ifdef __AVX512F__
   if (blocked)
     full_width_blocked(a, r, g, q0, qn, c0, w.qf.data(), w.lo.data(), w.m.data(), w.l.data(), w.acc_f.data(),
-                       w.kt.data(), w.vb.data());
+                       w.kt.data(), w.vb.data(), w.act.data(), w.actvis.data());
 #endif
   // Reduced width: positions [S, lo) per row, far block by far block; one rescale per block and row.
   for (int64_t b = a.sinks / Bf; b * Bf < max_lo; ++b) {

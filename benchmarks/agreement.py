@@ -39,9 +39,14 @@ def run_vllm(model: str, dtype: str, batch: list[list[int]], max_tokens: int) ->
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    from vllm_dar.vllm_engine import shutdown_llm
+
     llm = LLM(model=model, dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.5, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
+    try:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
+    finally:
+        shutdown_llm(llm)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 

@@ -65,28 +65,33 @@ def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_toke
 
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    from vllm_dar.vllm_engine import shutdown_llm
+
     extra = {} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}
     llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.5, dtype=DTYPE,
               enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
-    config = llm.llm_engine.vllm_config
-    rng = random.Random(0)
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 40000) for _ in range(prompt_len)])
-               for _ in range(requests)]
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    m = [o.metrics for o in outs]
-    return {
-        **bytes_per_token(model, kv_gib, config.cache_config.kv_cache_size_tokens,
-                          config.model_config.dtype.itemsize),  # kv_cache_dtype "auto": the served dtype
-        "kv_capacity_tokens": config.cache_config.kv_cache_size_tokens,
-        "kv_max_concurrency_logged": config.cache_config.kv_cache_max_concurrency,
-        "num_blocks": config.cache_config.num_gpu_blocks,
-        "block_size": config.cache_config.block_size,
-        "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
-        "max_concurrent": harness.max_overlap([(x.scheduled_ts, x.last_token_ts) for x in m]),
-        "preemptions": sum(x.num_preemptions for x in m),
-        "engine_s": max(x.last_token_ts for x in m) - min(x.scheduled_ts for x in m),
-    }
+    try:
+        config = llm.llm_engine.vllm_config
+        rng = random.Random(0)
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 40000) for _ in range(prompt_len)])
+                   for _ in range(requests)]
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        m = [o.metrics for o in outs]
+        return {
+            **bytes_per_token(model, kv_gib, config.cache_config.kv_cache_size_tokens,
+                              config.model_config.dtype.itemsize),  # kv_cache_dtype "auto": the served dtype
+            "kv_capacity_tokens": config.cache_config.kv_cache_size_tokens,
+            "kv_max_concurrency_logged": config.cache_config.kv_cache_max_concurrency,
+            "num_blocks": config.cache_config.num_gpu_blocks,
+            "block_size": config.cache_config.block_size,
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "max_concurrent": harness.max_overlap([(x.scheduled_ts, x.last_token_ts) for x in m]),
+            "preemptions": sum(x.num_preemptions for x in m),
+            "engine_s": max(x.last_token_ts for x in m) - min(x.scheduled_ts for x in m),
+        }
+    finally:
+        shutdown_llm(llm)
 
 
 def spawn(args: argparse.Namespace, model: str) -> dict:

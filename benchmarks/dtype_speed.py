@@ -37,6 +37,7 @@ def measure(*, model: str, dtype: str, batch: int, prompt_len: int, decode_token
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from vllm_dar.data import split_files, token_windows
+    from vllm_dar.vllm_engine import shutdown_llm
 
     windows = token_windows(AutoTokenizer.from_pretrained(model), split_files()[1], context=prompt_len,
                             max_windows=2 * batch)
@@ -46,27 +47,30 @@ def measure(*, model: str, dtype: str, batch: int, prompt_len: int, decode_token
               max_num_batched_tokens=max(2048, batch * prompt_len), enable_prefix_caching=False,
               disable_log_stats=False, seed=0)  # log stats on: RequestOutput.metrics is None without them
 
-    def run(prompts, max_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        return outs, time.perf_counter() - t0
+    try:
+        def run(prompts, max_tokens):
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            return outs, time.perf_counter() - t0
 
-    run(prefill_prompts, 2)  # warm-up: compilation and first-touch allocations
-    outs, prefill_wall = run(prefill_prompts, 1)
-    m = [o.metrics for o in outs]
-    prefill_s = max(x.first_token_ts for x in m) - min(x.scheduled_ts for x in m)  # engine-core clock
-    outs, decode_wall = run(decode_prompts, decode_tokens)
-    last = max(outs, key=lambda o: o.metrics.first_token_ts)  # its decode steps are full-batch steps
-    step_s = (last.metrics.last_token_ts - last.metrics.first_token_ts) / (len(last.outputs[0].token_ids) - 1)
-    return {
-        "served_dtype": str(llm.llm_engine.model_config.dtype),
-        "prefill_tok_s": batch * prompt_len / prefill_s,
-        "decode_tok_s": batch / step_s,
-        "prefill_wall_s": prefill_wall,
-        "decode_wall_s": decode_wall,
-        "tokens": [list(o.outputs[0].token_ids) for o in outs],
-    }
+        run(prefill_prompts, 2)  # warm-up: compilation and first-touch allocations
+        outs, prefill_wall = run(prefill_prompts, 1)
+        m = [o.metrics for o in outs]
+        prefill_s = max(x.first_token_ts for x in m) - min(x.scheduled_ts for x in m)  # engine-core clock
+        outs, decode_wall = run(decode_prompts, decode_tokens)
+        last = max(outs, key=lambda o: o.metrics.first_token_ts)  # its decode steps are full-batch steps
+        step_s = (last.metrics.last_token_ts - last.metrics.first_token_ts) / (len(last.outputs[0].token_ids) - 1)
+        return {
+            "served_dtype": str(llm.llm_engine.model_config.dtype),
+            "prefill_tok_s": batch * prompt_len / prefill_s,
+            "decode_tok_s": batch / step_s,
+            "prefill_wall_s": prefill_wall,
+            "decode_wall_s": decode_wall,
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        }
+    finally:
+        shutdown_llm(llm)
 
 
 def spawn(args: argparse.Namespace, name: str) -> dict:

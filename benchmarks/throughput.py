@@ -80,46 +80,51 @@ def measure_engine(*, engine: str, model: str, context: int, batches: list[int],
 
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    from vllm_dar.vllm_engine import shutdown_llm
+
     logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)  # one line per step otherwise
     llm = LLM(model=model, dtype="float32", kv_cache_dtype=KV_DTYPE[engine], max_model_len=max_len,
               max_num_seqs=max(batches), max_num_batched_tokens=harness.MAX_BATCHED_TOKENS,
               enable_prefix_caching=False, disable_log_stats=False, enable_logging_iteration_details=True,
               seed=0)
-    cache = llm.llm_engine.vllm_config.cache_config
-    recorder = harness.StepRecorder(llm.llm_engine)
-    warm = [TokensPrompt(prompt_token_ids=[1000 + i] * 64) for i in range(max(batches))]
-    llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    out = {"engine": engine, "model": model, "context": context, "max_model_len": max_len,
-           "kv_cache_max_concurrency": cache.kv_cache_max_concurrency,
-           "kv_capacity_tokens": cache.kv_cache_size_tokens, "num_blocks": cache.num_gpu_blocks,
-           "block_size": cache.block_size, "kv_cache_dtype": cache.cache_dtype, "batches": {}}
-    for batch in batches:
-        rng = random.Random(context * 1000 + batch)
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 40000) for _ in range(context)])
-                   for _ in range(batch)]
-        params = [SamplingParams(temperature=0.0, max_tokens=decode_tokens + extra, ignore_eos=True)
-                  for extra in harness.stagger(batch, context)]
-        recorder.steps.clear()
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - t0
-        m = [o.metrics for o in outs]
-        size, times = harness.decode_steps(recorder.steps, batch)
-        ttft = [x.first_token_ts - x.queued_ts for x in m]
-        generated = sum(len(o.outputs[0].token_ids) for o in outs)
-        out["batches"][str(batch)] = {
-            "tpot_s": statistics.median(times) if times else None,
-            "tpot_mean_s": statistics.fmean(times) if times else None,
-            "decode_steps": len(times), "decode_batch": size,
-            "decode_tok_s": size / statistics.median(times) if times else None,
-            "output_tok_s": generated / wall, "generated_tokens": generated, "wall_s": wall,
-            "ttft_s": statistics.median(ttft), "ttft_first_s": ttft[0], "ttft_max_s": max(ttft),
-            "max_concurrent": harness.max_overlap([(x.scheduled_ts, x.last_token_ts) for x in m]),
-            "preemptions": sum(x.num_preemptions for x in m),
-            "steps": len(recorder.steps),
-        }
-    return out
+    try:
+        cache = llm.llm_engine.vllm_config.cache_config
+        recorder = harness.StepRecorder(llm.llm_engine)
+        warm = [TokensPrompt(prompt_token_ids=[1000 + i] * 64) for i in range(max(batches))]
+        llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+        out = {"engine": engine, "model": model, "context": context, "max_model_len": max_len,
+               "kv_cache_max_concurrency": cache.kv_cache_max_concurrency,
+               "kv_capacity_tokens": cache.kv_cache_size_tokens, "num_blocks": cache.num_gpu_blocks,
+               "block_size": cache.block_size, "kv_cache_dtype": cache.cache_dtype, "batches": {}}
+        for batch in batches:
+            rng = random.Random(context * 1000 + batch)
+            prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 40000) for _ in range(context)])
+                       for _ in range(batch)]
+            params = [SamplingParams(temperature=0.0, max_tokens=decode_tokens + extra, ignore_eos=True)
+                      for extra in harness.stagger(batch, context)]
+            recorder.steps.clear()
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            m = [o.metrics for o in outs]
+            size, times = harness.decode_steps(recorder.steps, batch)
+            ttft = [x.first_token_ts - x.queued_ts for x in m]
+            generated = sum(len(o.outputs[0].token_ids) for o in outs)
+            out["batches"][str(batch)] = {
+                "tpot_s": statistics.median(times) if times else None,
+                "tpot_mean_s": statistics.fmean(times) if times else None,
+                "decode_steps": len(times), "decode_batch": size,
+                "decode_tok_s": size / statistics.median(times) if times else None,
+                "output_tok_s": generated / wall, "generated_tokens": generated, "wall_s": wall,
+                "ttft_s": statistics.median(ttft), "ttft_first_s": ttft[0], "ttft_max_s": max(ttft),
+                "max_concurrent": harness.max_overlap([(x.scheduled_ts, x.last_token_ts) for x in m]),
+                "preemptions": sum(x.num_preemptions for x in m),
+                "steps": len(recorder.steps),
+            }
+        return out
 
+    finally:
+        shutdown_llm(llm)
 
 
 def spawn(args: argparse.Namespace, engine: str, context: int, batches: list[int]) -> dict:

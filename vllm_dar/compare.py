@@ -137,7 +137,7 @@ def measure(model: str, settings: CompareSettings) -> dict:
     from vllm import SamplingParams, TokensPrompt
 
     from .data import split_files, token_windows
-    from .vllm_engine import make_llm, windows_perplexity
+    from .vllm_engine import served, windows_perplexity
 
     s = settings
     t0 = time.perf_counter()
@@ -147,35 +147,39 @@ def measure(model: str, settings: CompareSettings) -> dict:
                                    tokenize=False)
     ids = tok(chat, add_special_tokens=False)["input_ids"]  # the template holds the special tokens
     # disable_log_stats=False: RequestOutput.metrics (the decode step times) is None without it.
-    llm = make_llm(model, max_model_len=s.max_model_len, dtype=s.dtype, enforce_eager=not s.compile,
-                   disable_log_stats=False)
-    # The same for both engines (one config): a DAR model's logged capacity is its per-request bound at it.
-    max_model_len = llm.llm_engine.model_config.max_model_len
-    longest = max(s.context + 1, len(ids) + s.answer_tokens, s.prompt_tokens + s.decode_tokens)
-    if longest > max_model_len:
-        raise ValueError(f"--max-model-len: {max_model_len} is shorter than the longest request, {longest} tokens")
-    capacity = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
-    seconds = {"start": time.perf_counter() - t0}
+    with served(model, max_model_len=s.max_model_len, dtype=s.dtype, enforce_eager=not s.compile,
+                disable_log_stats=False) as llm:
+        # The same for both engines (one config): a DAR model's logged capacity is its per-request bound at it.
+        max_model_len = llm.llm_engine.model_config.max_model_len
+        longest = max(s.context + 1, len(ids) + s.answer_tokens, s.prompt_tokens + s.decode_tokens)
+        if longest > max_model_len:
+            raise ValueError(f"--max-model-len: {max_model_len} is shorter than the longest request, "
+                             f"{longest} tokens")
+        capacity = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
+        seconds = {"start": time.perf_counter() - t0}
 
-    reply = llm.generate([TokensPrompt(prompt_token_ids=ids)],
-                         SamplingParams(temperature=0.0, max_tokens=s.answer_tokens), use_tqdm=False)[0].outputs[0]
-    seconds["answer"] = time.perf_counter() - t0 - sum(seconds.values())
+        reply = llm.generate([TokensPrompt(prompt_token_ids=ids)],
+                             SamplingParams(temperature=0.0, max_tokens=s.answer_tokens),
+                             use_tqdm=False)[0].outputs[0]
+        seconds["answer"] = time.perf_counter() - t0 - sum(seconds.values())
 
-    # Decode prompts from the far end of the held-out text: no prefix of a perplexity window.
-    prompts = token_windows(tok, held_out[::-1], context=s.prompt_tokens, max_windows=s.batch)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=s.decode_tokens, ignore_eos=True), use_tqdm=False)
-    last = max(outs, key=lambda o: o.metrics.first_token_ts).metrics  # its decode steps hold the whole batch
-    step_s = (last.last_token_ts - last.first_token_ts) / (s.decode_tokens - 1)
-    seconds["decode"] = time.perf_counter() - t0 - sum(seconds.values())
+        # Decode prompts from the far end of the held-out text: no prefix of a perplexity window.
+        prompts = token_windows(tok, held_out[::-1], context=s.prompt_tokens, max_windows=s.batch)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                            SamplingParams(temperature=0.0, max_tokens=s.decode_tokens, ignore_eos=True),
+                            use_tqdm=False)
+        last = max(outs, key=lambda o: o.metrics.first_token_ts).metrics  # its decode steps hold the whole batch
+        step_s = (last.last_token_ts - last.first_token_ts) / (s.decode_tokens - 1)
+        seconds["decode"] = time.perf_counter() - t0 - sum(seconds.values())
 
-    windows = token_windows(tok, held_out, context=s.context, max_windows=s.eval_windows)
-    ppl = windows_perplexity(llm, windows)
-    seconds["perplexity"] = time.perf_counter() - t0 - sum(seconds.values())
-    return {"model": model, "max_model_len": max_model_len, "kv_capacity_tokens": capacity, "answer": reply.text, "prompt_tokens": len(ids),
-            "decode_tok_s": len(prompts) / step_s, "decode_step_ms": 1000 * step_s,
-            **ppl, "served_dtype": str(llm.llm_engine.model_config.dtype),
-            "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+        windows = token_windows(tok, held_out, context=s.context, max_windows=s.eval_windows)
+        ppl = windows_perplexity(llm, windows)
+        seconds["perplexity"] = time.perf_counter() - t0 - sum(seconds.values())
+        return {"model": model, "max_model_len": max_model_len, "kv_capacity_tokens": capacity,
+                "answer": reply.text, "prompt_tokens": len(ids),
+                "decode_tok_s": len(prompts) / step_s, "decode_step_ms": 1000 * step_s,
+                **ppl, "served_dtype": str(llm.llm_engine.model_config.dtype),
+                "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
 def render(r: dict, width: int = 110) -> str:

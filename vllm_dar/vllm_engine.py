@@ -8,6 +8,7 @@ the log-probability of each actual prompt token). vLLM spawns worker processes, 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -32,13 +33,34 @@ def make_llm(model: str, *, max_model_len: int | None, dtype: str | None, **engi
     return LLM(model=model, dtype=dtype, max_model_len=max_model_len, **engine)
 
 
+def shutdown_llm(llm) -> None:
+    """Stop ``llm``'s engine (engine-core process, workers, sockets, client threads) from the calling thread.
+
+    Every process that makes an ``LLM`` calls this before it exits (``served`` does). Left to the interpreter's
+    exit, vLLM's finalizers stop the engine-core process first; the client's monitor thread (a daemon) then runs
+    the client's clean-up while the interpreter finalizes, and a torch tensor freed on that thread takes the GIL
+    after finalization: the thread is unwound through a ``noexcept`` destructor and the process aborts
+    ("terminate called without an active exception", exit status -6) after its work is done. Idempotent."""
+    llm.llm_engine.engine_core.shutdown()
+
+
+@contextlib.contextmanager
+def served(model: str, *, max_model_len: int | None, dtype: str | None, **engine):
+    """``make_llm(...)`` for the ``with`` block; ``shutdown_llm`` on the way out."""
+    llm = make_llm(model, max_model_len=max_model_len, dtype=dtype, **engine)
+    try:
+        yield llm
+    finally:
+        shutdown_llm(llm)
+
+
 def vllm_perplexity(model: str, text: list[str], *, context: int, max_windows: int | None,
                     dtype: str | None) -> dict:
     from transformers import AutoTokenizer
 
     windows = token_windows(AutoTokenizer.from_pretrained(model), text, context=context, max_windows=max_windows)
-    llm = make_llm(model, max_model_len=context + 1, dtype=dtype)
-    return {**windows_perplexity(llm, windows), "engine": "vllm", "model": model, "context": context}
+    with served(model, max_model_len=context + 1, dtype=dtype) as llm:
+        return {**windows_perplexity(llm, windows), "engine": "vllm", "model": model, "context": context}
 
 
 def windows_perplexity(llm, windows: list[list[int]]) -> dict:
@@ -62,7 +84,7 @@ def vllm_generate(model: str, prompt: str, *, max_tokens: int, dtype: str | None
 
     tok = AutoTokenizer.from_pretrained(model)
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    llm = make_llm(model, max_model_len=len(ids) + max_tokens + 1, dtype=dtype)
-    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                       use_tqdm=False)[0].outputs[0]
+    with served(model, max_model_len=len(ids) + max_tokens + 1, dtype=dtype) as llm:
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)],
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)[0].outputs[0]
     return {"prompt_tokens": len(ids), "token_ids": list(out.token_ids), "text": out.text, "engine": "vllm"}

@@ -24,6 +24,8 @@ def logprobs(completion) -> list[float] | None:
 def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
+    from vllm_dar.vllm_engine import shutdown_llm
+
     with open(job_path) as f:
         job = json.load(f)
     engine = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "seed": 0, **job.get("engine", {})}
@@ -31,11 +33,14 @@ def main(job_path: str, out_path: str) -> None:
     params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True,
                             logprobs=0 if job.get("logprobs") else None)
     runs = []
-    for prompts in job["runs"]:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        runs.append([{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0,
-                      "logprobs": logprobs(o.outputs[0])} for o in outs])
-    capacity = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
+    try:
+        for prompts in job["runs"]:
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            runs.append([{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0,
+                          "logprobs": logprobs(o.outputs[0])} for o in outs])
+        capacity = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
+    finally:
+        shutdown_llm(llm)
     with open(out_path, "w") as f:
         json.dump({"runs": runs, "kv_capacity_tokens": capacity}, f)
 

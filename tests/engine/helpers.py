@@ -28,7 +28,8 @@ def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens:
         env["VLLM_PLUGINS"] = ""
     proc = subprocess.run([sys.executable, os.path.join(HERE, "engine_job.py"), str(job), str(out)], env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
+    # The second: the job shut its engine down itself (vllm_engine.shutdown_llm), not vLLM's finalizers at exit.
+    if proc.returncode != 0 or "engine core exited unexpectedly" in proc.stderr:
         raise EngineFailed(proc.stdout[-4000:] + proc.stderr[-8000:])
     result = json.loads(out.read_text())
     return (result["runs"], result["kv_capacity_tokens"]) if capacity else result["runs"]

@@ -25,6 +25,9 @@ def eval_both_engines(*args: str) -> tuple[dict, dict]:
     vl = run_cli("eval", *args, "--json", "--quiet", "--engine", "vllm")
     assert hf.returncode == 0, hf.stderr[-2000:]
     assert vl.returncode == 0, vl.stderr[-2000:]
+    # The engine was shut down by the CLI, not by vLLM's finalizers at exit (where its monitor thread's clean-up
+    # races the interpreter's finalization and can abort the process: vllm_engine.shutdown_llm).
+    assert "engine core exited unexpectedly" not in vl.stderr, vl.stderr[-2000:]
     return json.loads(hf.stdout), json.loads(vl.stdout.strip().splitlines()[-1])
 
 

@@ -86,51 +86,87 @@ static inline float max_of(const float* x, int64_t n, float init) {
   return mx;
 }
 
-// acc[0..rv) += sum_x e[x] * v[x * ld + c] for x < n (v fp32 rows of stride ld).
-// AVX-512: rv in NC = ceil(rv / 16) vector chunks held in registers (the last one masked, so any rank runs the
-// vector path), with K independent accumulator chains over the positions (one chain waits on the FMA latency at
-// every position); rv > 128 and other CPUs: the scalar loop below.
+// Rows r < nr at once: acc[r * lda + c] += sum_x e[r * lde + x] * v[x * ld + c] for x < n, c < rv (v fp32 rows
+// of stride ld): a small matrix product, e [nr, n] times v [n, rv], added to acc [nr, rv]. The kernel's three
+// products take this form: the query projection (qf Q_h), the far values (scores times far value rows) and the
+// up-projection (acc_r U_h).
+// AVX-512: NR rows at a time, each v vector loaded once for all of them, rv in NC = ceil(rv / 16) register chunks
+// (the last one masked, so any rank runs the vector path); when NR x NC is small, K independent accumulator
+// chains over the positions (one chain waits on the FMA latency at every position). rv > 128 and other CPUs:
+// the scalar loop below.
 #ifdef __AVX512F__
-template <int NC>
-static void accumulate_avx(float* acc, const float* e, const float* v, int64_t n, int64_t ld, int64_t rv) {
-  constexpr int K = NC <= 2 ? 4 : 2;
+template <int NC, int NR>
+static void accumulate_block(float* acc, int64_t lda, const float* e, int64_t lde, const float* v, int64_t n,
+                             int64_t ld, int64_t rv) {
+  constexpr int K = NR * NC <= 2 ? 4 : NR * NC <= 8 ? 2 : 1;
   const __mmask16 last = rv % 16 ? static_cast<__mmask16>((1u << (rv % 16)) - 1u) : static_cast<__mmask16>(0xFFFF);
   auto mk = [&](int c) { return c == NC - 1 ? last : static_cast<__mmask16>(0xFFFF); };
-  __m512 a[K][NC];
-  for (int c = 0; c < NC; ++c) {
-    a[0][c] = _mm512_maskz_loadu_ps(mk(c), acc + 16 * c);
-    for (int k = 1; k < K; ++k) a[k][c] = _mm512_setzero_ps();
-  }
+  __m512 a[K][NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) {
+      a[0][r][c] = _mm512_maskz_loadu_ps(mk(c), acc + r * lda + 16 * c);
+      for (int k = 1; k < K; ++k) a[k][r][c] = _mm512_setzero_ps();
+    }
   int64_t x = 0;
   for (; x + K <= n; x += K)
     for (int k = 0; k < K; ++k) {
-      const __m512 ex = _mm512_set1_ps(e[x + k]);
       const float* vx = v + (x + k) * ld;
-      for (int c = 0; c < NC; ++c) a[k][c] = _mm512_fmadd_ps(ex, _mm512_maskz_loadu_ps(mk(c), vx + 16 * c), a[k][c]);
+      __m512 vc[NC];
+      for (int c = 0; c < NC; ++c) vc[c] = _mm512_maskz_loadu_ps(mk(c), vx + 16 * c);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 ex = _mm512_set1_ps(e[r * lde + x + k]);
+        for (int c = 0; c < NC; ++c) a[k][r][c] = _mm512_fmadd_ps(ex, vc[c], a[k][r][c]);
+      }
     }
   for (; x < n; ++x) {
-    const __m512 ex = _mm512_set1_ps(e[x]);
-    for (int c = 0; c < NC; ++c) a[0][c] = _mm512_fmadd_ps(ex, _mm512_maskz_loadu_ps(mk(c), v + x * ld + 16 * c), a[0][c]);
+    __m512 vc[NC];
+    for (int c = 0; c < NC; ++c) vc[c] = _mm512_maskz_loadu_ps(mk(c), v + x * ld + 16 * c);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 ex = _mm512_set1_ps(e[r * lde + x]);
+      for (int c = 0; c < NC; ++c) a[0][r][c] = _mm512_fmadd_ps(ex, vc[c], a[0][r][c]);
+    }
   }
-  for (int c = 0; c < NC; ++c) {
-    for (int k = 1; k < K; ++k) a[0][c] = _mm512_add_ps(a[0][c], a[k][c]);
-    _mm512_mask_storeu_ps(acc + 16 * c, mk(c), a[0][c]);
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) {
+      for (int k = 1; k < K; ++k) a[0][r][c] = _mm512_add_ps(a[0][r][c], a[k][r][c]);
+      _mm512_mask_storeu_ps(acc + r * lda + 16 * c, mk(c), a[0][r][c]);
+    }
+}
+
+// accumulate_block over nr rows, NRM at a time (NRM x NC <= 16 accumulators, NRM <= 4), then the rest together.
+template <int NC>
+static void accumulate_avx(float* acc, int64_t lda, const float* e, int64_t lde, int64_t nr, const float* v,
+                           int64_t n, int64_t ld, int64_t rv) {
+  constexpr int NRM = 16 / NC < 4 ? 16 / NC : 4;
+  int64_t r = 0;
+  for (; r + NRM <= nr; r += NRM) accumulate_block<NC, NRM>(acc + r * lda, lda, e + r * lde, lde, v, n, ld, rv);
+  float* ar = acc + r * lda;
+  const float* er = e + r * lde;
+  switch (nr - r) {
+    case 3: if constexpr (NRM > 3) accumulate_block<NC, 3>(ar, lda, er, lde, v, n, ld, rv); break;
+    case 2: if constexpr (NRM > 2) accumulate_block<NC, 2>(ar, lda, er, lde, v, n, ld, rv); break;
+    case 1: accumulate_block<NC, 1>(ar, lda, er, lde, v, n, ld, rv); break;
+    default: break;
   }
 }
 #endif
 
-static void accumulate_scalar(float* acc, const float* e, const float* v, int64_t n, int64_t ld, int64_t rv) {
-  for (int64_t x = 0; x < n; ++x) {
-    const float ex = e[x];
-    const float* vx = v + x * ld;
+static void accumulate_scalar(float* acc, int64_t lda, const float* e, int64_t lde, int64_t nr, const float* v,
+                              int64_t n, int64_t ld, int64_t rv) {
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t x = 0; x < n; ++x) {
+      const float ex = e[r * lde + x];
+      const float* vx = v + x * ld;
+      float* ac = acc + r * lda;
 #pragma omp simd
-    for (int64_t c = 0; c < rv; ++c) acc[c] += ex * vx[c];
-  }
+      for (int64_t c = 0; c < rv; ++c) ac[c] += ex * vx[c];
+    }
 }
 
-using AccumulateFn = void (*)(float*, const float*, const float*, int64_t, int64_t, int64_t);
+using AccumulateFn = void (*)(float* acc, int64_t lda, const float* e, int64_t lde, int64_t nr, const float* v,
+                              int64_t n, int64_t ld, int64_t rv);
 
-// The accumulate for value rank rv (chosen once per work item).
+// The accumulate for width rv (chosen once per work item).
 static AccumulateFn accumulate_for(int64_t rv) {
 #ifdef __AVX512F__
   switch ((rv + 15) / 16) {
@@ -237,8 +273,24 @@ static inline void far_scores(const float* rows, int64_t ld, int64_t ns, int64_t
       for (int64_t i = 0; i < 16; ++i)
         col[i] = i < n ? _mm512_maskz_loadu_ps(km, rows + (x0 + i) * ld + c0) : _mm512_setzero_ps();
       transpose16(col);
-      for (int64_t row = 0; row < nrow; ++row) {
-        const float* q = qr + row * ldq + c0;  // zero past rk: the masked ranks add nothing
+      // Four rows at a time: eight independent FMA chains (one row's two would wait on the FMA latency).
+      int64_t row = 0;
+      for (; row + 4 <= nrow; row += 4) {
+        __m512 s0[4], s1[4];
+        for (int r = 0; r < 4; ++r) {
+          s0[r] = c0 ? _mm512_loadu_ps(sc + (row + r) * lds + x0) : _mm512_setzero_ps();
+          s1[r] = _mm512_setzero_ps();
+        }
+        for (int i = 0; i < 16; i += 2)
+          for (int r = 0; r < 4; ++r) {
+            const float* q = qr + (row + r) * ldq + c0;  // zero past rk: the masked ranks add nothing
+            s0[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), col[i], s0[r]);
+            s1[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), col[i + 1], s1[r]);
+          }
+        for (int r = 0; r < 4; ++r) _mm512_storeu_ps(sc + (row + r) * lds + x0, _mm512_add_ps(s0[r], s1[r]));
+      }
+      for (; row < nrow; ++row) {
+        const float* q = qr + row * ldq + c0;
         float* s = sc + row * lds + x0;
         __m512 s0 = c0 ? _mm512_loadu_ps(s) : _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
         for (int i = 0; i < 16; i += 2) {
@@ -319,14 +371,19 @@ static inline void rows_chunk(const int64_t* rows, const __mmask16* vis, const f
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc_f + rows[r] * D + 16 * c, acc[r][c]);
 }
 
-// rows_chunk over n rows, as many at a time as NC allows (NR x NC <= 16 accumulators, NR <= 4).
+// rows_chunk over n rows, as many at a time as NC allows (NR x NC <= 16 accumulators, NR <= 4), the rest together.
 template <int NC>
 static void rows_chunk_n(int64_t n, const int64_t* rows, const __mmask16* vis, const float* qf, const float* kt,
                          const float* vb, float* m, float* l, float* acc_f) {
   constexpr int NRM = 16 / NC < 4 ? 16 / NC : 4;
   int64_t i = 0;
   for (; i + NRM <= n; i += NRM) rows_chunk<NC, NRM>(rows + i, vis + i, qf, kt, vb, m, l, acc_f);
-  for (; i < n; ++i) rows_chunk<NC, 1>(rows + i, vis + i, qf, kt, vb, m, l, acc_f);
+  switch (n - i) {  // the rest together
+    case 3: if constexpr (NRM > 3) rows_chunk<NC, 3>(rows + i, vis + i, qf, kt, vb, m, l, acc_f); break;
+    case 2: if constexpr (NRM > 2) rows_chunk<NC, 2>(rows + i, vis + i, qf, kt, vb, m, l, acc_f); break;
+    case 1: rows_chunk<NC, 1>(rows + i, vis + i, qf, kt, vb, m, l, acc_f); break;
+    default: break;
+  }
 }
 
 static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __mmask16* vis, const float* qf,
@@ -438,9 +495,7 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     const int64_t qi = row / hpg, h = g * hpg + row % hpg, t = c0 + q0 + qi;
     const T* qrow = a.q + (tok0 + qi) * a.q_st + h * D;
     float* qf = w.qf.data() + row * D;
-    float* qr = w.qr.data() + row * ldq;
     for (int64_t d = 0; d < D; ++d) qf[d] = f32(qrow[d]) * a.scale;
-    project(qr, qf, a.q_proj + h * D * rk, D, rk, rk);  // qr = qf Q_h (qr was zeroed)
     // Full width: {s <= t : t - s < w or s < S}. lo = first window position; the reduced ones are [S, lo).
     const int64_t lo = std::max<int64_t>(0, t - a.window + 1);
     w.lo[row] = lo;
@@ -487,6 +542,10 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     full_width_blocked(a, r, g, q0, qn, c0, w.qf.data(), w.lo.data(), w.m.data(), w.l.data(), w.acc_f.data(),
                        w.kt.data(), w.vb.data(), w.act.data(), w.actvis.data());
 #endif
+  // qr = qf Q_h (qr was zeroed), the rows of each head together: they share Q_h.
+  for (int64_t hh = 0; hh < hpg; ++hh)
+    project(w.qr.data() + hh * ldq, hpg * ldq, w.qf.data() + hh * D, hpg * D, qn, a.q_proj + (g * hpg + hh) * D * rk,
+            D, rk, rk);
   // Reduced width: positions [S, lo) per row, far block by far block; one rescale per block and row.
   for (int64_t b = a.sinks / Bf; b * Bf < max_lo; ++b) {
     const int64_t s0 = std::max(a.sinks, b * Bf), s1 = std::min(max_lo, (b + 1) * Bf), ns = s1 - s0;
@@ -508,9 +567,15 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
       for (int64_t e = 0; e < ns * C; ++e) w.rows[e] = f32(src[e]);
     }
     far_scores(rows, C, ns, rk, w.qr.data(), ldq, nrow, w.sc.data(), lds, w.kt.data(), ldk);
+    // Rows see a prefix of the block (nv positions, non-decreasing with the row: rows are query-major); the
+    // weights past a row's prefix are zeroed, so the rows that see the block [first, nrow) take their values
+    // together (accumulate shares each value row among them).
+    int64_t first = nrow, nmax = 0;
     for (int64_t row = 0; row < nrow; ++row) {
       const int64_t nv = std::min(ns, w.lo[row] - s0);  // visible prefix of this block
       if (nv <= 0) continue;
+      first = std::min(first, row);
+      nmax = std::max(nmax, nv);
       float* si = w.sc.data() + row * lds;
       const float mx = max_of(si, nv, w.m[row]);
       if (mx > w.m[row]) {
@@ -521,14 +586,21 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
         w.m[row] = mx;
       }
       w.l[row] += exp_shifted(si, nv, mx);
-      accumulate(w.acc_r.data() + row * rv, si, rows + rk, nv, C, rv);
     }
+    if (first == nrow) continue;
+    for (int64_t row = first; row < nrow; ++row)
+      std::fill(w.sc.data() + row * lds + std::max<int64_t>(0, std::min(ns, w.lo[row] - s0)),
+                w.sc.data() + row * lds + nmax, 0.f);
+    accumulate(w.acc_r.data() + first * rv, rv, w.sc.data() + first * lds, lds, nrow - first, rows + rk, nmax, C, rv);
   }
-  // Project the reduced accumulator up once per row, normalise, store.
+  // Project the reduced accumulator up once per row (acc_f += acc_r U_h, the rows of each head together),
+  // normalise, store.
+  for (int64_t hh = 0; hh < hpg; ++hh)
+    project_d(w.acc_f.data() + hh * D, hpg * D, w.acc_r.data() + hh * rv, hpg * rv, qn,
+              a.v_up + (g * hpg + hh) * rv * D, rv, D, D);
   for (int64_t row = 0; row < nrow; ++row) {
     const int64_t qi = row / hpg, h = g * hpg + row % hpg;
-    float* acc = w.acc_f.data() + row * D;
-    project_d(acc, w.acc_r.data() + row * rv, a.v_up + h * rv * D, rv, D, D);  // acc += acc_r U_h
+    const float* acc = w.acc_f.data() + row * D;
     const float inv = 1.f / w.l[row];
     T* o = a.out + (tok0 + qi) * a.out_st + h * D;
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] * inv);

@@ -21,8 +21,10 @@ from torch import Tensor
 import vllm_dar.kernels
 from vllm_dar.ops.paged import PagedProjections
 
-# (query, head) rows per work item of the attention kernel: 16 queries x 3 heads per group (per-head SmolLM2).
-ROWS_PER_ITEM = 48
+# (query, head) rows per work item of the attention kernel: 16 queries x 9 heads (joint SmolLM2), 48 x 3 (per
+# head). A prefill item transposes its window's keys once for all its rows: larger items share more of that, at
+# the cost of far scores past the first queries' horizon (benchmarks/attention_cpu.py, README).
+ROWS_PER_ITEM = 144
 _SOURCES = ("dar_attention.cpp", "dar_write.cpp", "torch_bindings.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 

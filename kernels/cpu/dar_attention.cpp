@@ -95,12 +95,17 @@ static inline float max_of(const float* x, int64_t n, float init) {
 // chains over the positions (one chain waits on the FMA latency at every position). rv > 128 and other CPUs:
 // the scalar loop below.
 #ifdef __AVX512F__
-template <int NC, int NR>
+template <int NC, int NR, bool MASKED>
 static void accumulate_block(float* acc, int64_t lda, const float* e, int64_t lde, const float* v, int64_t n,
                              int64_t ld, int64_t rv) {
   constexpr int K = NR * NC <= 2 ? 4 : NR * NC <= 8 ? 2 : 1;
   const __mmask16 last = rv % 16 ? static_cast<__mmask16>((1u << (rv % 16)) - 1u) : static_cast<__mmask16>(0xFFFF);
   auto mk = [&](int c) { return c == NC - 1 ? last : static_cast<__mmask16>(0xFFFF); };
+  // Loads of whole chunks unmasked: with a masked load in the loop GCC 12 stores a[][][] to the stack at every
+  // position (twice the time); MASKED (rv % 16 != 0) only for the last chunk's loads.
+  auto load = [&](int c, const float* p) {
+    return MASKED && c == NC - 1 ? _mm512_maskz_loadu_ps(last, p) : _mm512_loadu_ps(p);
+  };
   __m512 a[K][NR][NC];
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < NC; ++c) {
@@ -108,19 +113,20 @@ static void accumulate_block(float* acc, int64_t lda, const float* e, int64_t ld
       for (int k = 1; k < K; ++k) a[k][r][c] = _mm512_setzero_ps();
     }
   int64_t x = 0;
-  for (; x + K <= n; x += K)
+  for (; x + K <= n; x += K) {
     for (int k = 0; k < K; ++k) {
       const float* vx = v + (x + k) * ld;
       __m512 vc[NC];
-      for (int c = 0; c < NC; ++c) vc[c] = _mm512_maskz_loadu_ps(mk(c), vx + 16 * c);
+      for (int c = 0; c < NC; ++c) vc[c] = load(c, vx + 16 * c);
       for (int r = 0; r < NR; ++r) {
         const __m512 ex = _mm512_set1_ps(e[r * lde + x + k]);
         for (int c = 0; c < NC; ++c) a[k][r][c] = _mm512_fmadd_ps(ex, vc[c], a[k][r][c]);
       }
     }
+  }
   for (; x < n; ++x) {
     __m512 vc[NC];
-    for (int c = 0; c < NC; ++c) vc[c] = _mm512_maskz_loadu_ps(mk(c), v + x * ld + 16 * c);
+    for (int c = 0; c < NC; ++c) vc[c] = load(c, v + x * ld + 16 * c);
     for (int r = 0; r < NR; ++r) {
       const __m512 ex = _mm512_set1_ps(e[r * lde + x]);
       for (int c = 0; c < NC; ++c) a[0][r][c] = _mm512_fmadd_ps(ex, vc[c], a[0][r][c]);
@@ -134,20 +140,30 @@ static void accumulate_block(float* acc, int64_t lda, const float* e, int64_t ld
 }
 
 // accumulate_block over nr rows, NRM at a time (NRM x NC <= 16 accumulators, NRM <= 4), then the rest together.
-template <int NC>
-static void accumulate_avx(float* acc, int64_t lda, const float* e, int64_t lde, int64_t nr, const float* v,
-                           int64_t n, int64_t ld, int64_t rv) {
+template <int NC, bool MASKED>
+static void accumulate_rows(float* acc, int64_t lda, const float* e, int64_t lde, int64_t nr, const float* v,
+                            int64_t n, int64_t ld, int64_t rv) {
   constexpr int NRM = 16 / NC < 4 ? 16 / NC : 4;
   int64_t r = 0;
-  for (; r + NRM <= nr; r += NRM) accumulate_block<NC, NRM>(acc + r * lda, lda, e + r * lde, lde, v, n, ld, rv);
+  for (; r + NRM <= nr; r += NRM)
+    accumulate_block<NC, NRM, MASKED>(acc + r * lda, lda, e + r * lde, lde, v, n, ld, rv);
   float* ar = acc + r * lda;
   const float* er = e + r * lde;
   switch (nr - r) {
-    case 3: if constexpr (NRM > 3) accumulate_block<NC, 3>(ar, lda, er, lde, v, n, ld, rv); break;
-    case 2: if constexpr (NRM > 2) accumulate_block<NC, 2>(ar, lda, er, lde, v, n, ld, rv); break;
-    case 1: accumulate_block<NC, 1>(ar, lda, er, lde, v, n, ld, rv); break;
+    case 3: if constexpr (NRM > 3) accumulate_block<NC, 3, MASKED>(ar, lda, er, lde, v, n, ld, rv); break;
+    case 2: if constexpr (NRM > 2) accumulate_block<NC, 2, MASKED>(ar, lda, er, lde, v, n, ld, rv); break;
+    case 1: accumulate_block<NC, 1, MASKED>(ar, lda, er, lde, v, n, ld, rv); break;
     default: break;
   }
+}
+
+template <int NC>
+static void accumulate_avx(float* acc, int64_t lda, const float* e, int64_t lde, int64_t nr, const float* v,
+                           int64_t n, int64_t ld, int64_t rv) {
+  if (rv % 16)
+    accumulate_rows<NC, true>(acc, lda, e, lde, nr, v, n, ld, rv);
+  else
+    accumulate_rows<NC, false>(acc, lda, e, lde, nr, v, n, ld, rv);
 }
 #endif
 

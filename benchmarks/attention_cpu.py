@@ -11,8 +11,9 @@ sizes are what each engine uses: 128 for stock (vLLM's CPU default), 16-token wi
 DAR (the plugin's default; the far page equals the window page). Blocks are placed in random order.
 Decode: batch 1/8/16/32 at context 512/2K/4K; prefill: one 512-token chunk at
 context 512 (from scratch) and at context 4K (extend). Cache contents are random (timing only; correctness is
-``tests/ops/test_cpp_ops.py``). Stock's scheduler metadata is built once per batch (vLLM builds it once
-per step for all layers) and not timed; our ops' index building is timed (it runs per layer call).
+``tests/ops/test_cpp_ops.py``). Both engines' metadata is built once per batch and not timed, as each engine
+builds it once per step for all layers: stock's scheduler metadata, and the int64 host offsets and block tables
+our CPU builder hands the op (``plugin/cpu.py``).
 
 ``bound_us``: bytes a decode must read from the caches (DAR: far K/V of positions [S, L - w) at reduced width +
 sinks + window at full width; stock: full K/V of all L positions) over the read bandwidth measured here (one
@@ -160,7 +161,12 @@ class Batch:
                 "scale": self.layer.D ** -0.5}
 
     def fast(self):
-        cpp.dar_paged_attention_cpp(self.query, self.key, self.value, self.out, **self.dar_kwargs())
+        if not hasattr(self, "_fast"):  # int64 host offsets and tables, as the plugin's builder makes them per step
+            kw = self.dar_kwargs()
+            self._fast = {**kw, **{k: torch.tensor(kw[k], dtype=torch.int64) if isinstance(kw[k], list)
+                                   else kw[k].long().contiguous()
+                                   for k in ("query_start_loc", "seq_lens", "window_table", "far_table")}}
+        cpp.dar_paged_attention_cpp(self.query, self.key, self.value, self.out, **self._fast)
 
     def loop(self):
         paged.dar_paged_attention(self.query, self.key, self.value, self.out, **self.dar_kwargs())

@@ -431,24 +431,30 @@ static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q
   const int64_t t_first = c0 + q0, t_last = t_first + qn - 1;
   const int64_t lo_min = std::max<int64_t>(0, t_first - a.window + 1), n_sink = std::min(a.sinks, lo_min);
   const int64_t np = n_sink + (t_last - lo_min + 1);
+  // Position of the item's i-th full-width position; offset of a cached position's row (KV head 0) in the window
+  // cache, once per chunk for all the group's KV heads: shift and mask for power-of-two block sizes (the usual
+  // ones; a 64-bit division per position is slow), division otherwise.
+  auto pos = [&](int64_t i) { return i < n_sink ? i : lo_min + (i - n_sink); };
+  const int64_t Bw = a.Bw, bw_shift = (Bw & (Bw - 1)) == 0 ? __builtin_ctzll(Bw) : -1;
+  auto cached_off = [&](int64_t p) {
+    const int64_t blk = bw_shift >= 0 ? p >> bw_shift : p / Bw, slot = bw_shift >= 0 ? p & (Bw - 1) : p % Bw;
+    return a.wtable[r * a.mw + blk] * a.wbs + slot * 2 * D;
+  };
+  const int64_t head_step = Bw * 2 * D;  // from a KV head's rows to the next one's in a window block
   alignas(64) int32_t pbuf[16];
+  int64_t off[16];
   const T* kp[16];
   for (int64_t i0 = 0; i0 < np; i0 += 16) {
     const int64_t n = std::min<int64_t>(16, np - i0);
-    for (int64_t x = 0; x < 16; ++x) {
-      const int64_t i = i0 + std::min(x, n - 1);
-      pbuf[x] = static_cast<int32_t>(i < n_sink ? i : lo_min + (i - n_sink));
-    }
+    for (int64_t x = 0; x < 16; ++x) pbuf[x] = static_cast<int32_t>(pos(i0 + std::min(x, n - 1)));
+    for (int64_t x = 0; x < n; ++x) off[x] = pbuf[x] < c0 ? cached_off(pbuf[x]) : -1;
     const __m512i pv = _mm512_load_si512(pbuf);
     const __mmask16 in_chunk = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1u);
     const int64_t p_min = pbuf[0], p_max = pbuf[n - 1];
     for (int64_t jj = 0; jj < jpg; ++jj) {
       const int64_t j = g * jpg + jj;
-      for (int64_t x = 0; x < n; ++x) {
-        const int64_t p = pbuf[x];
-        kp[x] = p < c0 ? a.wcache + a.wtable[r * a.mw + p / a.Bw] * a.wbs + (j * a.Bw + p % a.Bw) * 2 * D
-                       : a.k + (a.qsl[r] + (p - c0)) * a.kv_st + j * D;
-      }
+      for (int64_t x = 0; x < n; ++x)
+        kp[x] = off[x] >= 0 ? a.wcache + off[x] + j * head_step : a.k + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D;
       for (int64_t d0 = 0; d0 < nd; ++d0) {
         __m512 col[16];
         for (int64_t x = 0; x < 16; ++x) col[x] = x < n ? load16(kp[x] + d0 * 16) : _mm512_setzero_ps();

@@ -163,8 +163,7 @@ class Batch:
     def fast(self):
         if not hasattr(self, "_fast"):  # int64 host offsets and tables, as the plugin's builder makes them per step
             kw = self.dar_kwargs()
-            self._fast = {**kw, **{k: torch.tensor(kw[k], dtype=torch.int64) if isinstance(kw[k], list)
-                                   else kw[k].long().contiguous()
+            self._fast = {**kw, **{k: cpp._i64(kw[k])
                                    for k in ("query_start_loc", "seq_lens", "window_table", "far_table")}}
         cpp.dar_paged_attention_cpp(self.query, self.key, self.value, self.out, **self._fast)
 

@@ -101,8 +101,8 @@ static void accumulate_block(float* acc, int64_t lda, const float* e, int64_t ld
   constexpr int K = NR * NC <= 2 ? 4 : NR * NC <= 8 ? 2 : 1;
   const __mmask16 last = rv % 16 ? static_cast<__mmask16>((1u << (rv % 16)) - 1u) : static_cast<__mmask16>(0xFFFF);
   auto mk = [&](int c) { return c == NC - 1 ? last : static_cast<__mmask16>(0xFFFF); };
-  // Loads of whole chunks unmasked: with a masked load in the loop GCC 12 stores a[][][] to the stack at every
-  // position (twice the time); MASKED (rv % 16 != 0) only for the last chunk's loads.
+  // Loads of whole chunks unmasked: with a masked load in the loop GCC 12 keeps a[][][] in memory, storing it at
+  // every position; MASKED (rv % 16 != 0) only for the last chunk's loads.
   auto load = [&](int c, const float* p) {
     return MASKED && c == NC - 1 ? _mm512_maskz_loadu_ps(last, p) : _mm512_loadu_ps(p);
   };

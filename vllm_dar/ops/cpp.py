@@ -26,7 +26,7 @@ from vllm_dar.ops.paged import PagedProjections
 # the cost of far scores past the first queries' horizon (benchmarks/attention_cpu.py, README).
 ROWS_PER_ITEM = 144
 _SOURCES = ("dar_attention.cpp", "dar_write.cpp", "torch_bindings.cpp")
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "--param=sra-max-scalarization-size-Ospeed=4096"]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 
 
 @functools.cache

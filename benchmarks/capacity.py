@@ -46,15 +46,39 @@ def bytes_per_token(model: str, kv_gib: int, capacity_tokens: int, itemsize: int
     ``vllm_dar.config``'s byte model (stock: full K/V; DAR: reduced K/V of every token + full width for window
     and sinks)."""
     from vllm_dar.checkpoint import read_config
+    from vllm_dar.config import ModelShape
+
+    full = ModelShape.from_hf_config(read_config(model)).kv_bytes_per_token(itemsize)
+    return {"bytes_per_token_allocated": kv_gib * 2 ** 30 / capacity_tokens,
+            "bytes_per_token_theoretical": layout_bytes_per_token(model, MAX_MODEL_LEN, itemsize),
+            "bytes_per_token_full": full}
+
+
+def layout_bytes_per_token(model: str, context: int, itemsize: int) -> float:
+    """The byte model's K/V bytes per token of a ``context``-token sequence (``vllm_dar.config``; full
+    attention for a model without a ``dar`` section)."""
+    from vllm_dar.checkpoint import read_config
     from vllm_dar.config import DarConfig, ModelShape
 
     raw = read_config(model)
     shape = ModelShape.from_hf_config(raw)
-    full = shape.kv_bytes_per_token(itemsize)
-    dar = DarConfig.from_json(raw["dar"], shape) if "dar" in raw else None
-    theory = full if dar is None else dar.kv_bytes_per_token(MAX_MODEL_LEN, itemsize)
-    return {"bytes_per_token_allocated": kv_gib * 2 ** 30 / capacity_tokens,
-            "bytes_per_token_theoretical": theory, "bytes_per_token_full": full}
+    if "dar" not in raw:
+        return shape.kv_bytes_per_token(itemsize)
+    return DarConfig.from_json(raw["dar"], shape).kv_bytes_per_token(context, itemsize)
+
+
+def held(steps: list[dict], *, num_blocks: int, block_bytes: float, tokens: float) -> dict | None:
+    """KV blocks held per running request over the pure decode steps that ran the most requests (module
+    docstring), and the bytes per token that implies at ``tokens`` tokens a request; None without such a step."""
+    import statistics
+
+    pure = [s for s in steps if s["ctx"] == 0 and s["gen"] > 0]
+    if not pure:
+        return None
+    most = max(s["gen"] for s in pure)
+    blocks = statistics.median(s["kv_usage"] * (num_blocks - 1) / s["gen"] for s in pure if s["gen"] == most)
+    return {"running": most, "blocks_per_request": blocks, "bytes_per_token": blocks * block_bytes / tokens,
+            "steps": sum(s["gen"] == most for s in pure)}
 
 
 def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_tokens: int,
@@ -69,18 +93,25 @@ def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_toke
 
     extra = {} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}
     llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.5, dtype=DTYPE,
-              enable_prefix_caching=False, disable_log_stats=False, seed=0, **extra)
+              enable_prefix_caching=False, disable_log_stats=False, enable_logging_iteration_details=True,
+              seed=0, **extra)
     try:
         config = llm.llm_engine.vllm_config
+        recorder = harness.StepRecorder(llm.llm_engine)
         rng = random.Random(0)
         prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 40000) for _ in range(prompt_len)])
                    for _ in range(requests)]
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         outs = llm.generate(prompts, params, use_tqdm=False)
         m = [o.metrics for o in outs]
+        cache = config.cache_config
+        tokens = prompt_len + max_tokens / 2
+        itemsize = config.model_config.dtype.itemsize  # kv_cache_dtype "auto": the served dtype
         return {
-            **bytes_per_token(model, kv_gib, config.cache_config.kv_cache_size_tokens,
-                              config.model_config.dtype.itemsize),  # kv_cache_dtype "auto": the served dtype
+            "held": held(recorder.steps, num_blocks=cache.num_gpu_blocks,
+                         block_bytes=kv_gib * 2**30 / cache.num_gpu_blocks, tokens=tokens),
+            "bytes_per_token_theoretical_held": layout_bytes_per_token(model, round(tokens), itemsize),
+            **bytes_per_token(model, kv_gib, config.cache_config.kv_cache_size_tokens, itemsize),
             "kv_capacity_tokens": config.cache_config.kv_cache_size_tokens,
             "kv_max_concurrency_logged": config.cache_config.kv_cache_max_concurrency,
             "num_blocks": config.cache_config.num_gpu_blocks,
@@ -135,8 +166,11 @@ def main() -> None:
     }
     if not args.json:
         for name, r in models.items():
+            h = r["held"] or {}
             print(f"{name:5s} kv_capacity_tokens={r['kv_capacity_tokens']:,} "
-                  f"max_concurrent_{args.prompt_len}={r['max_concurrent']} preemptions={r['preemptions']}")
+                  f"max_concurrent_{args.prompt_len}={r['max_concurrent']} preemptions={r['preemptions']} "
+                  f"held bytes/token={h.get('bytes_per_token', float('nan')):,.0f} "
+                  f"(layout {r['bytes_per_token_theoretical_held']:,.0f})")
         print("ratio dar/stock:", {k: round(v, 3) for k, v in result["ratio"].items()})
     print(json.dumps(result, indent=2))
 

@@ -1,20 +1,22 @@
-"""Decode speed of stock vLLM (fp32 KV), stock vLLM with its FP8 KV cache and a DAR model: same prompts, same
-KV memory, each engine in a fresh process.
+"""Decode speed of stock vLLM, stock vLLM with its FP8 KV cache and a DAR model: same prompts, same KV memory,
+same served dtype (``--dtype``: fp32 by default, or bf16, vLLM's default serving dtype; K/V cached in it, or in
+FP8 for ``fp8``), each engine in a fresh process.
 
 Per context ``C`` and batch ``B``, per engine: time per decode step (``tpot_s``, over engine steps that decode
-the whole batch and hold no prefill), decode and output tokens/s, time to first token, the batch vLLM's KV
-cache admits, and the bytes-moved bound of a step (weights plus the K/V it reads, over the memory bandwidth
-measured here); medians over ``--rounds``, with DAR / stock and FP8 / stock ratios. The README's Throughput
-section says how each figure is taken. Run::
+the whole batch and hold no prefill), decode and output tokens/s, time to first token (at ``B = 1``: one
+prompt's prefill, after a warm-up), the batch vLLM's KV cache admits, and the bytes-moved bound of a step
+(weights plus the K/V it reads, over the memory bandwidth measured here); medians over ``--rounds``, with
+DAR / stock and FP8 / stock ratios. The README's Throughput section says how each figure is taken. Run::
 
-    vllm-dar convert models/smollm2-135m-f32 /tmp/tp-dar --schedule uniform --head-sharing per_head \\
-        --window 64 --key-rank 16 --value-rank 16 --sink-tokens 4 --calib-tokens 2048          # ~2 min
-    python benchmarks/throughput.py --dar /tmp/tp-dar --context 4096 --batch 16 --kv-gib 4 --rounds 1 --json
-    python benchmarks/throughput.py --dar /tmp/tp-dar --save   # grid 512/2K/4K/8K x 1/8/32, 2 rounds: hours
+    python benchmarks/throughput.py --context 4096 --batch 16 --kv-gib 4 --rounds 1 --engines stock,dar --json
+    python benchmarks/throughput.py --contexts 512,4096,8192 --batch 1 --dtype bfloat16 --engines stock,dar
+    python benchmarks/throughput.py --save   # grid 512/2K/4K/8K x 1/8/32, 2 rounds: hours
     python benchmarks/throughput.py --render benchmarks/results/throughput.json  # table + PNG of a saved run
 
-``--contexts``/``--batches`` pick a sub-grid; ``--engines`` and ``--dar-ops`` (``VLLM_DAR_OPS``) narrow a
-rerun; ``--save`` writes ``benchmarks/results/throughput.json`` and a PNG beside it (with matplotlib).
+``--dar`` defaults to the recommended recipe (``scripts/main.sh``); ``--contexts``/``--batches`` pick a
+sub-grid; ``--engines`` and ``--dar-ops`` (``VLLM_DAR_OPS``) narrow a rerun; ``--save`` writes
+``benchmarks/results/throughput.json`` (``throughput-bf16.json`` for ``--dtype bfloat16``) and a PNG beside it
+(with matplotlib).
 """
 from __future__ import annotations
 
@@ -34,8 +36,13 @@ from vllm_dar.config import DarConfig, ModelShape
 
 ENGINES = ("stock", "fp8", "dar")
 KV_DTYPE = {"stock": "auto", "fp8": "fp8", "dar": "auto"}
-KV_ITEMSIZE = {"stock": 4, "fp8": 1, "dar": 4}  # bytes per cached element: fp32 served, or vLLM's FP8 cache
+DTYPES = {"float32": 4, "bfloat16": 2}  # served dtype -> bytes per element of weights and of an "auto" KV cache
 MAX_POSITIONS = 8192
+
+
+def kv_itemsize(engine: str, dtype: str) -> int:
+    """Bytes per cached element: the served dtype's ("auto"), or 1 for vLLM's FP8 cache."""
+    return 1 if KV_DTYPE[engine] == "fp8" else DTYPES[dtype]
 
 
 # ---------------------------------------------------------------- K/V bytes (vllm_dar.config's byte model)
@@ -50,26 +57,26 @@ def kv_model(engine: str, model_dir: str) -> DarConfig | ModelShape:
     return ModelShape.from_hf_config(read_config(model_dir))
 
 
-def kv_bytes_per_request(engine: str, model_dir: str, context: int) -> int:
+def kv_bytes_per_request(engine: str, model_dir: str, context: int, dtype: str) -> int:
     """K/V bytes one request of ``context`` tokens holds in ``engine``'s cache (no block rounding)."""
-    return kv_model(engine, model_dir).kv_elems(context) * KV_ITEMSIZE[engine]
+    return kv_model(engine, model_dir).kv_elems(context) * kv_itemsize(engine, dtype)
 
 
-def decode_read_bytes(engine: str, model_dir: str, context: int, batch: int) -> dict[str, int]:
+def decode_read_bytes(engine: str, model_dir: str, context: int, batch: int, dtype: str) -> dict[str, int]:
     """K/V bytes one decode step of ``batch`` requests at ``context`` reads in ``engine``'s cache:
     ``per_request``, and for DAR its fp32 ``projections`` (once per step); ``total``."""
     model = kv_model(engine, model_dir)
     if isinstance(model, DarConfig):
-        b = model.decode_bytes(context, KV_ITEMSIZE[engine])
+        b = model.decode_bytes(context, kv_itemsize(engine, dtype))
         return {"per_request": b.dar, "projections": b.projections, "total": batch * b.dar + b.projections}
-    per = model.kv_elems(context) * KV_ITEMSIZE[engine]
+    per = model.kv_elems(context) * kv_itemsize(engine, dtype)
     return {"per_request": per, "projections": 0, "total": batch * per}
 
 
 # ---------------------------------------------------------------- one engine (runs in the subprocess)
 
 def measure_engine(*, engine: str, model: str, context: int, batches: list[int], decode_tokens: int,
-                   kv_gib: int) -> dict:
+                   kv_gib: int, dtype: str) -> dict:
     """Build one engine for ``context`` and run every batch size on it."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
     max_len = context + decode_tokens + max(harness.stagger(max(batches), context))
@@ -83,7 +90,7 @@ def measure_engine(*, engine: str, model: str, context: int, batches: list[int],
     from vllm_dar.vllm_engine import shutdown_llm
 
     logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)  # one line per step otherwise
-    llm = LLM(model=model, dtype="float32", kv_cache_dtype=KV_DTYPE[engine], max_model_len=max_len,
+    llm = LLM(model=model, dtype=dtype, kv_cache_dtype=KV_DTYPE[engine], max_model_len=max_len,
               max_num_seqs=max(batches), max_num_batched_tokens=harness.MAX_BATCHED_TOKENS,
               enable_prefix_caching=False, disable_log_stats=False, enable_logging_iteration_details=True,
               seed=0)
@@ -132,7 +139,7 @@ def spawn(args: argparse.Namespace, engine: str, context: int, batches: list[int
     model = args.dar if engine == "dar" else args.stock
     argv = ["--worker", engine, "--model", model, "--contexts", str(context),
             "--batches", ",".join(map(str, batches)), "--decode-tokens", str(args.decode_tokens),
-            "--kv-gib", str(args.kv_gib)]
+            "--kv-gib", str(args.kv_gib), "--dtype", args.dtype]
     env = harness.dar_engine_env(args.dar_ops) if engine == "dar" else None
     t0 = time.time()
     result, lines = harness.run_worker(__file__, argv, env=env, log_name=f"throughput-{engine}-{context}")
@@ -164,7 +171,8 @@ def ratio(row: dict, a: str, b: str, key: str = "tpot_s") -> float | None:
 
 def summarise(args, runs: dict, bandwidth: float) -> dict:
     """Medians over rounds per configuration and engine, bounds, ratios."""
-    weights = {e: harness.weight_bytes(args.dar if e == "dar" else args.stock) for e in args.engines}
+    weights = {e: harness.weight_bytes(args.dar if e == "dar" else args.stock, DTYPES[args.dtype])
+               for e in args.engines}
     configs = []
     for context in args.contexts:
         for batch in args.batches:
@@ -175,7 +183,7 @@ def summarise(args, runs: dict, bandwidth: float) -> dict:
                 med = {k: median_or_none([p[k] for p in per]) for k in MEDIAN_KEYS}
                 size = per[0]["decode_batch"]
                 model = args.dar if e == "dar" else args.stock
-                read = decode_read_bytes(e, model, context, size)
+                read = decode_read_bytes(e, model, context, size, args.dtype)
                 bound_bytes = weights[e] + read["total"]
                 bound_s = bound_bytes / bandwidth
                 row[e] = {
@@ -186,7 +194,7 @@ def summarise(args, runs: dict, bandwidth: float) -> dict:
                     "kv_cache_max_concurrency": rs[0]["kv_cache_max_concurrency"],
                     "max_model_len": rs[0]["max_model_len"], "plugin_log": rs[0].get("plugin_log"),
                     "max_batch_bytes": args.kv_gib * 2**30 // kv_bytes_per_request(
-                        e, model, context + args.decode_tokens),
+                        e, model, context + args.decode_tokens, args.dtype),
                     "bound": {"weights_bytes": weights[e], "kv_bytes_per_request": read["per_request"],
                               "projections_bytes": read["projections"], "bytes": bound_bytes,
                               "seconds": bound_s},
@@ -205,7 +213,7 @@ def summarise(args, runs: dict, bandwidth: float) -> dict:
         "settings": {"stock": args.stock, "dar": args.dar, "kv_gib": args.kv_gib, "rounds": args.rounds,
                      "decode_tokens": args.decode_tokens,
                      "max_num_batched_tokens": harness.MAX_BATCHED_TOKENS,
-                     "contexts": args.contexts, "batches": args.batches, "dtype": "float32",
+                     "contexts": args.contexts, "batches": args.batches, "dtype": args.dtype,
                      "engines": args.engines, "dar_ops": harness.dar_ops(args.dar_ops),
                      "cpu_count": os.cpu_count()},
         "bandwidth_bytes_s": bandwidth,
@@ -267,7 +275,7 @@ def plot(result: dict, path: str) -> bool:
     cap.set_yscale("log")
     cap.set_ylabel(f"max batch at context (vLLM logged, {result['settings']['kv_gib']} GiB KV)")
     cap.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M fp32 on vLLM CPU: stock vs FP8 KV vs DAR")
+    fig.suptitle(f"SmolLM2-135M {result['settings'].get('dtype', 'float32')} on vLLM CPU: stock vs FP8 KV vs DAR")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
@@ -284,6 +292,8 @@ def main() -> int:
     ap.add_argument("--kv-gib", type=int, default=2,
                     help="VLLM_CPU_KVCACHE_SPACE (integer GiB) for every engine")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                    help="served dtype of every engine (K/V cached in it, or FP8 for fp8)")
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help="a subset of stock,fp8,dar (ratios need stock)")
     ap.add_argument("--dar-ops", choices=envs.OPS_KINDS, default=None,
@@ -313,7 +323,7 @@ def main() -> int:
         return 0
     if a.worker:
         res = measure_engine(engine=a.worker, model=a.model, context=a.contexts[0], batches=a.batches,
-                             decode_tokens=a.decode_tokens, kv_gib=a.kv_gib)
+                             decode_tokens=a.decode_tokens, kv_gib=a.kv_gib, dtype=a.dtype)
         harness.write_json(a.out, res, indent=None)
         return 0
     if "dar" in a.engines:  # fail now, not after the stock engine, if --dar is not DAR or VLLM_DAR_OPS is bad
@@ -339,7 +349,7 @@ def main() -> int:
     result["bandwidth_measurements"] = bandwidth
     result["wall_s"] = round(time.time() - t0, 1)
     if a.save:
-        path = os.path.join(harness.RESULTS, "throughput.json")
+        path = os.path.join(harness.RESULTS, "throughput.json" if a.dtype == "float32" else "throughput-bf16.json")
         harness.write_json(path, result)
         png = path[:-5] + ".png"
         plotted = plot(result, png)

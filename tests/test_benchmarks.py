@@ -101,11 +101,12 @@ def dar_dir(tmp_path, dtype: str = "float32") -> tuple[str, DarConfig]:
 def test_kv_bytes_match_shapes_and_dar_config(tmp_path):
     path, cfg = dar_dir(tmp_path)
     per_tok = 2 * 2 * 2 * 8  # layers * (K + V) * kv heads * head_dim
-    assert tp.kv_bytes_per_request("stock", path, 100) == 100 * per_tok * 4
-    assert tp.kv_bytes_per_request("fp8", path, 100) == 100 * per_tok
+    assert tp.kv_bytes_per_request("stock", path, 100, "float32") == 100 * per_tok * 4
+    assert tp.kv_bytes_per_request("stock", path, 100, "bfloat16") == 100 * per_tok * 2
+    assert tp.kv_bytes_per_request("fp8", path, 100, "bfloat16") == 100 * per_tok
     # DAR: reduced K/V (2 + 3 per KV head) of all 100 tokens + full width of window 4 + 1 sink, per layer, fp32
-    assert tp.kv_bytes_per_request("dar", path, 100) == 2 * (100 * 2 * 5 + 5 * 2 * 2 * 8) * 4
-    assert tp.kv_bytes_per_request("dar", path, 100) == cfg.kv_elems(100) * 4
+    assert tp.kv_bytes_per_request("dar", path, 100, "float32") == 2 * (100 * 2 * 5 + 5 * 2 * 2 * 8) * 4
+    assert tp.kv_bytes_per_request("dar", path, 100, "bfloat16") == cfg.kv_elems(100) * 2
 
 
 def test_decode_bound_reads_the_byte_model(tmp_path):
@@ -113,10 +114,12 @@ def test_decode_bound_reads_the_byte_model(tmp_path):
     and DAR's projections come once per step from the byte model, not from the projection file."""
     path, cfg = dar_dir(tmp_path)
     b = cfg.decode_bytes(100, 4)
-    assert tp.decode_read_bytes("dar", path, 100, 8) == {"per_request": b.dar, "projections": b.projections,
+    assert tp.decode_read_bytes("dar", path, 100, 8, "float32") == {"per_request": b.dar, "projections": b.projections,
                                                          "total": 8 * b.dar + b.projections}
     assert b.dar == 2 * ((100 - 5) * 2 * 5 + 5 * 2 * 2 * 8) * 4
-    assert tp.decode_read_bytes("fp8", path, 100, 8)["total"] == 8 * b.full // 4
+    assert tp.decode_read_bytes("fp8", path, 100, 8, "float32")["total"] == 8 * b.full // 4
+    bf16 = cfg.decode_bytes(100, 2)  # the K/V in the served dtype; projections stay fp32
+    assert tp.decode_read_bytes("dar", path, 100, 8, "bfloat16")["total"] == 8 * bf16.dar + b.projections
 
 
 def test_capacity_theory_uses_the_served_dtype(tmp_path):
@@ -127,6 +130,19 @@ def test_capacity_theory_uses_the_served_dtype(tmp_path):
     assert r["bytes_per_token_theoretical"] == cfg.kv_bytes_per_token(capacity.MAX_MODEL_LEN, 4)
     assert r["bytes_per_token_full"] == 2 * 2 * 2 * 8 * 4
     assert r["bytes_per_token_allocated"] == 2**30 / 2**20
+
+
+def test_capacity_held_reads_the_most_running_pure_decode_steps():
+    """Blocks per request come from pure decode steps (no prefill) at the most requests running; a step
+    that also prefills, or runs fewer requests, does not count."""
+    steps = [{"ctx": 1, "gen": 4, "kv_usage": 0.9}, {"ctx": 0, "gen": 3, "kv_usage": 0.9},
+             {"ctx": 0, "gen": 4, "kv_usage": 0.4}, {"ctx": 0, "gen": 4, "kv_usage": 0.41},
+             {"ctx": 0, "gen": 4, "kv_usage": 0.42}]
+    h = capacity.held(steps, num_blocks=101, block_bytes=10.0, tokens=20)
+    assert h["running"] == 4 and h["steps"] == 3
+    assert h["blocks_per_request"] == pytest.approx(0.41 * 100 / 4)
+    assert h["bytes_per_token"] == pytest.approx(0.41 * 100 / 4 * 10.0 / 20)
+    assert capacity.held(steps[:1], num_blocks=101, block_bytes=10.0, tokens=20) is None
 
 
 def test_weight_bytes_reads_a_tied_embedding_once_and_skips_projections(tmp_path):

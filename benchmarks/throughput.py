@@ -37,7 +37,14 @@ from vllm_dar.config import DarConfig, ModelShape
 ENGINES = ("stock", "fp8", "dar")
 KV_DTYPE = {"stock": "auto", "fp8": "fp8", "dar": "auto"}
 DTYPES = {"float32": 4, "bfloat16": 2}  # served dtype -> bytes per element of weights and of an "auto" KV cache
-MAX_POSITIONS = 8192
+MAX_POSITIONS = 8192  # SmolLM2's RoPE table: a position past it aborts the engine (index out of bounds)
+
+
+def prompt_len(context: int, batches: list[int], decode_tokens: int) -> int:
+    """Prompt tokens of a run at ``context``: the context itself, or less where prompt, decode tokens and the
+    stagger would pass ``MAX_POSITIONS`` (the 8K grid point: 8192 - 32 - the stagger)."""
+    extra = decode_tokens + max(harness.stagger(max(batches), context))
+    return min(context, MAX_POSITIONS - extra)
 
 
 def kv_itemsize(engine: str, dtype: str) -> int:
@@ -79,9 +86,8 @@ def measure_engine(*, engine: str, model: str, context: int, batches: list[int],
                    kv_gib: int, dtype: str) -> dict:
     """Build one engine for ``context`` and run every batch size on it."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
-    max_len = context + decode_tokens + max(harness.stagger(max(batches), context))
-    if max_len > MAX_POSITIONS:
-        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    prompt = prompt_len(context, batches, decode_tokens)
+    max_len = prompt + decode_tokens + max(harness.stagger(max(batches), context))
     import logging
     import random
 
@@ -99,13 +105,13 @@ def measure_engine(*, engine: str, model: str, context: int, batches: list[int],
         recorder = harness.StepRecorder(llm.llm_engine)
         warm = [TokensPrompt(prompt_token_ids=[1000 + i] * 64) for i in range(max(batches))]
         llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-        out = {"engine": engine, "model": model, "context": context, "max_model_len": max_len,
+        out = {"engine": engine, "model": model, "context": context, "prompt_len": prompt, "max_model_len": max_len,
                "kv_cache_max_concurrency": cache.kv_cache_max_concurrency,
                "kv_capacity_tokens": cache.kv_cache_size_tokens, "num_blocks": cache.num_gpu_blocks,
                "block_size": cache.block_size, "kv_cache_dtype": cache.cache_dtype, "batches": {}}
         for batch in batches:
             rng = random.Random(context * 1000 + batch)
-            prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 40000) for _ in range(context)])
+            prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 40000) for _ in range(prompt)])
                        for _ in range(batch)]
             params = [SamplingParams(temperature=0.0, max_tokens=decode_tokens + extra, ignore_eos=True)
                       for extra in harness.stagger(batch, context)]
@@ -183,18 +189,19 @@ def summarise(args, runs: dict, bandwidth: float) -> dict:
                 med = {k: median_or_none([p[k] for p in per]) for k in MEDIAN_KEYS}
                 size = per[0]["decode_batch"]
                 model = args.dar if e == "dar" else args.stock
-                read = decode_read_bytes(e, model, context, size, args.dtype)
+                prompt = rs[0].get("prompt_len", context)  # below the context at 8K (``prompt_len``)
+                read = decode_read_bytes(e, model, prompt, size, args.dtype)
                 bound_bytes = weights[e] + read["total"]
                 bound_s = bound_bytes / bandwidth
                 row[e] = {
-                    **med, "decode_batch": size, "decode_steps": [p["decode_steps"] for p in per],
+                    **med, "prompt_len": prompt, "decode_batch": size, "decode_steps": [p["decode_steps"] for p in per],
                     "max_concurrent": max(p["max_concurrent"] for p in per),
                     "preemptions": max(p["preemptions"] for p in per),
                     "max_batch_logged": math.floor(rs[0]["kv_cache_max_concurrency"]),
                     "kv_cache_max_concurrency": rs[0]["kv_cache_max_concurrency"],
                     "max_model_len": rs[0]["max_model_len"], "plugin_log": rs[0].get("plugin_log"),
                     "max_batch_bytes": args.kv_gib * 2**30 // kv_bytes_per_request(
-                        e, model, context + args.decode_tokens, args.dtype),
+                        e, model, prompt + args.decode_tokens, args.dtype),
                     "bound": {"weights_bytes": weights[e], "kv_bytes_per_request": read["per_request"],
                               "projections_bytes": read["projections"], "bytes": bound_bytes,
                               "seconds": bound_s},

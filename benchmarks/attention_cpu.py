@@ -12,7 +12,7 @@ DAR (the plugin's default; the far page equals the window page). Blocks are plac
 Decode: batch 1/8/16/32 at context 512/2K/4K; prefill: one 512-token chunk at
 context 512 (from scratch) and at context 4K (extend). Cache contents are random (timing only; correctness is
 ``tests/ops/test_cpp_ops.py``). Both engines' metadata is built once per batch and not timed, as each engine
-builds it once per step for all layers: stock's scheduler metadata, and the int64 host offsets and block tables
+builds it once per step for all layers: stock's scheduler metadata, and the int32 host offsets and block tables
 our CPU builder hands the op (``plugin/cpu.py``).
 
 ``bound_us``: bytes a decode must read from the caches (DAR: far K/V of positions [S, L - w) at reduced width +
@@ -161,9 +161,9 @@ class Batch:
                 "scale": self.layer.D ** -0.5}
 
     def fast(self):
-        if not hasattr(self, "_fast"):  # int64 host offsets and tables, as the plugin's builder makes them per step
+        if not hasattr(self, "_fast"):  # int32 host offsets and tables, as the plugin's builder hands them
             kw = self.dar_kwargs()
-            self._fast = {**kw, **{k: cpp._i64(kw[k])
+            self._fast = {**kw, **{k: cpp._i32(kw[k])
                                    for k in ("query_start_loc", "seq_lens", "window_table", "far_table")}}
         cpp.dar_paged_attention_cpp(self.query, self.key, self.value, self.out, **self._fast)
 

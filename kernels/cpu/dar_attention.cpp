@@ -203,18 +203,18 @@ static AccumulateFn accumulate_for(int64_t rv) {
 // Rows are token-major: q [T, H, D] (token stride q_st), k/v [T, J, D] (kv_st), out [T, H, D] (out_st).
 // wcache [NBw, J, Bw, 2D] (block stride wbs) + wtable [R, mw]; fcache [NBf, G, Bf, rk + rv] (block stride fbs)
 // + ftable [R, mf]: each block dense, blocks possibly padded (vLLM pads pages of per-layer ranks); qsl [R + 1],
-// lens [R]; q_proj [H, D, rk], v_up [H, rv, D] fp32.
+// lens [R] (offsets and block tables int32, vLLM's own); q_proj [H, D, rk], v_up [H, rv, D] fp32.
 template <typename T> struct Args {
   const T *q, *k, *v;
   T* out;
   int64_t q_st, kv_st, out_st;
   const T* wcache;
-  const int64_t* wtable;
+  const int32_t* wtable;
   int64_t mw, wbs;
   const T* fcache;
-  const int64_t* ftable;
+  const int32_t* ftable;
   int64_t mf, fbs;
-  const int64_t *qsl, *lens;
+  const int32_t *qsl, *lens;
   const float *q_proj, *v_up;
   int64_t H, J, G, D, rk, rv, Bw, Bf, window, sinks;
   float scale;
@@ -650,8 +650,8 @@ static void check_attention_args(const torch::Tensor& q, const torch::Tensor& k,
   TORCH_CHECK(q_proj.scalar_type() == at::kFloat && v_up.scalar_type() == at::kFloat,
               "dar_attention: q_proj and v_up must be fp32");
   for (const auto* x : {&qsl, &lens, &wtable, &ftable})
-    TORCH_CHECK(x->scalar_type() == at::kLong, "dar_attention: query_start_loc, seq_lens and the block tables "
-                "must be int64, got ", x->scalar_type());
+    TORCH_CHECK(x->scalar_type() == at::kInt, "dar_attention: query_start_loc, seq_lens and the block tables "
+                "must be int32, got ", x->scalar_type());
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == T && out.sizes() == q.sizes() && k.size(2) == D,
               "dar_attention: key and value must be [T, J, D] and output [T, H, D] for query [T, H, D]");
   TORCH_CHECK(J > 0 && G > 0 && H % J == 0 && J % G == 0,
@@ -694,24 +694,24 @@ void dar_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::
   TORCH_CHECK(window >= 0 && sinks >= 0 && rows_per_item >= 1,
               "dar_attention: window and sink_tokens must be >= 0, rows_per_item >= 1");
   const int64_t R = lens.size(0), G = fcache.size(1), hpg = q.size(1) / G;
-  const int64_t* qs = qsl.data_ptr<int64_t>();
+  const int32_t* qs = qsl.data_ptr<int32_t>();
   const int64_t qt = std::max<int64_t>(1, rows_per_item / hpg);  // queries per work item
   std::vector<std::array<int64_t, 4>> items;  // (request, group, first query, queries)
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t q0 = 0; q0 < qs[r + 1] - qs[r]; q0 += qt)
-      for (int64_t g = 0; g < G; ++g) items.push_back({r, g, q0, std::min(qt, qs[r + 1] - qs[r] - q0)});
+    for (int64_t q0 = 0; q0 < int64_t{qs[r + 1]} - qs[r]; q0 += qt)
+      for (int64_t g = 0; g < G; ++g) items.push_back({r, g, q0, std::min(qt, int64_t{qs[r + 1]} - qs[r] - q0)});
   auto run = [&](auto zero) {
     using scalar_t = decltype(zero);
     Args<scalar_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                      out.data_ptr<scalar_t>(), q.stride(0), k.stride(0), out.stride(0),
-                     wcache.data_ptr<scalar_t>(), wtable.data_ptr<int64_t>(), wtable.stride(0), wcache.stride(0),
-                     fcache.data_ptr<scalar_t>(), ftable.data_ptr<int64_t>(), ftable.stride(0), fcache.stride(0), qs,
-                     lens.data_ptr<int64_t>(), q_proj.data_ptr<float>(), v_up.data_ptr<float>(), q.size(1),
+                     wcache.data_ptr<scalar_t>(), wtable.data_ptr<int32_t>(), wtable.stride(0), wcache.stride(0),
+                     fcache.data_ptr<scalar_t>(), ftable.data_ptr<int32_t>(), ftable.stride(0), fcache.stride(0), qs,
+                     lens.data_ptr<int32_t>(), q_proj.data_ptr<float>(), v_up.data_ptr<float>(), q.size(1),
                      k.size(1), G, q.size(2), q_proj.size(2), v_up.size(1), wcache.size(2), fcache.size(2), window,
                      sinks, static_cast<float>(scale)};
     const bool d64 = a.D == 64;  // SmolLM2's head_dim
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-      Scratch w;
+      thread_local Scratch w;  // kept across calls: no allocation per layer call once sizes have been seen
       for (int64_t i = begin; i < end; ++i) {
         const auto& it = items[i];
         if (d64)

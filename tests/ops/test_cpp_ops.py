@@ -266,11 +266,12 @@ def test_cpp_ops_refuse_what_they_would_misread():
     cpp_ops()
     query, key, value, args, _ = build_batch(SCENARIOS[0][1], 8, 2, False, torch.float32)
     p = args["proj"]
-    raw = [query, key, value, torch.empty_like(query), torch.tensor(args["query_start_loc"]),
-           torch.tensor(args["seq_lens"]), args["window_cache"], args["window_table"].long(), args["far_cache"],
-           args["far_table"].long(), p.q_proj, p.v_up, 8, 2, SCALE, 48]
+    i32 = torch.int32  # vLLM's dtype for offsets and block tables
+    raw = [query, key, value, torch.empty_like(query), torch.tensor(args["query_start_loc"], dtype=i32),
+           torch.tensor(args["seq_lens"], dtype=i32), args["window_cache"], args["window_table"].to(i32),
+           args["far_cache"], args["far_table"].to(i32), p.q_proj, p.v_up, 8, 2, SCALE, 48]
     torch.ops.vllm_dar.dar_attention(*raw)  # as built: accepted
-    for i, bad, match in [(7, args["window_table"], "int64"), (8, args["far_cache"][..., :-1], "far_cache must be dense"),
+    for i, bad, match in [(7, args["window_table"].long(), "int32"), (8, args["far_cache"][..., :-1], "far_cache must be dense"),
                           (8, args["far_cache"][..., :-1].contiguous(), "far_cache's width"),
                           (11, p.v_up.double(), "v_up"), (1, key.bfloat16(), "query dtype")]:
         with pytest.raises(RuntimeError, match=match):

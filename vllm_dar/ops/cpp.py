@@ -65,19 +65,17 @@ def _rows_contiguous(x: Tensor) -> bool:
     return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
 
 
-def _check_caches(dtype: torch.dtype, named: dict[str, Tensor], window_cache: Tensor, far_cache: Tensor) -> None:
-    for name, x in named.items():
-        if x.dtype != dtype:
-            raise TypeError(f"vllm-dar C++ ops: {name} is {x.dtype}, expected {dtype}")
-    if not (dense_blocks(window_cache) and dense_blocks(far_cache)):
-        raise ValueError("vllm-dar C++ ops: each cache block must be dense [heads, block_size, width]")
+def _slots(x: Tensor) -> Tensor:
+    """Slot mapping as the write op takes it: int64, contiguous (no copy when it already is)."""
+    return x if x.dtype == torch.int64 and x.is_contiguous() else x.long().contiguous()
 
 
-def _i64(x: Tensor | list[int]) -> Tensor:
-    """An int64 contiguous host tensor of offsets or block ids (no copy when it already is one)."""
+def _i32(x: Tensor | list[int]) -> Tensor:
+    """An int32 contiguous host tensor of offsets or block ids (vLLM's own dtype for them: no copy when it
+    already is one)."""
     if isinstance(x, Tensor):
-        return x if x.dtype == torch.int64 and x.is_contiguous() else x.long().contiguous()
-    return torch.tensor(x, dtype=torch.int64)
+        return x if x.dtype == torch.int32 and x.is_contiguous() else x.int().contiguous()
+    return torch.tensor(x, dtype=torch.int32)
 
 
 def dar_paged_attention_cpp(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
@@ -89,17 +87,17 @@ def dar_paged_attention_cpp(query: Tensor, key: Tensor, value: Tensor, output: T
 
     query [T, H, D]; key, value [T, J, D]; output [T, H, D] with each token's rows contiguous (any token stride;
     query, key, value are copied only if theirs are not); caches in the query dtype with dense blocks
-    (``dense_blocks``); block tables, ``query_start_loc`` and ``seq_lens`` as lists or host tensors (int64 and
-    contiguous: used as they are; anything else is converted per call). ``rows_per_item``: (query, head) rows per
-    work item. The op itself checks dtypes, shapes and strides (``check_attention_args``), naming the argument.
+    (``dense_blocks``); block tables, ``query_start_loc`` and ``seq_lens`` as lists or host tensors (int32 and
+    contiguous, as vLLM keeps them: used as they are; anything else is converted per call). ``rows_per_item``:
+    (query, head) rows per work item. The op itself checks dtypes, shapes and strides (``check_attention_args``), naming the argument.
     """
     if not _rows_contiguous(query):
         query = query.contiguous()
     if not (_rows_contiguous(key) and _rows_contiguous(value) and key.stride(0) == value.stride(0)):
         key, value = key.contiguous(), value.contiguous()  # the kernel takes one token stride for both
     _ops().dar_attention(
-        query, key, value, output, _i64(query_start_loc), _i64(seq_lens), window_cache, _i64(window_table),
-        far_cache, _i64(far_table), proj.q_proj, proj.v_up, window, sink_tokens, scale, rows_per_item)
+        query, key, value, output, _i32(query_start_loc), _i32(seq_lens), window_cache, _i32(window_table),
+        far_cache, _i32(far_table), proj.q_proj, proj.v_up, window, sink_tokens, scale, rows_per_item)
 
 
 def write_kv_cpp(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
@@ -107,11 +105,10 @@ def write_kv_cpp(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slo
     """``vllm_dar.ops.paged.write_kv`` in one kernel call (same semantics; the reduction sums in fp32).
 
     key, value [T, J, D] in the caches' dtype (copied only if a token's [J, D] is not contiguous); slots [T]
-    int32 or int64; caches with dense blocks (``dense_blocks``).
+    int64 (vLLM's; anything else is converted); caches with dense blocks (``dense_blocks``). The op itself checks
+    dtypes, shapes and strides, naming the argument.
     """
-    _check_caches(key.dtype, {"value": value, "window_cache": window_cache, "far_cache": far_cache},
-                  window_cache, far_cache)
     if not (_rows_contiguous(key) and _rows_contiguous(value)):
         key, value = key.contiguous(), value.contiguous()
-    _ops().dar_write(key, value, window_cache, window_slots.long().contiguous(), far_cache,
-                     far_slots.long().contiguous(), proj.k_down.float().contiguous(), proj.v_down.float().contiguous())
+    _ops().dar_write(key, value, window_cache, _slots(window_slots), far_cache, _slots(far_slots), proj.k_down,
+                     proj.v_down)

@@ -5,7 +5,7 @@
   model without a ``dar`` section. For a DAR model the impl moves its layer onto ``DarCpuWindowBackend`` at
   weight-loading time (``vllm_dar.plugin.common``).
 * ``DarCpuWindowBackend``: the DAR layer's own (window) cache group; ``DarCpuFarBackend``: the companion far
-  cache group. Both build their metadata with ``DarCpuMetadataBuilder`` (int64 host tensors).
+  cache group. Both build their metadata with ``DarCpuMetadataBuilder`` (vLLM's int32 host tensors).
 * ``DarCpuImpl``: stock CPU attention unless the served model has a ``dar`` section; for a DAR layer,
   ``do_kv_cache_update`` and ``forward`` are glue: metadata in, the ops of ``VLLM_DAR_OPS`` out.
 
@@ -30,16 +30,17 @@ class DarCpuBackend(CPUAttentionBackend):
 
 
 class DarCpuMetadataBuilder(DarMetadataBuilder):
-    """Offsets and block tables as int64 host tensors, made once per step and cache group, which the C++ op
-    takes as they are (vLLM keeps them int32; converting per layer call cost microseconds at batch 1)."""
+    """Offsets and block tables as views of vLLM's own int32 host tensors, which the C++ op takes as they are:
+    a build is three slices. The recipe has two cache groups per layer (60), each built every step, so a copy
+    per group and step costs a batch-1 step about a millisecond (README, "The recommended recipe's speed")."""
 
     @staticmethod
     def offsets(m: CommonAttentionMetadata, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return m.query_start_loc_cpu[: r + 1].long(), m.seq_lens[:r].cpu().long()
+        return m.query_start_loc_cpu[: r + 1], m.seq_lens[:r]
 
     @staticmethod
     def table(m: CommonAttentionMetadata, r: int) -> torch.Tensor:
-        return m.block_table_tensor[:r].long()
+        return m.block_table_tensor[:r]
 
 
 class _DarCpuBase(DarBackend):

@@ -24,7 +24,7 @@ def logprobs(completion) -> list[float] | None:
 def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
-    from vllm_dar.vllm_engine import shutdown_llm
+    from vllm_dar.vllm_engine import client_threads, shutdown_llm
 
     with open(job_path) as f:
         job = json.load(f)
@@ -42,7 +42,8 @@ def main(job_path: str, out_path: str) -> None:
     finally:
         shutdown_llm(llm)
     with open(out_path, "w") as f:
-        json.dump({"runs": runs, "kv_capacity_tokens": capacity}, f)
+        json.dump({"runs": runs, "kv_capacity_tokens": capacity, "client_threads_after_shutdown": client_threads()},
+                  f)
 
 
 if __name__ == "__main__":

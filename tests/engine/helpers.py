@@ -32,6 +32,8 @@ def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens:
     if proc.returncode != 0 or "engine core exited unexpectedly" in proc.stderr:
         raise EngineFailed(proc.stdout[-4000:] + proc.stderr[-8000:])
     result = json.loads(out.read_text())
+    # ... and no client thread of vLLM's outlived that shutdown (one that does can abort the exit: shutdown_llm).
+    assert result["client_threads_after_shutdown"] == [], result["client_threads_after_shutdown"]
     return (result["runs"], result["kv_capacity_tokens"]) if capacity else result["runs"]
 
 

@@ -150,8 +150,8 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 class StepRecorder:
     """Per engine step: requests in prefill (``ctx``) and decode (``gen``), the inter-token latencies of the
-    step's decoded tokens (engine-core clock), requests running and the fraction of the KV block pool in use
-    after the step (``running``, ``kv_usage``: vLLM's scheduler stats). Wraps ``StatLoggerManager.record``; the
+    step's decoded tokens (engine-core clock), and the fraction of the KV block pool in use after the step
+    (``kv_usage``: vLLM's scheduler stats). Wraps ``StatLoggerManager.record``; the
     engine needs log stats on and ``enable_logging_iteration_details=True``."""
 
     def __init__(self, llm_engine) -> None:
@@ -166,7 +166,6 @@ class StepRecorder:
                                    "gen": details.num_generation_requests,
                                    "itl": list(iteration_stats.inter_token_latencies_iter),
                                    "preempted": iteration_stats.num_preempted_reqs,
-                                   "running": scheduler_stats.num_running_reqs,
                                    "kv_usage": scheduler_stats.kv_cache_usage})
             return inner(scheduler_stats, iteration_stats, *args, **kwargs)
 

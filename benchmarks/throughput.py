@@ -40,13 +40,6 @@ DTYPES = {"float32": 4, "bfloat16": 2}  # served dtype -> bytes per element of w
 MAX_POSITIONS = 8192  # SmolLM2's RoPE table: a position past it aborts the engine (index out of bounds)
 
 
-def prompt_len(context: int, batches: list[int], decode_tokens: int) -> int:
-    """Prompt tokens of a run at ``context``: the context itself, or less where prompt, decode tokens and the
-    stagger would pass ``MAX_POSITIONS`` (the 8K grid point: 8192 - 32 - the stagger)."""
-    extra = decode_tokens + max(harness.stagger(max(batches), context))
-    return min(context, MAX_POSITIONS - extra)
-
-
 def kv_itemsize(engine: str, dtype: str) -> int:
     """Bytes per cached element: the served dtype's ("auto"), or 1 for vLLM's FP8 cache."""
     return 1 if KV_DTYPE[engine] == "fp8" else DTYPES[dtype]
@@ -86,8 +79,11 @@ def measure_engine(*, engine: str, model: str, context: int, batches: list[int],
                    kv_gib: int, dtype: str) -> dict:
     """Build one engine for ``context`` and run every batch size on it."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
-    prompt = prompt_len(context, batches, decode_tokens)
-    max_len = prompt + decode_tokens + max(harness.stagger(max(batches), context))
+    # Prompts are the context, or shorter where prompt, decode tokens and the stagger would pass MAX_POSITIONS
+    # (the 8K grid point: 8192 - 32 - the stagger).
+    extra = decode_tokens + max(harness.stagger(max(batches), context))
+    prompt = min(context, MAX_POSITIONS - extra)
+    max_len = prompt + extra
     import logging
     import random
 
@@ -105,7 +101,8 @@ def measure_engine(*, engine: str, model: str, context: int, batches: list[int],
         recorder = harness.StepRecorder(llm.llm_engine)
         warm = [TokensPrompt(prompt_token_ids=[1000 + i] * 64) for i in range(max(batches))]
         llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-        out = {"engine": engine, "model": model, "context": context, "prompt_len": prompt, "max_model_len": max_len,
+        out = {"engine": engine, "model": model, "context": context, "prompt_len": prompt,
+               "max_model_len": max_len,
                "kv_cache_max_concurrency": cache.kv_cache_max_concurrency,
                "kv_capacity_tokens": cache.kv_cache_size_tokens, "num_blocks": cache.num_gpu_blocks,
                "block_size": cache.block_size, "kv_cache_dtype": cache.cache_dtype, "batches": {}}
@@ -189,12 +186,13 @@ def summarise(args, runs: dict, bandwidth: float) -> dict:
                 med = {k: median_or_none([p[k] for p in per]) for k in MEDIAN_KEYS}
                 size = per[0]["decode_batch"]
                 model = args.dar if e == "dar" else args.stock
-                prompt = rs[0].get("prompt_len", context)  # below the context at 8K (``prompt_len``)
+                prompt = rs[0]["prompt_len"]  # below the context at 8K (``measure_engine``)
                 read = decode_read_bytes(e, model, prompt, size, args.dtype)
                 bound_bytes = weights[e] + read["total"]
                 bound_s = bound_bytes / bandwidth
                 row[e] = {
-                    **med, "prompt_len": prompt, "decode_batch": size, "decode_steps": [p["decode_steps"] for p in per],
+                    **med, "prompt_len": prompt, "decode_batch": size,
+                    "decode_steps": [p["decode_steps"] for p in per],
                     "max_concurrent": max(p["max_concurrent"] for p in per),
                     "preemptions": max(p["preemptions"] for p in per),
                     "max_batch_logged": math.floor(rs[0]["kv_cache_max_concurrency"]),

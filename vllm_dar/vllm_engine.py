@@ -39,9 +39,15 @@ def make_llm(model: str, *, max_model_len: int | None, dtype: str | None, **engi
 CLIENT_THREADS = ("EngineCoreOutputQueueThread", "MPClientEngineMonitor")
 
 
+def _client_threads() -> list[threading.Thread]:
+    """The ``CLIENT_THREADS`` alive in this process, the calling thread excepted."""
+    return [t for t in threading.enumerate()
+            if t.name in CLIENT_THREADS and t.is_alive() and t is not threading.current_thread()]
+
+
 def client_threads() -> list[str]:
     """Names of ``CLIENT_THREADS`` still alive in this process."""
-    return [t.name for t in threading.enumerate() if t.name in CLIENT_THREADS and t.is_alive()]
+    return [t.name for t in _client_threads()]
 
 
 def shutdown_llm(llm, *, timeout: float = 30.0) -> None:
@@ -53,12 +59,11 @@ def shutdown_llm(llm, *, timeout: float = 30.0) -> None:
     the client's clean-up while the interpreter finalizes, and a torch tensor freed on that thread takes the GIL
     after finalization: the thread is unwound through a ``noexcept`` destructor and the process aborts
     ("terminate called without an active exception", exit status -6) after its work is done. vLLM's own
-    ``shutdown`` only signals its output-socket thread to stop, which then exits on its own time (seen alive
-    after it returned in 1 of 3 runs, and the abort followed in the test suite): hence the join. Idempotent."""
+    ``shutdown`` only signals its output-socket thread to stop; the thread ends on its own time, possibly while
+    the interpreter finalizes, hence the join. Idempotent."""
     llm.llm_engine.engine_core.shutdown()
-    for t in threading.enumerate():
-        if t.name in CLIENT_THREADS and t is not threading.current_thread():
-            t.join(timeout)
+    for t in _client_threads():
+        t.join(timeout)
 
 
 @contextlib.contextmanager

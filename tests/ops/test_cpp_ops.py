@@ -271,7 +271,8 @@ def test_cpp_ops_refuse_what_they_would_misread():
            torch.tensor(args["seq_lens"], dtype=i32), args["window_cache"], args["window_table"].to(i32),
            args["far_cache"], args["far_table"].to(i32), p.q_proj, p.v_up, 8, 2, SCALE, 48]
     torch.ops.vllm_dar.dar_attention(*raw)  # as built: accepted
-    for i, bad, match in [(7, args["window_table"].long(), "int32"), (8, args["far_cache"][..., :-1], "far_cache must be dense"),
+    for i, bad, match in [(7, args["window_table"].long(), "int32"),
+                          (8, args["far_cache"][..., :-1], "far_cache must be dense"),
                           (8, args["far_cache"][..., :-1].contiguous(), "far_cache's width"),
                           (11, p.v_up.double(), "v_up"), (1, key.bfloat16(), "query dtype")]:
         with pytest.raises(RuntimeError, match=match):

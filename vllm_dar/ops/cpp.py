@@ -89,7 +89,8 @@ def dar_paged_attention_cpp(query: Tensor, key: Tensor, value: Tensor, output: T
     query, key, value are copied only if theirs are not); caches in the query dtype with dense blocks
     (``dense_blocks``); block tables, ``query_start_loc`` and ``seq_lens`` as lists or host tensors (int32 and
     contiguous, as vLLM keeps them: used as they are; anything else is converted per call). ``rows_per_item``:
-    (query, head) rows per work item. The op itself checks dtypes, shapes and strides (``check_attention_args``), naming the argument.
+    (query, head) rows per work item. The op itself checks dtypes, shapes and strides
+    (``check_attention_args``), naming the argument.
     """
     if not _rows_contiguous(query):
         query = query.contiguous()

@@ -31,8 +31,8 @@ class DarCpuBackend(CPUAttentionBackend):
 
 class DarCpuMetadataBuilder(DarMetadataBuilder):
     """Offsets and block tables as views of vLLM's own int32 host tensors, which the C++ op takes as they are:
-    a build is three slices. The recipe has two cache groups per layer (60), each built every step, so a copy
-    per group and step costs a batch-1 step about a millisecond (README, "The recommended recipe's speed")."""
+    a build is three slices, no copy. A DAR model has two cache groups per layer, each built every step, so a
+    copy here is paid per group and step (README, "The recommended recipe's speed")."""
 
     @staticmethod
     def offsets(m: CommonAttentionMetadata, r: int) -> tuple[torch.Tensor, torch.Tensor]:

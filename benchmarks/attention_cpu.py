@@ -43,7 +43,7 @@ from vllm_dar.checkpoint import load_dar
 from vllm_dar.config import DarConfig, ModelShape
 from vllm_dar.ops import cpp, paged
 from vllm_dar.ops.paged import PagedProjections
-from vllm_dar.plugin.spec import far_block_sizes
+from vllm_dar.config import far_block_sizes
 from vllm_dar.reference import LayerProjections
 
 BLOCK = 128  # stock's block (vLLM's CPU default)
@@ -65,7 +65,7 @@ class Layer:
 
     @property
     def far_block(self) -> int:
-        """The plugin's far block: the page of a window block (``vllm_dar.plugin.spec.far_block_sizes``)."""
+        """The plugin's far block: the page of a window block (``vllm_dar.config.far_block_sizes``)."""
         return far_block_sizes(WBLOCK, 2 * self.J * self.D, [self.groups * (self.rk + self.rv)])[0]
 
     def config(self) -> DarConfig:

@@ -71,8 +71,36 @@ def test_reserved_fraction_counts_the_window_cache_blocks():
     full = 2048 * 384
     assert cfg.reserved_fraction(2048) == pytest.approx((2048 * 96 + 11 * 16 * 384) / full)
     assert cfg.reserved_fraction(2048) > cfg.kv_fraction(2048)
-    assert cfg.reserved_fraction(100) == pytest.approx((100 * 96 + 100 * 384) / (100 * 384))  # capped at context
+    # windows capped at the context; the far cache in whole 64-token pages (96 elements per token divide 16 x 384)
+    assert cfg.reserved_fraction(100) == pytest.approx((128 * 96 + 100 * 384) / (100 * 384))
     assert cfg.reserved_fraction(2048, block_size=1) == pytest.approx((2048 * 96 + (4 + 2 * 64) * 384) / full)
+
+
+def test_reserved_fraction_counts_padded_far_pages():
+    """A far page holds a window page's bytes: joint ranks 48/32 (80 per token) fit 64 tokens in 16 x 384 elements
+    and pay for 96 per token; 48/48 pay exactly their 96. The last page is whole (2048 tokens: 43 of 48)."""
+    full = 2048 * 384
+    for (rk, rv), far_block in (((48, 32), 64), ((48, 48), 64), ((64, 80), 32), ((64, 64), 48)):
+        cfg = DarConfig.uniform(SMOLLM2, window=64, key_rank=rk, value_rank=rv, sink_tokens=4,
+                                head_sharing="joint")
+        pages = -(-2048 // far_block)
+        assert cfg.reserved_fraction(2048) == pytest.approx((pages * 16 * 384 + 11 * 16 * 384) / full), (rk, rv)
+
+
+def test_calibrated_schedule_pays_for_page_padding():
+    """Key and value ranks are chosen as a pair: with the other pairs' errors equal, 48/32 (80 per token, paged
+    as 96) loses to 48/48 (96, paged as 96), which the separate choice of each rank could not see."""
+    from vllm_dar.convert.schedule import calibrated
+
+    windows, ranks = (32,), (16, 32, 48, 64)
+    ek = torch.tensor([[4.0, 2.0, 1.0, 1.0]])  # keys: 48 is as good as 64
+    ev = torch.tensor([[4.0, 2.0, 1.5, 1.4]])  # values: 48 a little better than 32
+    for block_size, expected in ((None, (48, 32)), (16, (48, 48))):
+        # Room for 80 elements per token held, or for 96 paid (window 32: 36 slots held, 7 blocks reserved).
+        budget = (36 * 384 / 2048 + 80) / 384 if block_size is None else (7 * 16 * 384 / 2048 + 96) / 384
+        s = calibrated([(ek, ev)], windows=windows, ranks=ranks, groups=1, full_per_token=384, context=2048,
+                       sink_tokens=4, budget=budget, block_size=block_size)
+        assert (s[0].key_rank, s[0].value_rank) == expected, block_size
 
 
 def test_rank_grid_fills_the_kernel_tiles():

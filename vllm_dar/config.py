@@ -31,15 +31,18 @@ sees ``F = min(L, w + S)`` positions at full width (``LayerDar.full_positions``)
   step and layer for the whole batch, the fp32 projections: ``(H + J) D (rk + rv)`` elements (``Q_h``, ``U_h``
   per query head; ``K_g``, ``V_g`` of the cache write) (``DarConfig.decode_bytes``).
 
-Not counted: block rounding, the window manager's tails and the padded far pages of per-layer ranks (the
-allocator's; vLLM's logged capacity includes them), and per step the write of the new token (``2 J D``, DAR
-also ``G (rk + rv)``) and the kernels' fp32 scratch, both negligible at long ``L``.
+Not counted in what is held: block rounding, the window manager's tails and the padded far pages (the
+allocator's, below; vLLM's logged capacity includes them), and per step the write of the new token (``2 J D``,
+DAR also ``G (rk + rv)``) and the kernels' fp32 scratch, both negligible at long ``L``.
 
-What the window cache *reserves* per request is block-rounded (``window_cache_blocks``): with ``B``-token blocks,
-the sinks' ``ceil(S / B)`` blocks and, per tail, ``ceil((w - 1) / B) + 1`` blocks (the ``w - 1`` positions the
-next step reads at full width); vLLM's admission and logged capacity count two tails (the one in flight and the
-next), a request in steady decode holds one. ``DarConfig.reserved_fraction`` prices the window that way (the
-far cache as held): the calibrated schedule spends its budget in those terms, so that large windows cost what
+What the caches *reserve* per request is paged. The window cache, with ``B``-token blocks: the sinks'
+``ceil(S / B)`` blocks and, per tail, ``ceil((w - 1) / B) + 1`` blocks (the ``w - 1`` positions the next step
+reads at full width) (``window_cache_blocks``); vLLM's admission and logged capacity count two tails (the one in
+flight and the next), a request in steady decode holds one. The far cache: vLLM gives every cache one page size,
+so a far page holds a window page's bytes, ``2 J D B`` elements, as ``far_block_sizes`` tokens of ``G (rk + rv)``
+(rounded down to whole window blocks): ranks whose ``G (rk + rv)`` does not divide ``2 J D`` pad every page (at
+``2 J D = 384``: 80 elements take 96, 144 take 192). ``DarConfig.reserved_fraction`` prices both that way: the
+calibrated schedule spends its budget in those terms, so that large windows and page-padding ranks cost what
 vLLM makes them cost.
 """
 from __future__ import annotations
@@ -73,6 +76,36 @@ def window_cache_blocks(window: int, sink_tokens: int, block_size: int, tails: i
 
 RESERVED_TAILS = 2  # tails vLLM's admission and logged capacity count per request (module docstring)
 PRICED_BLOCK_SIZE = 16  # the plugin's default window block (VLLM_DAR_BLOCK_SIZE), at which convert prices windows
+MAX_HIT_ALIGNMENT = 1024  # tokens: the far blocks' least common multiple, vLLM's prefix-cache hit unit, at most
+
+
+def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int]) -> list[int]:
+    """Tokens per far-cache block of each layer, so that every page holds one window page's bytes.
+
+    ``slot_elems``: K + V elements of a full-width token slot; ``far_slot_elems``: of a reduced one, per layer.
+    Exact fit is ``window_block * slot_elems / far`` tokens (64 at ranks 16/16 of 64), rounded down to
+    ``window_block * m`` with ``m`` a divisor of ``_block_lcm(window_block)``: the prefix-cache hash unit stays
+    the window block, and the blocks of any mix of layers have a least common multiple (vLLM's prefix-cache hit
+    alignment) of at most ``MAX_HIT_ALIGNMENT`` tokens. Each layer's block depends on its own ranks only, so the
+    calibrated schedule can price a layer's pages alone.
+    """
+    n = _block_lcm(window_block)
+    multiples = [m for m in range(1, n + 1) if n % m == 0]
+    out = []
+    for f in far_slot_elems:
+        exact = window_block * slot_elems // f // window_block
+        out.append(window_block * max([m for m in multiples if m <= exact], default=1))
+    return out
+
+
+def _block_lcm(window_block: int) -> int:
+    """The largest ``3 * 2^a`` (else ``2^a``; else 1) whose multiple of ``window_block`` is within
+    ``MAX_HIT_ALIGNMENT``: far blocks are ``window_block`` times one of its divisors (at 16-token window blocks:
+    48, whose divisors fit every joint SmolLM2 rank sum exactly)."""
+    m = 3 if window_block * 3 <= MAX_HIT_ALIGNMENT else 1
+    while window_block * m * 2 <= MAX_HIT_ALIGNMENT:
+        m *= 2
+    return m
 
 
 def read_json(path: str) -> dict:
@@ -170,6 +203,11 @@ class LayerDar:
         blocks = window_cache_blocks(self.window, self.sink_tokens, block_size, RESERVED_TAILS)
         return min(context, blocks * block_size)
 
+    def reserved_far_elems(self, context: int, block_size: int, far_block: int) -> int:
+        """Elements the far cache reserves for one ``context``-token request: whole pages of ``far_block`` tokens,
+        each the bytes of a window page of ``block_size`` full-width slots (module docstring)."""
+        return -(-context // far_block) * block_size * self.slot_elems
+
     def read_elems(self, context: int) -> int:
         """K/V elements one decode step reads for a sequence at ``context`` tokens, the fresh one included."""
         full = self.full_positions(context)
@@ -258,12 +296,20 @@ class DarConfig:
         element (the dtype the engine caches K/V in)."""
         return self.kv_elems(context) * itemsize / context
 
+    def far_block_sizes(self, block_size: int = PRICED_BLOCK_SIZE) -> list[int]:
+        """Tokens per far-cache block of each layer beside ``block_size``-token window blocks (the plugin's)."""
+        return far_block_sizes(block_size, self.shape.slot_elems,
+                               [self.layer(i).reduced_elems() for i in range(self.shape.num_layers)])
+
     def reserved_fraction(self, context: int, block_size: int = PRICED_BLOCK_SIZE) -> float:
-        """``kv_fraction`` with each window priced as the window cache reserves it at ``block_size``-token blocks
-        (``LayerDar.reserved_full_slots``; far cache as held): what the calibrated schedule's budget counts."""
-        n = self.shape.num_layers
-        elems = sum(context * lay.reduced_elems() + lay.reserved_full_slots(context, block_size) * lay.slot_elems
-                    for lay in map(self.layer, range(n)))
+        """What the caches reserve for one ``context``-token request at ``block_size``-token window blocks, over
+        what full attention holds: windows as the window cache reserves them (``LayerDar.reserved_full_slots``),
+        far caches in whole padded pages (``LayerDar.reserved_far_elems``). What the calibrated schedule's
+        budget counts."""
+        layers = [self.layer(i) for i in range(self.shape.num_layers)]
+        elems = sum(lay.reserved_far_elems(context, block_size, fb)
+                    + lay.reserved_full_slots(context, block_size) * lay.slot_elems
+                    for lay, fb in zip(layers, self.far_block_sizes(block_size)))
         return elems / self.shape.kv_elems(context)
 
     def far_elems_per_token(self) -> int:

@@ -2,6 +2,7 @@
 manager."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -127,11 +128,17 @@ def test_window_manager_keeps_the_replay_tail_for_prefix_caching():
 
 
 def test_far_block_sizes_fit_the_window_page():
-    from vllm_dar.plugin.spec import far_block_sizes
+    from vllm_dar.config import far_block_sizes
 
     # SmolLM2: 3 KV heads x (64 + 64) per full slot; ranks 16/16 per head: 96 per reduced slot -> 4x the tokens.
     assert far_block_sizes(16, 384, [96, 96]) == [64, 64]
     # Per-layer ranks that do not divide: rounded down to the window block (16 * 384 / 88 = 69.8 -> 64).
     assert far_block_sizes(16, 384, [88, 96, 48]) == [64, 64, 128]
-    # Sizes whose common multiple would exceed 1024 tokens fall back to powers of two times the window block.
-    assert far_block_sizes(16, 384, [96, 88, 52, 36]) == [64, 64, 64, 128]  # exact: 64, 64, 112, 160
+    # Multiples of the window block by divisors of 48 only (118 -> 96, 170 -> 128), so that any mix of layers has
+    # a common multiple within 1024 tokens, vLLM's prefix-cache hit alignment.
+    assert far_block_sizes(16, 384, [96, 88, 52, 36]) == [64, 64, 96, 128]  # exact: 64, 69, 118, 170
+    for window_block in (1, 16, 32, 128, 512):
+        blocks = far_block_sizes(window_block, 384, list(range(8, 385, 8)))
+        assert all(b % window_block == 0 and b * f <= window_block * 384 or b == window_block
+                   for b, f in zip(blocks, range(8, 385, 8)))
+        assert math.lcm(*blocks) <= 1024

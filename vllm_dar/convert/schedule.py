@@ -9,7 +9,8 @@
   by its Lagrangian: for a price ``lam`` per byte each layer picks ``argmin err + lam * bytes`` and ``lam`` is
   bisected to the budget.
   Key and value errors are measured separately (the other side at full width) and added, which keeps the search
-  to ``windows x ranks x 2`` attention evaluations per layer.
+  to ``windows x ranks x 2`` attention evaluations per layer; the key and value ranks are chosen as a pair, since
+  the far cache's paged bytes depend on their sum (``far_block_sizes``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import RESERVED_TAILS, DarConfig, ModelShape, window_cache_blocks
+from ..config import RESERVED_TAILS, DarConfig, ModelShape, far_block_sizes, window_cache_blocks
 from ..reference import dar_masks, reconstruct_kv
 from .fit import LayerFit
 
@@ -116,30 +117,33 @@ def calibrated(errors: list[tuple[Tensor, Tensor]], *, windows, ranks, groups: i
                context: int, sink_tokens: int, budget: float, block_size: int | None = None) -> list[Setting]:
     """Lagrangian allocation under ``budget`` (fraction of the full KV bytes at ``context``).
 
-    Bytes are counted as the cache holds them: reduced K/V for every token plus full-width window and sinks;
-    with ``block_size``, each window's full-width positions as the window cache reserves them at that block
-    size (``DarConfig.reserved_fraction``: block-rounded, two tails), without it as held (``kv_fraction``).
+    Bytes are counted as the caches hold them (``kv_fraction``: reduced K/V for every token, full-width window
+    and sinks) or, with ``block_size``, as they reserve them at that window block size (``reserved_fraction``):
+    each window block-rounded with two tails, each layer's far cache in whole pages of a window page's bytes, so a
+    rank pair whose ``groups * (rk + rv)`` pads its pages costs the padding.
     """
-    rk = torch.tensor(ranks, dtype=torch.float64)
+    r = torch.tensor(ranks, dtype=torch.int64)
     if block_size is None:
         slots = [min(context, w + sink_tokens) for w in windows]
+        pair_cost = (groups * (r[:, None] + r[None, :])).double()  # [R, R] elems per token
     else:
         slots = [min(context, block_size * window_cache_blocks(w, sink_tokens, block_size, RESERVED_TAILS))
                  for w in windows]
+        page = block_size * full_per_token  # elements of a window page, and so of every far page
+        pair_cost = torch.tensor([[-(-context // far_block_sizes(block_size, full_per_token, [groups * (a + b)])[0])
+                                   * page / context for b in ranks] for a in ranks], dtype=torch.float64)
     win_cost = torch.tensor(slots, dtype=torch.float64) * full_per_token / context  # [W] per-token elems
-    rank_cost = rk * groups  # [R]
+    num_ranks = len(ranks)
 
     def pick(lam: float) -> tuple[list[Setting], float]:
         out, cost = [], 0.0
         for ek, ev in errors:
-            kc = ek.double() + lam * rank_cost  # [W, R]
-            vc = ev.double() + lam * rank_cost
-            kbest, ki = kc.min(1)
-            vbest, vi = vc.min(1)
-            total = kbest + vbest + lam * win_cost  # [W]
-            a = int(total.argmin())
-            out.append(Setting(int(windows[a]), int(ranks[ki[a]]), int(ranks[vi[a]])))
-            cost += float(win_cost[a] + rank_cost[ki[a]] + rank_cost[vi[a]])
+            pairs = ek.double()[:, :, None] + ev.double()[:, None, :] + lam * pair_cost  # [W, R, R]
+            best, flat = pairs.flatten(1).min(1)  # [W]
+            a = int((best + lam * win_cost).argmin())
+            ki, vi = divmod(int(flat[a]), num_ranks)
+            out.append(Setting(int(windows[a]), int(ranks[ki]), int(ranks[vi])))
+            cost += float(win_cost[a] + pair_cost[ki, vi])
         return out, cost / (len(errors) * full_per_token)
 
     lo, hi = 0.0, 1.0

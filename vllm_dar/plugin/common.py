@@ -40,11 +40,12 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
+from vllm_dar.config import far_block_sizes
 from vllm_dar.ops import DarOps, select_ops
 from vllm_dar.ops.paged import PagedProjections
 
 from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model, shard_projections
-from .spec import DarFarCache, dar_block_size, far_block_sizes, window_spec
+from .spec import DarFarCache, dar_block_size, window_spec
 
 
 @dataclass

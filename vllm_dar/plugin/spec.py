@@ -33,7 +33,6 @@ module is imported: in the worker when the spec is built, in the engine core whe
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -211,22 +210,6 @@ def window_spec(layer, vllm_config: VllmConfig, *, window: int, sink_tokens: int
                          replay_tail=bool(vllm_config.cache_config.enable_prefix_caching))
 
 
-def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int]) -> list[int]:
-    """Tokens per far-cache block of each layer, so that every page holds one window page's bytes.
-
-    ``slot_elems``: K + V elements of a full-width token slot; ``far_slot_elems``: of a reduced one, per layer.
-    Exact fit is ``window_block * slot_elems / far`` tokens (64 at ranks 16/16 of 64); rounded down to a
-    multiple of the window block so the prefix-cache hash unit stays the window block. If the layers' block
-    sizes then have a least common multiple above 1024 tokens (the prefix-cache hit alignment: vLLM's
-    scheduler block size), they are rounded down to the window block times a power of two instead.
-    """
-    exact = [max(window_block, window_block * slot_elems // f // window_block * window_block)
-             for f in far_slot_elems]
-    if math.lcm(window_block, *exact) <= 1024:
-        return exact
-    return [window_block << ((b // window_block).bit_length() - 1) for b in exact]
-
-
 class DarFarCache(torch.nn.Module, AttentionLayerBase):
     """Companion layer ``f"{layer_name}.dar_far"``: the reduced K/V of every token of one DAR layer.
 
@@ -239,7 +222,7 @@ class DarFarCache(torch.nn.Module, AttentionLayerBase):
         super().__init__()
         self.layer_name, self.groups, self.key_rank, self.value_rank, self.dtype = (
             name, groups, key_rank, value_rank, dtype)
-        self.block_size = block_size  # from far_block_sizes: pages equal to the window's, or padded by < 1 token
+        self.block_size = block_size  # from far_block_sizes: a window page's bytes, padded where they do not divide
         self.backend_cls = backend  # the platform's far backend: its builder makes this group's metadata
         self.kv_cache = torch.tensor([])
         if name in static_forward_context:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     VLLM_DAR_TEST_MODEL: str | None = None
     VLLM_DAR_TEST_DAR_MODEL: str | None = None
     VLLM_DAR_TEST_PYRAMID_MODEL: str | None = None
+    VLLM_DAR_TEST_KILL_AT: str | None = None
     VLLM_DAR_VENV: str = ".venv"
 
 # Names that no longer mean anything: set, they would be ignored silently, so reading any variable refuses them.
@@ -50,6 +51,14 @@ def _positive_int(name: str, default: int) -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"vllm-dar: {name}={value!r}: expected a positive integer")
     return int(value)
+
+
+def _kill_point(name: str) -> str | None:
+    value = os.environ.get(name) or None
+    point, at, n = (value or "").partition("@")
+    if value is not None and (":" not in point or (at and (not n.isdigit() or int(n) < 1))):
+        raise ValueError(f"vllm-dar: {name}={value!r}: expected COMMAND:POINT or COMMAND:POINT@N (N >= 1)")
+    return value
 
 
 def _flag(name: str) -> bool:
@@ -79,6 +88,13 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "VLLM_DAR_TEST_MODEL": lambda: os.environ.get("VLLM_DAR_TEST_MODEL") or None,
     "VLLM_DAR_TEST_DAR_MODEL": lambda: os.environ.get("VLLM_DAR_TEST_DAR_MODEL") or None,
     "VLLM_DAR_TEST_PYRAMID_MODEL": lambda: os.environ.get("VLLM_DAR_TEST_PYRAMID_MODEL") or None,
+    # Test-only: SIGKILL the process the N-th time (default the first) it reaches a named point, as
+    # `COMMAND:POINT[@N]` (vllm_dar._fs.kill_point; tests/test_kill.py). Points: `convert:`, `prepare:`, `heal:`
+    # (the final output) or `heal-state:` (the first run state, which creates OUT) followed by `staged` (built,
+    # not published), `aside` (old OUT moved aside, where the atomic swap is unsupported) or `published` (at OUT,
+    # the old one not yet deleted); `heal:saved` (after a run-state save), `heal:state-written` (a run state
+    # written to its .tmp file, not yet renamed over the previous one). Never set it outside tests.
+    "VLLM_DAR_TEST_KILL_AT": lambda: _kill_point("VLLM_DAR_TEST_KILL_AT"),
     # scripts/setup.sh and scripts/main.sh: the virtual environment to create and use (read by the scripts).
     "VLLM_DAR_VENV": lambda: os.environ.get("VLLM_DAR_VENV", ".venv"),
 }

@@ -36,7 +36,9 @@ windows seen, and which windows those are depends on the seed. Off by default (t
 The run state (projections, Adam moments, step, tokens, seconds, data cursor) is saved to ``OUT/heal_state.pt``
 every ``save_every`` steps and on Ctrl-C; ``resume`` continues from it. The result is an ordinary DAR-converted
 checkpoint (``write_converted``), with the final state moved to ``OUT/dar/heal_state.pt`` (vLLM never reads that
-folder).
+folder). Killed at any point, a run leaves no OUT (before its first save), OUT holding only a run state (no
+``config.json``: never loads as a checkpoint), or the complete output with its final state (``vllm_dar._fs``
+publishes it in one swap); ``resume`` then ends where an uninterrupted run would (``tests/test_kill.py``).
 """
 from __future__ import annotations
 
@@ -44,7 +46,6 @@ import copy
 import math
 import os
 import pickle
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -54,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._fs import atomic_dir, discard, kill_point
 from .checkpoint import load_dar, write_converted
 from .config import DarConfig, DarConfigError
 from .hf import dar_attention_enabled
@@ -405,8 +407,14 @@ def _state_path(out: str) -> str | None:
 
 
 def _save_state(path: str, state: dict) -> None:
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):  # a run's first save creates OUT, with the state in it from the start
+        with atomic_dir(folder, prefix=".heal-state-") as new:
+            torch.save(state, os.path.join(new, os.path.basename(path)))
+        return
     tmp = path + ".tmp"
     torch.save(state, tmp)
+    kill_point("heal:state-written")
     os.replace(tmp, path)  # a crash mid-save keeps the previous state
 
 
@@ -465,17 +473,19 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
     elif os.path.exists(out):
         if not force:
             raise FileExistsError(f"{out} exists; pass --resume to continue its healing run or --force to replace it")
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+        discard(out, prefix=".heal-")  # OUT appears again at the first state save
     model, tokenizer = load_model(dar_dir, dtype="float32")
     model.to(device)
     files = calib_files or split_files()[0]  # the calibration split only: held-out text is never trained on
     windows = token_windows(tokenizer, files, context=settings.context, max_tokens=settings.data_tokens)
     live = os.path.join(out, STATE_FILE)
+
+    def save(s: dict) -> None:
+        _save_state(live, {**s, "source": source})
+        kill_point("heal:saved")
     t0 = time.time()
-    healed, state, finished = heal_projections(
-        model, cfg, projections, windows, settings, state=state, progress=progress, on_step=on_step,
-        save=lambda s: _save_state(live, {**s, "source": source}))
+    healed, state, finished = heal_projections(model, cfg, projections, windows, settings, state=state,
+                                               progress=progress, on_step=on_step, save=save)
     summary = {"out": out, "finished": finished, "steps": state["step"], "tokens": state["tokens"],
                "minutes": round(state["seconds"] / 60, 2), "averaged_steps": averaged_steps(state),
                "wall_minutes_this_run": round((time.time() - t0) / 60, 2),
@@ -489,8 +499,10 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
                   source=source["dar_dir"], train_windows=len(windows))
     healed_cfg = DarConfig(**{**cfg.__dict__, "method": f"{cfg.method}+heal",
                               "extra": {**cfg.extra, "heal": record}})
-    # replaces out (and its live state) atomically; trained attention weights replace the source's
+    # replaces out (and its live state) atomically, final state included; trained attention weights replace the
+    # source's
     trained = {k: p.detach().cpu() for k, p in attention_weights(model, settings.weights).items()}  # the output's
-    write_converted(dar_dir, out, healed_cfg, healed, force=True, weights=trained or None)
-    _save_state(os.path.join(out, FINAL_STATE), {**state, "source": source})
+    with atomic_dir(out, force=True, prefix=".heal-") as new:
+        write_converted(dar_dir, new, healed_cfg, healed, force=True, weights=trained or None)
+        _save_state(os.path.join(new, FINAL_STATE), {**state, "source": source})
     return summary

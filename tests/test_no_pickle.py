@@ -12,7 +12,7 @@ import torch
 
 from vllm_dar.checkpoint import load_dar
 from vllm_dar.config import DarConfigError
-from vllm_dar.heal import STATE_FILE, HealSettings, heal, load_state
+from vllm_dar.heal import FINAL_STATE, STATE_FILE, HealSettings, heal, load_state
 
 
 class Payload:
@@ -51,10 +51,11 @@ def dar_tiny(tiny_llama, calib_text, tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.parametrize("where", [STATE_FILE, FINAL_STATE])  # a live run's state; a finished run's
 @pytest.mark.parametrize("how", ["torch.save", "pickle"])
-def test_crafted_run_state_is_refused(dar_tiny, calib_text, tmp_path, how):
+def test_crafted_run_state_is_refused(dar_tiny, calib_text, tmp_path, how, where):
     out, marker = tmp_path / "healed", tmp_path / "ran"
-    state = out / STATE_FILE
+    state = out / where
     write_payload(str(state), str(marker), how)
     settings = HealSettings(context=64, max_tokens=256, save_every=1, data_tokens=512)
     with pytest.raises(DarConfigError, match=f"--resume: {state} is not a heal run state"):

@@ -277,14 +277,11 @@ def delta_by_half(res: dict, full: dict) -> list[float]:
 
 
 def plan_fraction(shape, context: int) -> float:
-    """The calibrated rows' budget: convert's default (the recommended recipe's uniform setting, windows priced
-    as vLLM reserves them: ``reserved_fraction``), so that ``calibrated-joint`` is the recipe ``scripts/main.sh``
-    converts."""
-    from vllm_dar.config import DarConfig
-    from vllm_dar.convert.recipe import DEFAULT as R
+    """The calibrated rows' budget: convert's default (``Recipe.calibrated_budget``, counted as vLLM reserves the
+    caches: ``reserved_fraction``), so that ``calibrated-joint`` is the recipe ``scripts/main.sh`` converts."""
+    from vllm_dar.convert.recipe import Recipe
 
-    return DarConfig.uniform(shape, window=R.window, key_rank=R.key_rank, value_rank=R.value_rank,
-                             sink_tokens=R.sink_tokens, head_sharing=R.head_sharing).reserved_fraction(context)
+    return Recipe(context=context).calibrated_budget(shape)
 
 
 if __name__ == "__main__":

@@ -99,17 +99,19 @@ def _cmd_generate(a) -> dict:
 
 def _add_convert(sub) -> None:
     from .convert.recipe import DEFAULT as R
+    from .convert.recipe import DEFAULT_KV_BUDGET
 
     s = sub.add_parser("convert", help="write a DAR-converted checkpoint (defaults: the recommended recipe)",
                        description="Convert a Hugging Face checkpoint to DAR. With no options: joint projections, "
-                       f"{R.sink_tokens} sink tokens, per-layer windows and ranks calibrated to the bytes of window "
-                       f"{R.window} with ranks {R.key_rank}/{R.value_rank}; --kv-budget sets the bytes instead.")
+                       f"{R.sink_tokens} sink tokens, per-layer windows and ranks calibrated to {DEFAULT_KV_BUDGET} "
+                       "of the stock KV bytes at --context (as vLLM reserves them); --kv-budget sets the bytes.")
     s.add_argument("src")
     s.add_argument("out")
     s.add_argument("--kv-budget", type=float, default=R.kv_budget, metavar="F",
                    help="KV bytes as a fraction of the stock cache's at --context, in (0, 1], spent by the "
-                        "calibrated schedule, windows counted as vLLM's window cache reserves them (16-token "
-                        "blocks, two tails; default: the bytes of --window/--key-rank/--value-rank)")
+                        "calibrated schedule, counted as vLLM's caches reserve them (16-token window blocks, two "
+                        f"tails; far caches in whole pages); default: {DEFAULT_KV_BUDGET}, or the bytes of a "
+                        "--window/--key-rank/--value-rank setting given)")
     s.add_argument("--window", type=int, default=R.window,
                    help="full-width recent positions, current one included (%(default)s)")
     s.add_argument("--key-rank", type=int, default=R.key_rank, help="(%(default)s)")

@@ -11,7 +11,7 @@ from conftest import make_tiny_llama
 
 from vllm_dar.checkpoint import load_dar, load_projections, save_projections
 from vllm_dar.cli import main as cli
-from vllm_dar.config import DarConfig, DarConfigError
+from vllm_dar.config import DarConfig, DarConfigError, ModelShape
 from vllm_dar.convert import convert
 from vllm_dar.convert.fit import fit_layer
 from vllm_dar.convert.schedule import calibrated, pyramid
@@ -191,7 +191,7 @@ def test_capture_hooks_always_come_off(tiny_llama):
 
 def test_defaults_are_the_recommended_recipe_in_one_place():
     """`vllm-dar convert SRC OUT` and `convert(SRC, OUT)` run the same recipe, Recipe()'s: the best measured
-    without training (joint projections, calibrated windows and ranks at the bytes of w=64 r=48/64, 4 sinks)."""
+    without training (joint projections, calibrated windows and ranks at DEFAULT_KV_BUDGET, 4 sinks)."""
     import inspect
 
     from vllm_dar.cli import build_parser
@@ -218,12 +218,26 @@ def test_kv_budget_is_checked_before_work(tiny_llama, calib_text, tmp_path, caps
                         ({"kv_budget": 1.5}, r"--kv-budget: 1.5 must be in \(0, 1\]"),
                         ({"kv_budget": 0.5, "schedule": "uniform"}, "--kv-budget: applies to --schedule calibrated"),
                         ({"kv_budget": 0.5, "window": 128}, r"--kv-budget: .*ignore \{'window': 128\}"),
-                        ({"kv_budget": 0.3}, r"--kv-budget: 0.3 is below 0.4688")):
+                        ({"kv_budget": 0.3}, r"--kv-budget: 0.3 is below 0.4688"),
+                        ({}, r"--kv-budget: 0.394 is below 0.4688")):  # the default budget, checked alike
         with pytest.raises(DarConfigError, match=message):
             run(**kw)
         assert not out.exists()
     assert cli(["convert", tiny_llama, str(out), "--kv-budget", "2"]) == 2
     assert "--kv-budget: 2.0 must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_calibrated_budget_is_the_given_budget_setting_or_default():
+    from vllm_dar.config import PRICED_BLOCK_SIZE
+    from vllm_dar.convert.recipe import DEFAULT_KV_BUDGET, Recipe
+
+    shape = ModelShape(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
+    assert Recipe().calibrated_budget(shape) == DEFAULT_KV_BUDGET
+    assert Recipe(kv_budget=0.25).calibrated_budget(shape) == 0.25
+    given = Recipe(window=128, key_rank=48, value_rank=48)  # a uniform setting given: its reserved bytes
+    expected = DarConfig.uniform(shape, window=128, key_rank=48, value_rank=48, sink_tokens=4,
+                                 head_sharing="joint").reserved_fraction(2048, PRICED_BLOCK_SIZE)
+    assert given.calibrated_budget(shape) == pytest.approx(expected) and expected != DEFAULT_KV_BUDGET
 
 
 def test_kv_budget_alone_gives_a_calibrated_joint_model(tiny_llama, calib_text, tmp_path):

@@ -59,7 +59,7 @@ def plan(
     The keyword defaults are the plain recipe (per-head PCA projections, the same setting in every layer, no
     sinks), which experiments vary one setting at a time; ``convert()``'s are the recommended ``Recipe()``.
     ``window``, ``key_rank`` and ``value_rank`` are the uniform setting: every layer's (``uniform``), the ramp's
-    mean (``pyramid``), or the setting whose bytes the ``calibrated`` schedule spends when ``kv_budget`` is None.
+    mean (``pyramid``); for ``calibrated`` with ``kv_budget`` None, ``Recipe.calibrated_budget`` reads them.
     """
     if schedule not in SCHEDULES:
         raise DarConfigError(f"--schedule: {schedule!r} is not one of {SCHEDULES}")
@@ -68,9 +68,6 @@ def plan(
     # The projection groups (validates head_sharing and sinks), then the uniform setting where it is read.
     layout = DarConfig.uniform(shape, window=0, key_rank=1, value_rank=1, sink_tokens=sink_tokens,
                                head_sharing=head_sharing, method=method)
-    base = None if kv_budget is not None else DarConfig.uniform(
-        shape, window=window, key_rank=key_rank, value_rank=value_rank, sink_tokens=sink_tokens,
-        head_sharing=head_sharing, method=method)
     groups = layout.groups
     fits: list[LayerFit] = [
         fit_layer(st.query_cov(), st.key_cov(groups), st.value_cov(groups), st.wo_metric,
@@ -83,7 +80,9 @@ def plan(
         settings = pyramid(shape.num_layers, window=window, key_rank=key_rank, value_rank=value_rank,
                            max_rank=layout.group_dim)
     else:
-        budget = kv_budget if kv_budget is not None else base.reserved_fraction(context, PRICED_BLOCK_SIZE)
+        budget = kv_budget if kv_budget is not None else Recipe(
+            window=window, key_rank=key_rank, value_rank=value_rank, sink_tokens=sink_tokens,
+            head_sharing=head_sharing, method=method, context=context).calibrated_budget(shape)
         ranks = rank_grid(layout.group_dim)
         errors = measure_all(stats, fits, windows=WINDOWS, ranks=ranks, sink_tokens=sink_tokens,
                              progress=progress)

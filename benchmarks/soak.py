@@ -20,7 +20,8 @@ from ``/metrics`` (``kv_usage_after``: must be 0), ``/health`` and one more comp
 text differs from what the request got under load. Latency: end-to-end seconds of the requests that completed
 (``p50_s``, ``p99_s``); the top level holds dar's p99 over stock's.
 
-    python benchmarks/soak.py --json benchmarks/results/soak.json       # 500 requests; ~N min (see the result)
+    python benchmarks/soak.py --json benchmarks/results/soak.json       # 500 requests, fp32: ~35 min here
+                                                                        # (2 shared cores; 3-5 min per start-up)
     python benchmarks/soak.py --requests 40 --engines dar               # a smoke run
 
 Bounded: ``--time-limit`` seconds per engine for the load (requests not started by then are not sent, and counted

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 MAX_LEN = 512
 W = 64  # dar_smol's window
-# The small-KV server's pool, in blocks. Measured at 40: a 300-token prompt holds ~11 blocks and 450 tokens ~13,
-# so vLLM admits 3 of the 4 requests (34 blocks); at 36 their growth to 500 tokens (~15 each) must preempt.
+# The small-KV server's pool, in blocks (one 512-token request needs ~17). With 4 x 300-token prompts vLLM
+# admitted only what fits to the end (no preemption at 40 or 36 blocks); short prompts are all admitted, then grow.
 PREEMPT_BLOCKS = 36
 
 
@@ -209,10 +209,10 @@ def test_stop_strings(servers, text_ids):
 
 
 def test_preemption_keeps_greedy_tokens(small_server, text_ids):
-    """Four 300-token prompts decoding 200 tokens each, in a pool too small for all: some are preempted
-    (recomputed) and resumed, and every request's tokens equal those it gets alone."""
+    """Six 40-token prompts decoding 200 tokens each, in a pool too small for all at full length: some are
+    preempted (recomputed) and resumed, and every request's tokens equal those it gets alone."""
     api = small_server
-    prompts = [text_ids[i * 300:(i + 1) * 300] for i in range(4)]
+    prompts = [text_ids[i * 40:(i + 1) * 40] for i in range(6)]
     body = {**GREEDY, "max_tokens": 200}
     before = api.metric("vllm:num_preemptions_total")
     with ThreadPoolExecutor(len(prompts)) as pool:

@@ -12,7 +12,8 @@ disconnect is a real TCP close) send ``--requests`` requests, the same list to e
     sampling  40% greedy (temperature 0), else temperature 0.8 / top_p 0.95 with a per-request seed; n = 2 or 3 for
               15% of the sampled ones; max_tokens 1-64; 20% carry stop strings
     streaming 60% stream; 20% of all requests are cancelled mid-stream (the client closes the connection after
-              1-4 chunks) and 5% are aborted before their first token (closed 0-50 ms after sending)
+              1-4 chunks; these ask for >= 16 tokens and carry no stop string, so they are still running) and 5%
+              are aborted before their first token (closed 0-50 ms after sending)
 
 Afterwards, per engine: once ``vllm:num_requests_running`` and ``..._waiting`` are 0, ``vllm:kv_cache_usage_perc``
 from ``/metrics`` (``kv_usage_after``: must be 0), ``/health`` and one more completion (``alive``), then up to
@@ -85,6 +86,9 @@ def make_requests(n: int, seed: int, pool: list[int], max_model_len: int) -> lis
         r = rng.random()
         mode = "cancel" if r < 0.2 else "abort" if r < 0.25 else "full"
         body["stream"] = mode != "full" or rng.random() < 0.5
+        if mode == "cancel":  # long enough to be cut off: a request that ends first is not a cancellation
+            body["max_tokens"] = max(body["max_tokens"], 16)
+            body.pop("stop", None)
         out.append({**body, "_id": i, "_mode": mode, "_chunks": rng.randint(1, 4), "_delay": rng.random() * 0.05})
     return out
 

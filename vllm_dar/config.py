@@ -40,8 +40,8 @@ What the caches *reserve* per request is paged. The window cache, with ``B``-tok
 reads at full width) (``window_cache_blocks``); vLLM's admission and logged capacity count two tails (the one in
 flight and the next), a request in steady decode holds one. The far cache: vLLM gives every cache one page size,
 so a far page holds a window page's bytes, ``2 J D B`` elements, as ``far_block_sizes`` tokens of ``G (rk + rv)``
-(rounded down to whole window blocks): ranks whose ``G (rk + rv)`` does not divide ``2 J D`` pad every page (at
-``2 J D = 384``: 80 elements take 96, 144 take 192). ``DarConfig.reserved_fraction`` prices both that way: the
+(rounded down to ``B`` times a divisor of 48 at ``B = 16``): ranks whose ``G (rk + rv)`` does not fill it pad
+every page (at ``2 J D = 384``: 80 elements take 96, 144 take 192), and the last page of a request is whole. ``DarConfig.reserved_fraction`` prices both that way: the
 calibrated schedule spends its budget in those terms, so that large windows and page-padding ranks cost what
 vLLM makes them cost.
 """

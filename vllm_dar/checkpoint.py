@@ -119,30 +119,42 @@ def _replace_weights(src: str, tmp: str, weights: dict[str, torch.Tensor]) -> No
 
 def write_converted(src: str, out: str, cfg: DarConfig, projections: list[LayerProjections], *,
                     force: bool = False, weights: dict[str, torch.Tensor] | None = None) -> str:
-    """Write ``src``'s files plus the DAR section and projections to ``out``, atomically; ``weights`` (checkpoint
-    tensor names) replace the source's tensors of those names (a healing run that trained attention weights)."""
+    """Write ``src``'s files plus the DAR section and projections to ``out``, atomically (``fill_converted`` in a
+    staging folder that ``vllm_dar._fs.atomic_dir`` publishes)."""
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise ValueError("OUT must differ from SRC: the source checkpoint is never modified")
+    with atomic_dir(out, force=force, prefix=".convert-") as tmp:
+        fill_converted(src, tmp, cfg, projections, weights=weights)
+    return out
+
+
+def fill_converted(src: str, folder: str, cfg: DarConfig, projections: list[LayerProjections], *,
+                   weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the converted checkpoint's files into the empty ``folder`` (a caller's staging folder, published by
+    it): ``src``'s files, ``config.json`` with the DAR section, the projections; ``weights`` (checkpoint tensor
+    names) replace the source's tensors of those names (a healing run that trained attention weights)."""
+    _check_projections(cfg, projections)
+    raw = read_config(src)
+    raw.pop("dar", None)
+    raw["dar"] = cfg.to_json()
+    for name in os.listdir(src):
+        if name in ("config.json", "dar") or name.startswith("."):
+            continue
+        s = os.path.join(src, name)
+        (shutil.copytree if os.path.isdir(s) else shutil.copy2)(s, os.path.join(folder, name))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    if weights:
+        _replace_weights(src, folder, weights)
+    proj_path = os.path.join(folder, cfg.projection_file)
+    os.makedirs(os.path.dirname(proj_path), exist_ok=True)
+    save_projections(proj_path, projections)
+
+
+def _check_projections(cfg: DarConfig, projections: list[LayerProjections]) -> None:
     if len(projections) != cfg.shape.num_layers:
         raise DarConfigError(f"dar: {len(projections)} projection sets for {cfg.shape.num_layers} layers")
     for i, p in enumerate(projections):
         for name, shape in expected_shapes(cfg, i).items():
             if tuple(getattr(p, name).shape) != shape:
                 raise DarConfigError(f"layers.{i}.{name}: shape {tuple(getattr(p, name).shape)} != {shape}")
-    if os.path.abspath(src) == os.path.abspath(out):
-        raise ValueError("OUT must differ from SRC: the source checkpoint is never modified")
-    raw = read_config(src)
-    raw.pop("dar", None)
-    raw["dar"] = cfg.to_json()
-    with atomic_dir(out, force=force, prefix=".convert-") as tmp:
-        for name in os.listdir(src):
-            if name in ("config.json", "dar") or name.startswith("."):
-                continue
-            s = os.path.join(src, name)
-            (shutil.copytree if os.path.isdir(s) else shutil.copy2)(s, os.path.join(tmp, name))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(raw, f, indent=2)
-        if weights:
-            _replace_weights(src, tmp, weights)
-        proj_path = os.path.join(tmp, cfg.projection_file)
-        os.makedirs(os.path.dirname(proj_path), exist_ok=True)
-        save_projections(proj_path, projections)
-    return out

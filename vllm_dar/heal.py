@@ -35,7 +35,7 @@ averaging), not the last step's: with one window per step, the last step's param
 windows seen, and which windows those are depends on the seed. Off by default (the README says what it measured).
 The run state (projections, Adam moments, step, tokens, seconds, data cursor) is saved to ``OUT/heal_state.pt``
 every ``save_every`` steps and on Ctrl-C; ``resume`` continues from it. The result is an ordinary DAR-converted
-checkpoint (``write_converted``), with the final state moved to ``OUT/dar/heal_state.pt`` (vLLM never reads that
+checkpoint (``fill_converted``), with the final state moved to ``OUT/dar/heal_state.pt`` (vLLM never reads that
 folder). Killed at any point, a run leaves no OUT (before its first save), OUT holding only a run state (no
 ``config.json``: never loads as a checkpoint), or the complete output with its final state (``vllm_dar._fs``
 publishes it in one swap); ``resume`` then ends where an uninterrupted run would (``tests/test_kill.py``).
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._fs import atomic_dir, discard, kill_point
-from .checkpoint import load_dar, write_converted
+from .checkpoint import fill_converted, load_dar
 from .config import DarConfig, DarConfigError
 from .hf import dar_attention_enabled
 from .reference import LayerProjections
@@ -503,6 +503,6 @@ def heal(dar_dir: str, out: str, *, settings: HealSettings, resume: bool = False
     # source's
     trained = {k: p.detach().cpu() for k, p in attention_weights(model, settings.weights).items()}  # the output's
     with atomic_dir(out, force=True, prefix=".heal-") as new:
-        write_converted(dar_dir, new, healed_cfg, healed, force=True, weights=trained or None)
+        fill_converted(dar_dir, new, healed_cfg, healed, weights=trained or None)
         _save_state(os.path.join(new, FINAL_STATE), {**state, "source": source})
     return summary

@@ -41,9 +41,9 @@ reads at full width) (``window_cache_blocks``); vLLM's admission and logged capa
 flight and the next), a request in steady decode holds one. The far cache: vLLM gives every cache one page size,
 so a far page holds a window page's bytes, ``2 J D B`` elements, as ``far_block_sizes`` tokens of ``G (rk + rv)``
 (rounded down to ``B`` times a divisor of 48 at ``B = 16``): ranks whose ``G (rk + rv)`` does not fill it pad
-every page (at ``2 J D = 384``: 80 elements take 96, 144 take 192), and the last page of a request is whole. ``DarConfig.reserved_fraction`` prices both that way: the
-calibrated schedule spends its budget in those terms, so that large windows and page-padding ranks cost what
-vLLM makes them cost.
+every page (at ``2 J D = 384``: 80 elements take 96, 144 take 192), and the last page of a request is whole
+(``reserved_far_elems``). ``DarConfig.reserved_fraction`` prices both that way: the calibrated schedule spends
+its budget in those terms, so that large windows and page-padding ranks cost what vLLM makes them cost.
 """
 from __future__ import annotations
 
@@ -96,6 +96,13 @@ def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int
         exact = window_block * slot_elems // f // window_block
         out.append(window_block * max([m for m in multiples if m <= exact], default=1))
     return out
+
+
+def reserved_far_elems(context: int, window_block: int, slot_elems: int, far_slot_elems: int) -> int:
+    """Elements one layer's far cache reserves for a ``context``-token request: whole pages of
+    ``far_block_sizes`` tokens, each the bytes of a window page (``window_block`` slots of ``slot_elems``)."""
+    far_block = far_block_sizes(window_block, slot_elems, [far_slot_elems])[0]
+    return -(-context // far_block) * window_block * slot_elems
 
 
 def _block_lcm(window_block: int) -> int:
@@ -203,11 +210,6 @@ class LayerDar:
         blocks = window_cache_blocks(self.window, self.sink_tokens, block_size, RESERVED_TAILS)
         return min(context, blocks * block_size)
 
-    def reserved_far_elems(self, context: int, block_size: int, far_block: int) -> int:
-        """Elements the far cache reserves for one ``context``-token request: whole pages of ``far_block`` tokens,
-        each the bytes of a window page of ``block_size`` full-width slots (module docstring)."""
-        return -(-context // far_block) * block_size * self.slot_elems
-
     def read_elems(self, context: int) -> int:
         """K/V elements one decode step reads for a sequence at ``context`` tokens, the fresh one included."""
         full = self.full_positions(context)
@@ -296,20 +298,13 @@ class DarConfig:
         element (the dtype the engine caches K/V in)."""
         return self.kv_elems(context) * itemsize / context
 
-    def far_block_sizes(self, block_size: int = PRICED_BLOCK_SIZE) -> list[int]:
-        """Tokens per far-cache block of each layer beside ``block_size``-token window blocks (the plugin's)."""
-        return far_block_sizes(block_size, self.shape.slot_elems,
-                               [self.layer(i).reduced_elems() for i in range(self.shape.num_layers)])
-
     def reserved_fraction(self, context: int, block_size: int = PRICED_BLOCK_SIZE) -> float:
         """What the caches reserve for one ``context``-token request at ``block_size``-token window blocks, over
         what full attention holds: windows as the window cache reserves them (``LayerDar.reserved_full_slots``),
-        far caches in whole padded pages (``LayerDar.reserved_far_elems``). What the calibrated schedule's
-        budget counts."""
-        layers = [self.layer(i) for i in range(self.shape.num_layers)]
-        elems = sum(lay.reserved_far_elems(context, block_size, fb)
+        far caches in whole padded pages (``reserved_far_elems``). What the calibrated schedule's budget counts."""
+        elems = sum(reserved_far_elems(context, block_size, lay.slot_elems, lay.reduced_elems())
                     + lay.reserved_full_slots(context, block_size) * lay.slot_elems
-                    for lay, fb in zip(layers, self.far_block_sizes(block_size)))
+                    for lay in map(self.layer, range(self.shape.num_layers)))
         return elems / self.shape.kv_elems(context)
 
     def far_elems_per_token(self) -> int:

@@ -10,7 +10,7 @@
   bisected to the budget.
   Key and value errors are measured separately (the other side at full width) and added, which keeps the search
   to ``windows x ranks x 2`` attention evaluations per layer; the key and value ranks are chosen as a pair, since
-  the far cache's paged bytes depend on their sum (``far_block_sizes``).
+  the far cache's paged bytes depend on their sum (``reserved_far_elems``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..config import RESERVED_TAILS, DarConfig, ModelShape, far_block_sizes, window_cache_blocks
+from ..config import RESERVED_TAILS, DarConfig, ModelShape, reserved_far_elems, window_cache_blocks
 from ..reference import dar_masks, reconstruct_kv
 from .fit import LayerFit
 
@@ -129,9 +129,8 @@ def calibrated(errors: list[tuple[Tensor, Tensor]], *, windows, ranks, groups: i
     else:
         slots = [min(context, block_size * window_cache_blocks(w, sink_tokens, block_size, RESERVED_TAILS))
                  for w in windows]
-        page = block_size * full_per_token  # elements of a window page, and so of every far page
-        pair_cost = torch.tensor([[-(-context // far_block_sizes(block_size, full_per_token, [groups * (a + b)])[0])
-                                   * page / context for b in ranks] for a in ranks], dtype=torch.float64)
+        pair_cost = torch.tensor([[reserved_far_elems(context, block_size, full_per_token, groups * (a + b)) / context
+                                   for b in ranks] for a in ranks], dtype=torch.float64)
     win_cost = torch.tensor(slots, dtype=torch.float64) * full_per_token / context  # [W] per-token elems
     num_ranks = len(ranks)
 

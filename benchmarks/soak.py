@@ -11,9 +11,9 @@ disconnect is a real TCP close) send ``--requests`` requests, the same list to e
               (4-64 tokens), 20% long (256 up to max-model-len - max_tokens)
     sampling  40% greedy (temperature 0), else temperature 0.8 / top_p 0.95 with a per-request seed; n = 2 or 3 for
               15% of the sampled ones; max_tokens 1-64; 20% carry stop strings
-    streaming 60% stream; 20% of all requests are cancelled mid-stream (the client closes the connection after
-              1-4 chunks; these ask for >= 16 tokens and carry no stop string, so they are still running) and 5%
-              are aborted before their first token (closed 0-50 ms after sending)
+    streaming 60% stream; exactly 20% of all requests (rounded) are cancelled mid-stream (the client closes the
+              connection after 1-4 chunks; these ask for >= 16 tokens and carry no stop string, so they are still running) and
+              exactly 5% are aborted before their first token (closed 0-50 ms after sending)
 
 Afterwards, per engine: once ``vllm:num_requests_running`` and ``..._waiting`` are 0, ``vllm:kv_cache_usage_perc``
 from ``/metrics`` (``kv_usage_after``: must be 0), ``/health`` and one more completion (``alive``), then up to
@@ -68,9 +68,12 @@ def make_requests(n: int, seed: int, pool: list[int], max_model_len: int) -> lis
     """The seeded request list (module docstring): each a /v1/completions body plus ``_mode`` (``full``,
     ``cancel`` after ``_chunks`` chunks, or ``abort`` after ``_delay`` s)."""
     rng = random.Random(seed)
+    n_cancel, n_abort = round(0.2 * n), round(0.05 * n)  # exact shares: a per-request draw wanders (87 of 500)
+    modes = ["cancel"] * n_cancel + ["abort"] * n_abort + ["full"] * (n - n_cancel - n_abort)
+    rng.shuffle(modes)
     out = []
-    for i in range(n):
-        max_tokens = rng.randint(1, 64)
+    for i, mode in enumerate(modes):
+        max_tokens = rng.randint(16 if mode == "cancel" else 1, 64)  # a cancel must still be running to be cut
         longest = max_model_len - max_tokens
         length = rng.randint(4, 64) if rng.random() < 0.8 else rng.randint(min(256, longest), longest)
         start = rng.randrange(0, len(pool) - length)
@@ -83,11 +86,8 @@ def make_requests(n: int, seed: int, pool: list[int], max_model_len: int) -> lis
                 body["n"] = rng.choice((2, 3))
         if rng.random() < 0.2:
             body["stop"] = rng.choice(STOPS)
-        r = rng.random()
-        mode = "cancel" if r < 0.2 else "abort" if r < 0.25 else "full"
         body["stream"] = mode != "full" or rng.random() < 0.5
-        if mode == "cancel":  # long enough to be cut off: a request that ends first is not a cancellation
-            body["max_tokens"] = max(body["max_tokens"], 16)
+        if mode == "cancel":  # a stop string could end it before the cut: not a cancellation
             body.pop("stop", None)
         out.append({**body, "_id": i, "_mode": mode, "_chunks": rng.randint(1, 4), "_delay": rng.random() * 0.05})
     return out

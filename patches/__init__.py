@@ -32,4 +32,16 @@ PATCHES = (
         "remove_when": "vLLM lets plugins choose a backend per model, or the map or its caller change shape",
         "test": "tests/patches/test_patches.py::test_backend_selection_target_unchanged",
     },
+    {
+        "module": "vllm_dar.patches.cpu_seeded_partial_prefill",
+        "target": "vllm 0.32.0: vllm/v1/worker/gpu_model_runner.py:GPUModelRunner._bookkeeping_sync (the "
+        "discard_request_mask loop: gen.set_offset(gen.get_offset() - 4)) and ._sample, inherited by "
+        "vllm/v1/worker/cpu_model_runner.py:CPUModelRunner",
+        "why": "a seeded request whose prompt is prefilled in several chunks makes the CPU runner call get_offset "
+        "on a CPU generator, which raises: the engine core dies with every in-flight request (stock vLLM too)",
+        "how": "the CPU impl wraps CPUModelRunner._sample (snapshot and restore the discarded requests' generator "
+        "states: an exact rewind; lift them out of input_batch.generators) and ._bookkeeping_sync (put them back)",
+        "remove_when": "vLLM stops calling get_offset/set_offset on CPU generators, or the two methods change shape",
+        "test": "tests/patches/test_patches.py::test_seeded_partial_prefill_target_unchanged",
+    },
 )

@@ -3,7 +3,7 @@
     python engine_job.py JOB.json OUT.json
 
 JOB: {"model": DIR, "engine": {LLM kwargs}, "max_tokens": N, "runs": [[prompt token ids, ...], ...],
-"logprobs": bool}.
+"logprobs": bool, "sampling": {SamplingParams kwargs over the greedy default}}.
 Runs are generated one after another on the same engine (the second run of a repeated prompt can hit the
 prefix cache). OUT: {"runs": [[{"tokens": [...], "cached": num_cached_tokens, "logprobs": [...] | null}, ...],
 ...],
@@ -30,8 +30,8 @@ def main(job_path: str, out_path: str) -> None:
         job = json.load(f)
     engine = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "seed": 0, **job.get("engine", {})}
     llm = LLM(model=job["model"], **engine)
-    params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True,
-                            logprobs=0 if job.get("logprobs") else None)
+    params = SamplingParams(**{"temperature": 0, "max_tokens": job["max_tokens"], "ignore_eos": True,
+                               "logprobs": 0 if job.get("logprobs") else None, **job.get("sampling", {})})
     runs = []
     try:
         for prompts in job["runs"]:

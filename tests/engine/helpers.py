@@ -16,13 +16,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens: int, engine: dict | None = None,
                plugins: bool = True, timeout: float = 1200, capacity: bool = False, logprobs: bool = False,
-               env: dict | None = None):
-    """Generate greedily with a real vLLM engine in a fresh process. Returns, per run, per prompt,
+               env: dict | None = None, sampling: dict | None = None):
+    """Generate greedily (or with ``sampling``: SamplingParams kwargs) with a real vLLM engine in a fresh process.
+    Returns, per run, per prompt,
     {"tokens": [...], "cached": num_cached_tokens}; with ``capacity`` also vLLM's logged KV capacity (tokens),
     as ``(runs, capacity)``. ``plugins=False`` sets VLLM_PLUGINS="" (stock vLLM); ``env``: extra environment."""
     job, out = tmp_path / f"job{len(os.listdir(tmp_path))}.json", tmp_path / "out.json"
     job.write_text(json.dumps({"model": model, "engine": engine or {}, "max_tokens": max_tokens, "runs": runs,
-                               "logprobs": logprobs}))
+                               "logprobs": logprobs, "sampling": sampling or {}}))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
     if not plugins:
         env["VLLM_PLUGINS"] = ""

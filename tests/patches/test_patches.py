@@ -262,3 +262,31 @@ def test_backend_selection_installs_once_and_chains():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "['upstream']"
+
+
+# --- cpu_seeded_partial_prefill ------------------------------------------------------------------------------
+
+
+def test_seeded_partial_prefill_target_unchanged():
+    """When this fails, vLLM changed how it rewinds discarded requests' generators or where the CPU runner gets
+    that code: re-aim or drop the patch (tests/engine/test_seeded_chunked.py checks the behaviour)."""
+    import torch
+
+    runner = _vllm_source("vllm.v1.worker.gpu_model_runner")
+    assert "gen.set_offset(gen.get_offset() - 4)" in runner
+    assert "sampler_output = self._sample(logits, spec_decode_metadata)" in runner
+    assert ") = self._bookkeeping_sync(" in runner
+    cpu_runner = _vllm_source("vllm.v1.worker.cpu_model_runner")
+    assert "def _sample" not in cpu_runner and "def _bookkeeping_sync" not in cpu_runner  # inherited
+    with pytest.raises(RuntimeError, match="does not use offset"):  # the bug: a CPU generator has no offset
+        torch.Generator().get_offset()
+
+
+def test_seeded_partial_prefill_installs_once():
+    out = run_python(
+        "from vllm.v1.worker.cpu_model_runner import CPUModelRunner as R\n"
+        "from vllm_dar.patches import cpu_seeded_partial_prefill as p\n"
+        "p.install(); first = (R._sample, R._bookkeeping_sync); p.install()\n"
+        "assert p.installed() and (R._sample, R._bookkeeping_sync) == first\n"
+        "print('ok')\n")
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -18,6 +18,8 @@ import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
+from vllm_dar.patches import cpu_seeded_partial_prefill
+
 from .common import DarBackend, DarFarBackend, DarImplMixin, DarMetadataBuilder, DarWindowBackend
 
 
@@ -75,6 +77,8 @@ class DarCpuImpl(DarImplMixin, CPUAttentionBackendImpl):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # A stock vLLM crash on CPU, for every model: here because this runs in the process of the CPU model runner.
+        cpu_seeded_partial_prefill.install()
         self._init_dar()
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

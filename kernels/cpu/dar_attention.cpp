@@ -10,7 +10,9 @@
 //  * reduced width ([S, t - w]): per far block, scores (q Q_h) . k~ for every row, one online-softmax rescale
 //    per block and row, values accumulated at width rv; projected up by U_h once per row at the end. The next
 //    far block is prefetched into L2 while this one computes.
-// bf16 caches are widened to fp32 on load; all arithmetic is fp32; the output is written in the query dtype.
+// bf16 and FP8 caches are widened to fp32 on load (FP8 times the layer's k_scale / v_scale); all arithmetic is
+// fp32; the output is written in the query dtype. FP8 caches need the AVX-512 full-width path (D a multiple of 16,
+// at most 128), as vLLM's own CPU FP8 cache needs AVX-512.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -204,20 +206,21 @@ static AccumulateFn accumulate_for(int64_t rv) {
 // wcache [NBw, J, Bw, 2D] (block stride wbs) + wtable [R, mw]; fcache [NBf, G, Bf, rk + rv] (block stride fbs)
 // + ftable [R, mf]: each block dense, blocks possibly padded (vLLM pads pages of per-layer ranks); qsl [R + 1],
 // lens [R] (offsets and block tables int32, vLLM's own); q_proj [H, D, rk], v_up [H, rv, D] fp32.
-template <typename T> struct Args {
+// Caches in CT: T itself, or an FP8 type whose elements are read times ks (keys) or vs (values).
+template <typename T, typename CT> struct Args {
   const T *q, *k, *v;
   T* out;
   int64_t q_st, kv_st, out_st;
-  const T* wcache;
+  const CT* wcache;
   const int32_t* wtable;
   int64_t mw, wbs;
-  const T* fcache;
+  const CT* fcache;
   const int32_t* ftable;
   int64_t mf, fbs;
   const int32_t *qsl, *lens;
   const float *q_proj, *v_up;
   int64_t H, J, G, D, rk, rv, Bw, Bf, window, sinks;
-  float scale;
+  float scale, ks, vs;
 };
 
 struct Scratch {
@@ -340,6 +343,26 @@ static inline __m512 load16(const at::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+// FP8 through fp16: e5m2 is the top byte of an fp16; e4m3fn's exponent and mantissa shifted into an fp16's (its
+// bias 7 against fp16's 15: times 2^8, exact for subnormals too). The NaN encoding is never stored (store_as).
+static inline __m512 load16(const c10::Float8_e5m2* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_cvtph_ps(_mm256_slli_epi16(b, 8));
+}
+static inline __m512 load16(const c10::Float8_e4m3fn* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                    _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7));
+  return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
+}
+// 16 cache elements as fp32 values: FP8 ones times their scale.
+template <typename C>
+static inline __m512 load16_cache(const C* p, float scale) {
+  if constexpr (is_fp8<C>)
+    return _mm512_mul_ps(load16(p), _mm512_set1_ps(scale));
+  else
+    return load16(p);
+}
 
 // NR rows against one chunk of 16 full-width positions of their KV head (kt [D, 16] transposed keys, vb [16, D]
 // values, D = 16 NC): scores with the keys loaded once for all NR rows, each row's online-softmax update, then
@@ -423,8 +446,8 @@ static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __m
 // entries) go through rows_chunk, several at a time: scores, masks, online softmax (m, l, acc_f) once per chunk
 // and row. Positions: the sinks below the item's first window
 // start lo_min, then [lo_min, t_last]; row (query at t, window start lo) sees p <= t with p >= lo or p < S.
-template <typename T>
-static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, int64_t c0,
+template <typename T, typename CT>
+static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, int64_t c0,
                                const float* qf, const int64_t* lo_row, float* m, float* l, float* acc_f,
                                float* kt, float* vb, int64_t* act, __mmask16* actvis) {
   const int64_t D = a.D, hpg = a.H / a.G, rep = a.H / a.J, jpg = a.J / a.G, nd = D / 16;
@@ -443,7 +466,8 @@ static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q
   const int64_t head_step = Bw * 2 * D;  // from a KV head's rows to the next one's in a window block
   alignas(64) int32_t pbuf[16];
   int64_t off[16];
-  const T* kp[16];
+  const CT* kc[16];  // a cached position's key row (its value row follows at + D), or
+  const T* kf[16];  // a chunk position's own key
   for (int64_t i0 = 0; i0 < np; i0 += 16) {
     const int64_t n = std::min<int64_t>(16, np - i0);
     for (int64_t x = 0; x < 16; ++x) pbuf[x] = static_cast<int32_t>(pos(i0 + std::min(x, n - 1)));
@@ -453,17 +477,23 @@ static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q
     const int64_t p_min = pbuf[0], p_max = pbuf[n - 1];
     for (int64_t jj = 0; jj < jpg; ++jj) {
       const int64_t j = g * jpg + jj;
-      for (int64_t x = 0; x < n; ++x)
-        kp[x] = off[x] >= 0 ? a.wcache + off[x] + j * head_step : a.k + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D;
+      for (int64_t x = 0; x < n; ++x) {
+        kc[x] = off[x] >= 0 ? a.wcache + off[x] + j * head_step : nullptr;
+        kf[x] = off[x] >= 0 ? nullptr : a.k + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D;
+      }
       for (int64_t d0 = 0; d0 < nd; ++d0) {
         __m512 col[16];
-        for (int64_t x = 0; x < 16; ++x) col[x] = x < n ? load16(kp[x] + d0 * 16) : _mm512_setzero_ps();
+        for (int64_t x = 0; x < 16; ++x)
+          col[x] = x >= n ? _mm512_setzero_ps()
+                   : kc[x] ? load16_cache(kc[x] + d0 * 16, a.ks) : load16(kf[x] + d0 * 16);
         transpose16(col);
         for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (d0 * 16 + i) * 16, col[i]);
         for (int64_t x = 0; x < 16; ++x) {
-          const int64_t p = pbuf[x];
-          const T* vr = p < c0 ? kp[x] + D : a.v + (a.qsl[r] + (p - c0)) * a.kv_st + j * D;
-          _mm512_storeu_ps(vb + x * D + d0 * 16, x < n ? load16(vr + d0 * 16) : _mm512_setzero_ps());
+          __m512 vx = _mm512_setzero_ps();
+          if (x < n)
+            vx = kc[x] ? load16_cache(kc[x] + D + d0 * 16, a.vs)
+                       : load16(a.v + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D + d0 * 16);
+          _mm512_storeu_ps(vb + x * D + d0 * 16, vx);
         }
       }
       // The rows of KV head j that see some of the chunk, with what they see; then NR of them at a time.
@@ -488,10 +518,65 @@ static void full_width_blocked(const Args<T>& a, int64_t r, int64_t g, int64_t q
 }
 #endif
 
+// A far block's rows [ns, rk + rv] of an FP8 cache, widened to fp32 into rows: keys times ks, values times vs.
+template <typename CT>
+static void widen_fp8(const CT* src, int64_t ns, int64_t rk, int64_t rv, float ks, float vs, float* rows) {
+  const int64_t C = rk + rv;
+#ifdef __AVX512F__
+  if (rk % 16 == 0 && rv % 16 == 0) {  // the recipe's ranks: whole 16-wide tiles
+    const __m512 vk = _mm512_set1_ps(ks), vv = _mm512_set1_ps(vs);
+    for (int64_t e = 0; e < ns * C; e += 16)
+      _mm512_storeu_ps(rows + e, _mm512_mul_ps(load16(src + e), e % C < rk ? vk : vv));
+    return;
+  }
+#endif
+  for (int64_t x = 0; x < ns; ++x)
+    for (int64_t c = 0; c < C; ++c) rows[x * C + c] = f32(src[x * C + c]) * (c < rk ? ks : vs);
+}
+
+// The full-width part of one row (query at t of request r, KV head j, window start lo), one position at a time:
+// the path where full_width_blocked does not run (no AVX-512, or D not a multiple of 16 up to 128). Caches and
+// chunk in one type T (FP8 caches need full_width_blocked).
+template <typename T, int HD>
+static void full_width_row(const Args<T, T>& a, int64_t r, int64_t row, int64_t j, int64_t t, int64_t lo,
+                           int64_t c0, const float* qf, Scratch& w) {
+  const int64_t D = HD ? HD : a.D;
+  int64_t n = 0;
+  auto cached = [&](int64_t p) {
+    const T* kr = a.wcache + a.wtable[r * a.mw + p / a.Bw] * a.wbs + (j * a.Bw + p % a.Bw) * 2 * D;
+    w.kp[n] = kr; w.vp[n++] = kr + D;
+  };
+  auto fresh = [&](int64_t p) {
+    const int64_t tk = a.qsl[r] + (p - c0);
+    w.kp[n] = a.k + tk * a.kv_st + j * D; w.vp[n++] = a.v + tk * a.kv_st + j * D;
+  };
+  for (int64_t p = 0; p < std::min(std::min(a.sinks, lo), c0); ++p) cached(p);  // cached sinks
+  for (int64_t p = lo; p < c0; ++p) cached(p);                                   // cached window
+  for (int64_t p = c0; p < std::min(a.sinks, lo); ++p) fresh(p);                  // sinks in the chunk
+  for (int64_t p = std::max(c0, lo); p <= t; ++p) fresh(p);                      // window in the chunk
+  float mx = -INFINITY;
+  for (int64_t x = 0; x < n; ++x) {
+    const float s = dot_full<T, HD>(qf, static_cast<const T*>(w.kp[x]), D);
+    w.fs[x] = s;
+    mx = s > mx ? s : mx;
+  }
+  float* fs = w.fs.data();
+  const float sum = n ? exp_shifted(fs, n, mx) : 0.f;
+  float* acc = w.acc_f.data() + row * D;
+  for (int64_t x = 0; x < n; ++x) {
+    const float e = fs[x];
+    const T* vr = static_cast<const T*>(w.vp[x]);
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += e * f32(vr[d]);
+  }
+  w.m[row] = mx;
+  w.l[row] = sum;
+}
+
 // One work item: request r, projection group g, queries q0 .. q0 + qn - 1 of its chunk; a row is (query, head).
 // HD: head_dim as a compile-time constant (0: read from Args), so the full-width loops unroll.
-template <typename T, int HD>
-static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, Scratch& w) {
+template <typename T, typename CT, int HD>
+static void run_item(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, Scratch& w) {
   const int64_t rk = a.rk, rv = a.rv, D = HD ? HD : a.D;
   const int64_t ldq = (rk + 15) / 16 * 16;  // reduced-query stride: whole rank tiles, zero-padded
   const AccumulateFn accumulate = accumulate_for(rv), project = accumulate_for(rk), project_d = accumulate_for(D);
@@ -512,6 +597,8 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
 #else
   const bool blocked = false;
 #endif
+  constexpr bool same = std::is_same<T, CT>::value;  // the scalar full-width path reads caches and chunk alike
+  TORCH_CHECK(same || blocked, "dar_attention: FP8 caches need AVX-512 and head_dim a multiple of 16, <= 128");
   int64_t max_lo = 0;
   for (int64_t row = 0; row < nrow; ++row) {
     const int64_t qi = row / hpg, h = g * hpg + row % hpg, t = c0 + q0 + qi;
@@ -522,42 +609,12 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
     const int64_t lo = std::max<int64_t>(0, t - a.window + 1);
     w.lo[row] = lo;
     max_lo = std::max(max_lo, lo);
-    if (blocked) {
+    if (blocked || !same) {
       w.m[row] = -INFINITY;
       w.l[row] = 0.f;
       continue;
     }
-    const int64_t j = h / rep;
-    int64_t n = 0;
-    auto cached = [&](int64_t p) {
-      const T* kr = a.wcache + a.wtable[r * a.mw + p / a.Bw] * a.wbs + (j * a.Bw + p % a.Bw) * 2 * D;
-      w.kp[n] = kr; w.vp[n++] = kr + D;
-    };
-    auto fresh = [&](int64_t p) {
-      const int64_t tk = a.qsl[r] + (p - c0);
-      w.kp[n] = a.k + tk * a.kv_st + j * D; w.vp[n++] = a.v + tk * a.kv_st + j * D;
-    };
-    for (int64_t p = 0; p < std::min(std::min(a.sinks, lo), c0); ++p) cached(p);  // cached sinks
-    for (int64_t p = lo; p < c0; ++p) cached(p);                                   // cached window
-    for (int64_t p = c0; p < std::min(a.sinks, lo); ++p) fresh(p);                  // sinks in the chunk
-    for (int64_t p = std::max(c0, lo); p <= t; ++p) fresh(p);                      // window in the chunk
-    float mx = -INFINITY;
-    for (int64_t x = 0; x < n; ++x) {
-      const float s = dot_full<T, HD>(qf, static_cast<const T*>(w.kp[x]), D);
-      w.fs[x] = s;
-      mx = s > mx ? s : mx;
-    }
-    float* fs = w.fs.data();
-    const float sum = n ? exp_shifted(fs, n, mx) : 0.f;
-    float* acc = w.acc_f.data() + row * D;
-    for (int64_t x = 0; x < n; ++x) {
-      const float e = fs[x];
-      const T* vr = static_cast<const T*>(w.vp[x]);
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) acc[d] += e * f32(vr[d]);
-    }
-    w.m[row] = mx;
-    w.l[row] = sum;
+    if constexpr (same) full_width_row<T, HD>(a, r, row, h / rep, t, lo, c0, qf, w);
   }
 #ifdef __AVX512F__
   if (blocked)
@@ -572,18 +629,20 @@ static void run_item(const Args<T>& a, int64_t r, int64_t g, int64_t q0, int64_t
   for (int64_t b = a.sinks / Bf; b * Bf < max_lo; ++b) {
     const int64_t s0 = std::max(a.sinks, b * Bf), s1 = std::min(max_lo, (b + 1) * Bf), ns = s1 - s0;
     if (ns <= 0) continue;
-    // The block's rows [ns, C]: read in place when fp32, widened into scratch when bf16.
-    const T* src = a.fcache + a.ftable[r * a.mf + b] * a.fbs + (g * Bf + s0 % Bf) * C;
+    // The block's rows [ns, C]: read in place when fp32, widened into scratch when bf16 or FP8 (times the scales).
+    const CT* src = a.fcache + a.ftable[r * a.mf + b] * a.fbs + (g * Bf + s0 % Bf) * C;
     // The next block's rows, while this one computes (block ids jump, so the hardware prefetcher cannot), into
     // L2 (prefetcht2): prefetching into L1 stalls on the line-fill buffers.
     if ((b + 1) * Bf < max_lo) {
       const char* nx = reinterpret_cast<const char*>(a.fcache + a.ftable[r * a.mf + b + 1] * a.fbs + g * Bf * C);
-      const int64_t bytes = std::min(Bf, max_lo - (b + 1) * Bf) * C * static_cast<int64_t>(sizeof(T));
+      const int64_t bytes = std::min(Bf, max_lo - (b + 1) * Bf) * C * static_cast<int64_t>(sizeof(CT));
       for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(nx + o, 0, 1);
     }
     const float* rows = w.rows.data();  // [ns, C] fp32: the cache rows themselves when it is fp32
-    if constexpr (std::is_same<T, float>::value) {
+    if constexpr (std::is_same<CT, float>::value) {
       rows = src;
+    } else if constexpr (is_fp8<CT>) {
+      widen_fp8(src, ns, rk, rv, a.ks, a.vs, w.rows.data());
     } else {
 #pragma omp simd
       for (int64_t e = 0; e < ns * C; ++e) w.rows[e] = f32(src[e]);
@@ -644,9 +703,11 @@ static void check_attention_args(const torch::Tensor& q, const torch::Tensor& k,
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), J = k.size(1), G = fcache.size(1), R = lens.size(0);
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "dar_attention: query must be fp32 or bf16, got ", dt);
-  for (const auto* x : {&k, &v, &out, &wcache, &fcache})
-    TORCH_CHECK(x->scalar_type() == dt, "dar_attention: key, value, output and the caches must be in the query "
-                "dtype ", dt, ", got ", x->scalar_type());
+  for (const auto* x : {&k, &v, &out})
+    TORCH_CHECK(x->scalar_type() == dt, "dar_attention: key, value and output must be in the query dtype ", dt,
+                ", got ", x->scalar_type());
+  TORCH_CHECK(fcache.scalar_type() == wcache.scalar_type(), "dar_attention: window_cache and far_cache must share "
+              "one dtype, got ", wcache.scalar_type(), " and ", fcache.scalar_type());
   TORCH_CHECK(q_proj.scalar_type() == at::kFloat && v_up.scalar_type() == at::kFloat,
               "dar_attention: q_proj and v_up must be fp32");
   for (const auto* x : {&qsl, &lens, &wtable, &ftable})
@@ -683,16 +744,18 @@ static void check_attention_args(const torch::Tensor& q, const torch::Tensor& k,
 
 // query [T, H, D], key / value [T, J, D] (the scheduled tokens, any token stride), output [T, H, D];
 // query_start_loc [R + 1], seq_lens [R]; window_cache [NBw, J, Bw, 2D] + window_table [R, mw];
-// far_cache [NBf, G, Bf, rk + rv] + far_table [R, mf]; q_proj [H, D, rk], v_up [H, rv, D] fp32.
+// far_cache [NBf, G, Bf, rk + rv] + far_table [R, mf]; q_proj [H, D, rk], v_up [H, rv, D] fp32; both caches in
+// the query dtype, or both in one FP8 dtype read times k_scale (keys) / v_scale (values).
 // rows_per_item: (query, head) rows per work item (the queries of a tile times the heads of a group).
 void dar_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
                    const torch::Tensor& qsl, const torch::Tensor& lens, const torch::Tensor& wcache,
                    const torch::Tensor& wtable, const torch::Tensor& fcache, const torch::Tensor& ftable,
                    const torch::Tensor& q_proj, const torch::Tensor& v_up, int64_t window, int64_t sinks,
-                   double scale, int64_t rows_per_item) {
+                   double scale, int64_t rows_per_item, double k_scale, double v_scale) {
   check_attention_args(q, k, v, out, qsl, lens, wcache, wtable, fcache, ftable, q_proj, v_up);
   TORCH_CHECK(window >= 0 && sinks >= 0 && rows_per_item >= 1,
               "dar_attention: window and sink_tokens must be >= 0, rows_per_item >= 1");
+  TORCH_CHECK(k_scale > 0 && v_scale > 0, "dar_attention: k_scale and v_scale must be > 0");
   const int64_t R = lens.size(0), G = fcache.size(1), hpg = q.size(1) / G;
   const int32_t* qs = qsl.data_ptr<int32_t>();
   const int64_t qt = std::max<int64_t>(1, rows_per_item / hpg);  // queries per work item
@@ -700,28 +763,30 @@ void dar_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::
   for (int64_t r = 0; r < R; ++r)
     for (int64_t q0 = 0; q0 < int64_t{qs[r + 1]} - qs[r]; q0 += qt)
       for (int64_t g = 0; g < G; ++g) items.push_back({r, g, q0, std::min(qt, int64_t{qs[r + 1]} - qs[r] - q0)});
-  auto run = [&](auto zero) {
+  auto run = [&](auto zero, auto cache_zero) {
     using scalar_t = decltype(zero);
-    Args<scalar_t> a{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                     out.data_ptr<scalar_t>(), q.stride(0), k.stride(0), out.stride(0),
-                     wcache.data_ptr<scalar_t>(), wtable.data_ptr<int32_t>(), wtable.stride(0), wcache.stride(0),
-                     fcache.data_ptr<scalar_t>(), ftable.data_ptr<int32_t>(), ftable.stride(0), fcache.stride(0), qs,
-                     lens.data_ptr<int32_t>(), q_proj.data_ptr<float>(), v_up.data_ptr<float>(), q.size(1),
-                     k.size(1), G, q.size(2), q_proj.size(2), v_up.size(1), wcache.size(2), fcache.size(2), window,
-                     sinks, static_cast<float>(scale)};
+    using cache_t = decltype(cache_zero);
+    Args<scalar_t, cache_t> a{
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+        q.stride(0), k.stride(0), out.stride(0), wcache.data_ptr<cache_t>(), wtable.data_ptr<int32_t>(),
+        wtable.stride(0), wcache.stride(0), fcache.data_ptr<cache_t>(), ftable.data_ptr<int32_t>(),
+        ftable.stride(0), fcache.stride(0), qs, lens.data_ptr<int32_t>(), q_proj.data_ptr<float>(),
+        v_up.data_ptr<float>(), q.size(1), k.size(1), G, q.size(2), q_proj.size(2), v_up.size(1), wcache.size(2),
+        fcache.size(2), window, sinks, static_cast<float>(scale), static_cast<float>(k_scale),
+        static_cast<float>(v_scale)};
     const bool d64 = a.D == 64;  // SmolLM2's head_dim
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
       thread_local Scratch w;  // kept across calls: no allocation per layer call once sizes have been seen
       for (int64_t i = begin; i < end; ++i) {
         const auto& it = items[i];
         if (d64)
-          run_item<scalar_t, 64>(a, it[0], it[1], it[2], it[3], w);
+          run_item<scalar_t, cache_t, 64>(a, it[0], it[1], it[2], it[3], w);
         else
-          run_item<scalar_t, 0>(a, it[0], it[1], it[2], it[3], w);
+          run_item<scalar_t, cache_t, 0>(a, it[0], it[1], it[2], it[3], w);
       }
     });
   };
-  dispatch_fp32_bf16(q.scalar_type(), "dar_attention", run);
+  dispatch_with_caches(q.scalar_type(), wcache.scalar_type(), "dar_attention", run);
 }
 
 }  // namespace vllm_dar

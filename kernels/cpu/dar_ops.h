@@ -8,13 +8,31 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace vllm_dar {
 
-// Widen a cache or activation element (float, at::BFloat16) to fp32: all arithmetic is fp32.
+// Widen a cache or activation element (float, at::BFloat16, c10::Float8_e4m3fn, c10::Float8_e5m2) to fp32: all
+// arithmetic is fp32.
 template <typename T>
 inline float f32(T x) {
   return static_cast<float>(x);
+}
+
+template <typename C>
+constexpr bool is_fp8 = std::is_same<C, c10::Float8_e4m3fn>::value || std::is_same<C, c10::Float8_e5m2>::value;
+
+// x as a cache of element type C stores it (vllm_dar/kv_dtype.py): FP8 saturated x / scale, rounded to nearest
+// even (c10's conversion, as torch's .to()); other types a plain cast, scale unused.
+template <typename C>
+inline C store_as(float x, float scale) {
+  if constexpr (is_fp8<C>) {
+    constexpr float top = std::is_same<C, c10::Float8_e4m3fn>::value ? 448.f : 57344.f;
+    const float y = x / scale;
+    return static_cast<C>(y > top ? top : y < -top ? -top : y);  // NaN passes through
+  } else {
+    return static_cast<C>(x);
+  }
 }
 
 // Whether each [heads, block_size, width] block of a cache is dense; blocks may sit apart (stride(0) larger than
@@ -36,15 +54,33 @@ inline void dispatch_fp32_bf16(at::ScalarType dtype, const char* op, Run&& run) 
     TORCH_CHECK(false, op, ": fp32 or bf16 only, got ", dtype);
 }
 
+// Calls run(T{}, C{}) with T the element type of the activations (``dtype``: float or at::BFloat16) and C that of
+// the caches (``cache_dtype``: T itself, or an FP8 type); refuses any other pair, naming the op.
+template <typename Run>
+inline void dispatch_with_caches(at::ScalarType dtype, at::ScalarType cache_dtype, const char* op, Run&& run) {
+  dispatch_fp32_bf16(dtype, op, [&](auto zero) {
+    using T = decltype(zero);
+    if (cache_dtype == dtype)
+      run(zero, T{});
+    else if (cache_dtype == at::kFloat8_e4m3fn)
+      run(zero, c10::Float8_e4m3fn{});
+    else if (cache_dtype == at::kFloat8_e5m2)
+      run(zero, c10::Float8_e5m2{});
+    else
+      TORCH_CHECK(false, op, ": the caches must be in the activations' dtype ", dtype,
+                  " or float8_e4m3fn / float8_e5m2, got ", cache_dtype);
+  });
+}
+
 void dar_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
                    torch::Tensor& output, const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
                    const torch::Tensor& window_cache, const torch::Tensor& window_table,
                    const torch::Tensor& far_cache, const torch::Tensor& far_table, const torch::Tensor& q_proj,
                    const torch::Tensor& v_up, int64_t window, int64_t sink_tokens, double scale,
-                   int64_t rows_per_item);
+                   int64_t rows_per_item, double k_scale, double v_scale);
 
 void dar_write(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& window_cache,
                const torch::Tensor& window_slots, torch::Tensor& far_cache, const torch::Tensor& far_slots,
-               const torch::Tensor& k_down, const torch::Tensor& v_down);
+               const torch::Tensor& k_down, const torch::Tensor& v_down, double k_scale, double v_scale);
 
 }  // namespace vllm_dar

@@ -10,11 +10,12 @@ TORCH_LIBRARY(vllm_dar, m) {
   m.def(
       "dar_attention(Tensor query, Tensor key, Tensor value, Tensor(a!) output, Tensor query_start_loc, "
       "Tensor seq_lens, Tensor window_cache, Tensor window_table, Tensor far_cache, Tensor far_table, "
-      "Tensor q_proj, Tensor v_up, int window, int sink_tokens, float scale, int rows_per_item) -> ()");
+      "Tensor q_proj, Tensor v_up, int window, int sink_tokens, float scale, int rows_per_item, float k_scale, "
+      "float v_scale) -> ()");
   // One layer's cache write: full-width K/V into the window cache, reduced K/V into the far cache.
   m.def(
       "dar_write(Tensor key, Tensor value, Tensor(a!) window_cache, Tensor window_slots, Tensor(b!) far_cache, "
-      "Tensor far_slots, Tensor k_down, Tensor v_down) -> ()");
+      "Tensor far_slots, Tensor k_down, Tensor v_down, float k_scale, float v_scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vllm_dar, CPU, m) {

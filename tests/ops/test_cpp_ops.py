@@ -269,7 +269,7 @@ def test_cpp_ops_refuse_what_they_would_misread():
     i32 = torch.int32  # vLLM's dtype for offsets and block tables
     raw = [query, key, value, torch.empty_like(query), torch.tensor(args["query_start_loc"], dtype=i32),
            torch.tensor(args["seq_lens"], dtype=i32), args["window_cache"], args["window_table"].to(i32),
-           args["far_cache"], args["far_table"].to(i32), p.q_proj, p.v_up, 8, 2, SCALE, 48]
+           args["far_cache"], args["far_table"].to(i32), p.q_proj, p.v_up, 8, 2, SCALE, 48, 1.0, 1.0]
     torch.ops.vllm_dar.dar_attention(*raw)  # as built: accepted
     for i, bad, match in [(7, args["window_table"].long(), "int32"),
                           (8, args["far_cache"][..., :-1], "far_cache must be dense"),
@@ -280,4 +280,5 @@ def test_cpp_ops_refuse_what_they_would_misread():
     w = args["window_cache"]
     with pytest.raises(RuntimeError, match="window_cache"):
         torch.ops.vllm_dar.dar_write(key, value, w[..., :-2], torch.zeros(len(key), dtype=torch.long),
-                                     args["far_cache"], torch.zeros(len(key), dtype=torch.long), p.k_down, p.v_down)
+                                     args["far_cache"], torch.zeros(len(key), dtype=torch.long), p.k_down, p.v_down,
+                                     1.0, 1.0)

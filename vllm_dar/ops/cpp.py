@@ -82,13 +82,14 @@ def dar_paged_attention_cpp(query: Tensor, key: Tensor, value: Tensor, output: T
                             window_table: Tensor, far_cache: Tensor, far_table: Tensor,
                             query_start_loc: list[int] | Tensor, seq_lens: list[int] | Tensor,
                             proj: PagedProjections, window: int, sink_tokens: int, scale: float,
-                            rows_per_item: int = ROWS_PER_ITEM) -> None:
+                            k_scale: float = 1.0, v_scale: float = 1.0, rows_per_item: int = ROWS_PER_ITEM) -> None:
     """``vllm_dar.ops.paged.dar_paged_attention`` for the whole batch in one kernel call.
 
     query [T, H, D]; key, value [T, J, D]; output [T, H, D] with each token's rows contiguous (any token stride;
     query, key, value are copied only if theirs are not); caches in the query dtype with dense blocks
     (``dense_blocks``); block tables, ``query_start_loc`` and ``seq_lens`` as lists or host tensors (int32 and
-    contiguous, as vLLM keeps them: used as they are; anything else is converted per call). ``rows_per_item``:
+    contiguous, as vLLM keeps them: used as they are; anything else is converted per call); both caches in the
+    query dtype or both in one FP8 dtype (``k_scale`` / ``v_scale``: their scales). ``rows_per_item``:
     (query, head) rows per work item. The op itself checks dtypes, shapes and strides
     (``check_attention_args``), naming the argument.
     """
@@ -98,18 +99,20 @@ def dar_paged_attention_cpp(query: Tensor, key: Tensor, value: Tensor, output: T
         key, value = key.contiguous(), value.contiguous()  # the kernel takes one token stride for both
     _ops().dar_attention(
         query, key, value, output, _i32(query_start_loc), _i32(seq_lens), window_cache, _i32(window_table),
-        far_cache, _i32(far_table), proj.q_proj, proj.v_up, window, sink_tokens, scale, rows_per_item)
+        far_cache, _i32(far_table), proj.q_proj, proj.v_up, window, sink_tokens, scale, rows_per_item, k_scale,
+        v_scale)
 
 
 def write_kv_cpp(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
-                 far_slots: Tensor, proj: PagedProjections) -> None:
-    """``vllm_dar.ops.paged.write_kv`` in one kernel call (same semantics; the reduction sums in fp32).
+                 far_slots: Tensor, proj: PagedProjections, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """``vllm_dar.ops.paged.write_kv`` in one kernel call (same semantics; the reduction sums in fp32; FP8 caches
+    store exactly what ``vllm_dar.kv_dtype.quantize`` gives).
 
-    key, value [T, J, D] in the caches' dtype (copied only if a token's [J, D] is not contiguous); slots [T]
+    key, value [T, J, D] in the caches' dtype or, for FP8 caches, fp32 / bf16 (copied only if a token's [J, D] is not contiguous); slots [T]
     int64 (vLLM's; anything else is converted); caches with dense blocks (``dense_blocks``). The op itself checks
     dtypes, shapes and strides, naming the argument.
     """
     if not (_rows_contiguous(key) and _rows_contiguous(value)):
         key, value = key.contiguous(), value.contiguous()
     _ops().dar_write(key, value, window_cache, _slots(window_slots), far_cache, _slots(far_slots), proj.k_down,
-                     proj.v_down)
+                     proj.v_down, k_scale, v_scale)

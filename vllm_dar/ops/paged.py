@@ -10,6 +10,10 @@ Two caches per DAR layer, both in our own layout ``[num_blocks, heads, block_siz
   scheduler freed or never allocated (null), so only those positions are ever read;
 * the **far cache** holds reduced K/V (``G`` projection groups, ``rk + rv``) of every token.
 
+Both caches are in the model dtype, or both in one FP8 dtype (``--kv-cache-dtype fp8*``): then a cache stores
+keys and reduced keys as ``vllm_dar.kv_dtype.quantize(x, dtype, k_scale)``, values and reduced values with
+``v_scale``, and reads them back times the scale. The chunk's own K/V come from the forward pass, not the cache.
+
 A query at position ``t`` sees ``s <= t`` at full width when ``t - s < window`` or ``s < sink_tokens``, and at
 reduced width otherwise; one softmax runs over both sets (``vllm_dar.reference.dar_attention``, which the
 tests compare this with). Shapes: ``T`` tokens, ``H`` query heads, ``J`` KV heads, ``G`` groups, ``D`` head_dim.
@@ -21,6 +25,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from vllm_dar.kv_dtype import dequantize, quantize
 from vllm_dar.reference import LayerProjections
 
 
@@ -56,9 +61,11 @@ def reduce_tokens(x: Tensor, down: Tensor) -> Tensor:
     return torch.einsum("tgi,gir->tgr", xg.to(down.dtype), down)
 
 
-def write_slots(cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
-    """Store k [T, Hc, kw] and v [T, Hc, vw] at flat slots [T] (block * block_size + offset). Slots < 0 and
-    slots in block 0 (vLLM's null block: positions the window cache does not keep) are skipped.
+def write_slots(cache: Tensor, slots: Tensor, k: Tensor, v: Tensor, k_scale: float = 1.0,
+                v_scale: float = 1.0) -> None:
+    """Store k [T, Hc, kw] and v [T, Hc, vw] at flat slots [T] (block * block_size + offset), quantized as the
+    cache's dtype stores them (``quantize``). Slots < 0 and slots in block 0 (vLLM's null block: positions the
+    window cache does not keep) are skipped.
 
     cache: [num_blocks, Hc, block_size, kw + vw].
     """
@@ -68,16 +75,18 @@ def write_slots(cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
     block_size = cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size  # [T]
     kw = k.shape[-1]
-    cache[blocks, :, offsets, :kw] = k.to(cache.dtype)
-    cache[blocks, :, offsets, kw:] = v.to(cache.dtype)
+    cache[blocks, :, offsets, :kw] = quantize(k, cache.dtype, k_scale)
+    cache[blocks, :, offsets, kw:] = quantize(v, cache.dtype, v_scale)
 
 
 def write_kv(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
-             far_slots: Tensor, proj: PagedProjections) -> None:
+             far_slots: Tensor, proj: PagedProjections, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """One layer's cache write: key, value [T, J, D] full width into the window cache, their reduced forms
-    ``reduce_tokens`` into the far cache, each through its own slot mapping (``write_slots``' skipping rules)."""
-    write_slots(window_cache, window_slots, key, value)
-    write_slots(far_cache, far_slots, reduce_tokens(key, proj.k_down), reduce_tokens(value, proj.v_down))
+    ``reduce_tokens`` into the far cache, each through its own slot mapping (``write_slots``' skipping rules);
+    ``k_scale`` / ``v_scale``: FP8 caches' scales (module docstring)."""
+    write_slots(window_cache, window_slots, key, value, k_scale, v_scale)
+    write_slots(far_cache, far_slots, reduce_tokens(key, proj.k_down), reduce_tokens(value, proj.v_down), k_scale,
+                v_scale)
 
 
 def gather_positions(cache: Tensor, block_row: Tensor, positions: Tensor) -> Tensor:
@@ -96,7 +105,7 @@ def cached_full_positions(first_query: int, window: int, sink_tokens: int) -> Te
 
 def request_attention(q: Tensor, k_new: Tensor, v_new: Tensor, window_cache: Tensor, window_row: Tensor,
                       far_cache: Tensor, far_row: Tensor, seq_len: int, proj: PagedProjections, *, window: int,
-                      sink_tokens: int, scale: float) -> Tensor:
+                      sink_tokens: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
     """DAR attention for one request's chunk. q: [Tq, H, D], k_new, v_new: [Tq, J, D] (the chunk's own K/V,
     full width) at positions seq_len - Tq ... seq_len - 1 -> [Tq, H, D] fp32."""
     tq, h, d = q.shape
@@ -106,10 +115,10 @@ def request_attention(q: Tensor, k_new: Tensor, v_new: Tensor, window_cache: Ten
     t = q_pos.unsqueeze(1)  # [Tq, 1]
 
     hist = cached_full_positions(first, window, sink_tokens)  # [Sc]
-    cached = gather_positions(window_cache, window_row, hist).float()  # [Sc, J, 2D]
+    cached = gather_positions(window_cache, window_row, hist)  # [Sc, J, 2D]
     full_pos = torch.cat([hist, q_pos])  # [Sf]
-    k_full = torch.cat([cached[..., :d], k_new.float()])  # [Sf, J, D]
-    v_full = torch.cat([cached[..., d:], v_new.float()])
+    k_full = torch.cat([dequantize(cached[..., :d], k_scale), k_new.float()])  # [Sf, J, D]
+    v_full = torch.cat([dequantize(cached[..., d:], v_scale), v_new.float()])
     rep = h // k_full.shape[1]
     k_full = k_full.transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, Sf, D]
     v_full = v_full.transpose(0, 1).repeat_interleave(rep, dim=0)  # [H, Sf, D]
@@ -124,9 +133,9 @@ def request_attention(q: Tensor, k_new: Tensor, v_new: Tensor, window_cache: Ten
         return (probs @ v_full).transpose(0, 1)  # [Tq, H, D]
 
     rk = proj.k_down.shape[-1]
-    red = gather_positions(far_cache, far_row, red_pos).float()  # [Sr, G, rk + rv]
-    k_red = red[..., :rk].transpose(0, 1)[proj.head_group]  # [H, Sr, rk]
-    v_red = red[..., rk:].transpose(0, 1)[proj.head_group]  # [H, Sr, rv]
+    red = gather_positions(far_cache, far_row, red_pos)  # [Sr, G, rk + rv]
+    k_red = dequantize(red[..., :rk], k_scale).transpose(0, 1)[proj.head_group]  # [H, Sr, rk]
+    v_red = dequantize(red[..., rk:], v_scale).transpose(0, 1)[proj.head_group]  # [H, Sr, rv]
     q_red = qf @ proj.q_proj  # [H, Tq, rk]
     sr = red_pos.unsqueeze(0)  # [1, Sr]
     red_ok = (t - sr >= window) & (sr >= sink_tokens)  # [Tq, Sr]: causal is implied by t - s >= window >= 0
@@ -142,14 +151,15 @@ def request_attention(q: Tensor, k_new: Tensor, v_new: Tensor, window_cache: Ten
 def dar_paged_attention(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
                         window_table: Tensor, far_cache: Tensor, far_table: Tensor,
                         query_start_loc: list[int] | Tensor, seq_lens: list[int] | Tensor,
-                        proj: PagedProjections, window: int, sink_tokens: int,
-                        scale: float) -> None:
+                        proj: PagedProjections, window: int, sink_tokens: int, scale: float,
+                        k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """DAR attention for a batch of requests (prefill chunks, decodes, or both), into ``output``.
 
     query: [T, H, D]; key, value: [T, J, D] (the scheduled tokens' own K/V); output: [T, H, D];
     window_table / far_table: [R, max_blocks] block ids; query_start_loc: R + 1 offsets into the T tokens;
-    seq_lens: R (cached + new tokens per request); both host lists or host tensors. Each request's queries are its last ``q_len`` positions.
-    The window cache is read only at ``cached_full_positions``; the far cache at every older position.
+    seq_lens: R (cached + new tokens per request); both host lists or host tensors. Each request's queries are
+    its last ``q_len`` positions. The window cache is read only at ``cached_full_positions``; the far cache at
+    every older position. ``k_scale`` / ``v_scale``: FP8 caches' scales (module docstring).
     """
     if isinstance(query_start_loc, Tensor):  # host tensors (the CPU plugin's metadata) index as lists here
         query_start_loc, seq_lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -159,5 +169,5 @@ def dar_paged_attention(query: Tensor, key: Tensor, value: Tensor, output: Tenso
             continue
         out = request_attention(query[a:b], key[a:b], value[a:b], window_cache, window_table[r], far_cache,
                                 far_table[r], seq_lens[r], proj, window=window, sink_tokens=sink_tokens,
-                                scale=scale)
+                                scale=scale, k_scale=k_scale, v_scale=v_scale)
         output[a:b] = out.to(output.dtype)

@@ -39,6 +39,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from vllm_dar.kernels.dar_attention import dar_far_kernel, dar_full_kernel, dar_query_project_kernel
 from vllm_dar.kernels.dar_cache import dar_write_kv_kernel
+from vllm_dar.kv_dtype import is_fp8
 from vllm_dar.ops.paged import PagedProjections
 
 LOG2E = 1.4426950408889634
@@ -98,14 +99,23 @@ def _pad(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
+def _refuse_fp8(cache: Tensor) -> None:
+    """The Triton kernels read caches in the model dtype; an FP8 cache would be misread (the plugin refuses
+    ``--kv-cache-dtype fp8*`` on this path at start-up; this guards direct callers)."""
+    if is_fp8(cache.dtype):
+        raise NotImplementedError(f"vllm-dar: the Triton DAR kernels do not read {cache.dtype} caches")
+
+
 def write_kv_triton(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slots: Tensor, far_cache: Tensor,
-                    far_slots: Tensor, proj: PagedProjections) -> None:
+                    far_slots: Tensor, proj: PagedProjections, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Store the scheduled tokens' K/V: full width into the window cache, ``k_g K_g | v_g V_g`` into the far cache.
+    Caches in the model dtype only (FP8 caches: ``_refuse_fp8``; ``k_scale`` / ``v_scale`` are the contract's).
 
     key, value: [T, J, D] post-RoPE; window_slots, far_slots: [T] flat slots (< 0 or in null block 0: skipped);
     window_cache: [nbw, J, Bw, 2D]; far_cache: [nbf, G, Bf, rk + rv]. Grid ``(T, G)``: one program per token and
     projection group reads the group's K/V once and writes both caches.
     """
+    _refuse_fp8(window_cache)
     t = window_slots.shape[0]
     j, d = key.shape[1:]
     g, dg, rk = proj.k_down.shape
@@ -159,8 +169,10 @@ def _check(query, key, value, output, window_cache, window_table, far_cache, far
 def dar_paged_attention_triton(query: Tensor, key: Tensor, value: Tensor, output: Tensor, *, window_cache: Tensor,
                                window_table: Tensor, far_cache: Tensor, far_table: Tensor,
                                query_start_loc: list[int] | Tensor, seq_lens: list[int] | Tensor,
-                               proj: PagedProjections, window: int, sink_tokens: int, scale: float) -> None:
-    """DAR attention for a batch (decodes and prefill/extend chunks in any order), into ``output``.
+                               proj: PagedProjections, window: int, sink_tokens: int, scale: float,
+                               k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """DAR attention for a batch (decodes and prefill/extend chunks in any order), into ``output``. Caches in the
+    model dtype only (``_refuse_fp8``).
 
     query: [T, H, D]; key, value: [T, J, D] (fresh, post-RoPE); output: [T, H, D]; window_cache [nbw, J, Bw, 2D]
     + window_table [R, *]; far_cache [nbf, G, Bf, rk + rv] + far_table [R, *]; query_start_loc: R + 1 offsets;
@@ -169,6 +181,7 @@ def dar_paged_attention_triton(query: Tensor, key: Tensor, value: Tensor, output
     Lists or device tensors for ``query_start_loc`` / ``seq_lens``: int32 tensors on the device avoid a host copy
     per call and make the call capturable in a CUDA graph (module docstring, "CUDA graphs").
     """
+    _refuse_fp8(window_cache)
     _check(query, key, value, output, window_cache, window_table, far_cache, far_table, proj)
     _launch(query, key, value, output, window_cache, window_table, far_cache, far_table, query_start_loc,
             seq_lens, proj, window, sink_tokens, scale, splits=None)

@@ -1,0 +1,54 @@
+"""The KV cache dtypes a DAR model is served with, and how an FP8 cache stores a value (one place for both).
+
+``--kv-cache-dtype`` (vLLM's ``cache_config.cache_dtype``) chooses the storage of both DAR caches, the window
+cache (full-width K/V) and the far cache (reduced K/V):
+
+``auto``                 the model dtype (fp32, bf16, fp16), values stored as they are;
+``fp8`` / ``fp8_e4m3``    ``torch.float8_e4m3fn`` (3 mantissa bits, largest 448);
+``fp8_e5m2``             ``torch.float8_e5m2`` (2 mantissa bits, largest 57344).
+
+vLLM allocates an FP8 cache as ``uint8``; the plugin views it as the FP8 dtype. An FP8 cache stores
+``saturate(x / scale)`` rounded to nearest even, with the layer's ``k_scale`` for keys and reduced keys and its
+``v_scale`` for values and reduced values (vLLM's per-layer scales: 1.0 unless the checkpoint ships others), and
+reads back ``stored * scale``, widened to fp32; all arithmetic is fp32. Saturation (clamping to the format's
+largest finite value) replaces the overflow that would store NaN (e4m3fn) or infinity (e5m2). Scales apply only to
+FP8 caches, as in vLLM. Every other quantized ``CacheDType`` of vLLM is refused by name
+(``vllm_dar.plugin.model.check_engine``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# vLLM's --kv-cache-dtype -> the torch dtype DAR caches hold (None: the model dtype).
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def quantize(x: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    """``x`` as a cache of ``dtype`` stores it: FP8 saturated ``x / scale``; other dtypes a plain cast."""
+    if not is_fp8(dtype):
+        return x.to(dtype)
+    top = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-top, top).to(dtype)
+
+
+def dequantize(x: Tensor, scale: float = 1.0) -> Tensor:
+    """Cache elements read back as fp32 (FP8 ones times ``scale``)."""
+    return x.float() * scale if is_fp8(x.dtype) else x.float()
+
+
+def round_trip(x: Tensor, dtype: torch.dtype | None, scale: float = 1.0) -> Tensor:
+    """``x`` stored in a cache of ``dtype`` and read back, in ``x``'s dtype (None: unchanged)."""
+    if dtype is None or not is_fp8(dtype):
+        return x
+    return dequantize(quantize(x, dtype, scale), scale).to(x.dtype)

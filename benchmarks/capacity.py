@@ -1,10 +1,12 @@
 """KV capacity and real 4K-request concurrency of a stock vs a DAR model at the same fixed KV memory.
 
-Each model runs in a fresh ``python`` subprocess with ``VLLM_CPU_KVCACHE_SPACE=--kv-gib`` (fixed, because automatic
-sizing on CPU is noisy) and ``LLM(max_model_len=4096+64, gpu_memory_utilization=0.5, dtype="float32",
-enable_prefix_caching=False, disable_log_stats=False)`` with vLLM's default scheduler settings (or
-``--max-num-batched-tokens``). Two figures per model, beside the KV bytes per token they imply and the byte
-model's (``vllm_dar.config``, at the served dtype):
+Each engine runs in a fresh ``python`` subprocess with ``LLM(max_model_len=4096+64, gpu_memory_utilization=0.5,
+dtype="float32", kv_cache_memory_bytes=--kv-gib GiB, enable_prefix_caching=False, disable_log_stats=False)`` (a
+fixed KV memory, because automatic sizing on CPU is noisy; ``VLLM_CPU_KVCACHE_SPACE`` is unset, as it would
+override it in whole GiB) with vLLM's default scheduler settings (or ``--max-num-batched-tokens``). ``--engines``:
+``stock`` (``--stock``), ``dar`` (``--dar``), and each with ``-fp8`` (``kv_cache_dtype="fp8"``: one byte per
+element, ``vllm_dar.kv_dtype``). Two figures per engine, beside the KV bytes per token they imply and the byte
+model's (``vllm_dar.config``, at the cache's element size):
 
 * ``kv_capacity_tokens``: vLLM's own capacity, ``llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens``,
   which the engine core sends back to the frontend; it is the number behind the "CPU KV cache size: N tokens"
@@ -25,7 +27,10 @@ recommended recipe that ``scripts/main.sh`` writes) is made with (~2-3 min)::
 
 Run (a few minutes per model on 2 cores; ``--quick``: 1024-token prompts, 8 requests)::
 
-    python benchmarks/capacity.py --json [--stock DIR] [--dar DIR: default models/smollm2-135m-dar] [--kv-gib 1] [--max-num-batched-tokens N]
+    python benchmarks/capacity.py --json [--stock DIR] [--dar DIR: default models/smollm2-135m-dar] [--kv-gib 1]
+        [--max-num-batched-tokens N] [--engines stock,dar,stock-fp8,dar-fp8]
+    # FP8 next to the others: a cache that four 4K requests of dar-fp8 fill, for 24 requests
+    python benchmarks/capacity.py --engines stock,stock-fp8,dar,dar-fp8 --kv-gib 0.25 --requests 24 --json
 """
 from __future__ import annotations
 
@@ -81,10 +86,13 @@ def held(steps: list[dict], *, num_blocks: int, block_bytes: float, tokens: floa
             "steps": sum(s["gen"] == most for s in pure)}
 
 
-def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_tokens: int,
-            max_num_batched_tokens: int | None) -> dict:
+ENGINES = ("stock", "dar", "stock-fp8", "dar-fp8")
+
+
+def measure(*, model: str, kv_gib: float, requests: int, prompt_len: int, max_tokens: int,
+            max_num_batched_tokens: int | None, kv_cache_dtype: str = "auto") -> dict:
     """Build one engine, read its KV capacity, run the concurrent batch (runs in the subprocess)."""
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes in whole GiB
     import random
 
     from vllm import LLM, SamplingParams, TokensPrompt
@@ -93,6 +101,7 @@ def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_toke
 
     extra = {} if max_num_batched_tokens is None else {"max_num_batched_tokens": max_num_batched_tokens}
     llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.5, dtype=DTYPE,
+              kv_cache_memory_bytes=round(kv_gib * 2**30), kv_cache_dtype=kv_cache_dtype,
               enable_prefix_caching=False, disable_log_stats=False, enable_logging_iteration_details=True,
               seed=0, **extra)
     try:
@@ -106,7 +115,7 @@ def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_toke
         m = [o.metrics for o in outs]
         cache = config.cache_config
         tokens = prompt_len + max_tokens / 2
-        itemsize = config.model_config.dtype.itemsize  # kv_cache_dtype "auto": the served dtype
+        itemsize = 1 if kv_cache_dtype.startswith("fp8") else config.model_config.dtype.itemsize  # "auto": served
         return {
             "held": held(recorder.steps, num_blocks=cache.num_gpu_blocks,
                          block_bytes=kv_gib * 2**30 / cache.num_gpu_blocks, tokens=tokens),
@@ -125,10 +134,12 @@ def measure(*, model: str, kv_gib: int, requests: int, prompt_len: int, max_toke
         shutdown_llm(llm)
 
 
-def spawn(args: argparse.Namespace, model: str) -> dict:
-    """One engine (``measure``) in a fresh interpreter; its log is shown unless ``--json``."""
+def spawn(args: argparse.Namespace, engine: str) -> dict:
+    """One engine of ``ENGINES`` (``measure``) in a fresh interpreter; its log is shown unless ``--json``."""
+    model = args.dar if engine.startswith("dar") else args.stock
     argv = ["--worker", model, "--kv-gib", str(args.kv_gib), "--requests", str(args.requests),
-            "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens)]
+            "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens),
+            "--kv-cache-dtype", "fp8" if engine.endswith("-fp8") else "auto"]
     if args.max_num_batched_tokens is not None:
         argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     return harness.run_worker(__file__, argv, show_output=not args.json)[0]
@@ -137,7 +148,9 @@ def spawn(args: argparse.Namespace, model: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_model_args(p)
-    p.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (integer GiB) for both models")
+    p.add_argument("--kv-gib", type=float, default=1, help="KV cache memory (GiB) of every engine")
+    p.add_argument("--engines", default="stock,dar", help=f"comma-separated, of {', '.join(ENGINES)}")
+    p.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)  # set per engine by spawn
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=32, help="must exceed --requests - 1 (see docstring)")
@@ -153,25 +166,35 @@ def main() -> None:
     if args.worker:
         result = measure(model=args.worker, kv_gib=args.kv_gib, requests=args.requests,
                          prompt_len=args.prompt_len, max_tokens=args.max_tokens,
-                         max_num_batched_tokens=args.max_num_batched_tokens)
+                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype)
         harness.write_json(args.out, result, indent=None)
         return
-    models = {"stock": spawn(args, args.stock), "dar": spawn(args, args.dar)}
+    engines = args.engines.split(",")
+    if unknown := set(engines) - set(ENGINES):
+        p.error(f"--engines: unknown {sorted(unknown)}; expected some of {', '.join(ENGINES)}")
+    models = {e: spawn(args, e) for e in engines}
     keys = ("kv_capacity_tokens", "max_concurrent")
+    pairs = [("dar", "stock"), ("stock-fp8", "stock"), ("dar-fp8", "stock"), ("dar-fp8", "dar"),
+             ("dar-fp8", "stock-fp8")]
+    ratios = {f"{a}/{b}": {k: models[a][k] / models[b][k] for k in keys} for a, b in pairs
+              if a in models and b in models}
     result = {
-        "settings": {k: getattr(args, k) for k in ("stock", "dar", "kv_gib", "requests", "prompt_len",
+        "settings": {k: getattr(args, k) for k in ("stock", "dar", "engines", "kv_gib", "requests", "prompt_len",
                                                     "max_tokens", "max_num_batched_tokens")},
         **models,
-        "ratio": {k: models["dar"][k] / models["stock"][k] for k in keys},
+        "ratios": ratios,
     }
+    if "dar/stock" in ratios:
+        result["ratio"] = ratios["dar/stock"]  # the key of earlier results
     if not args.json:
         for name, r in models.items():
             h = r["held"] or {}
-            print(f"{name:5s} kv_capacity_tokens={r['kv_capacity_tokens']:,} "
+            print(f"{name:9s} kv_capacity_tokens={r['kv_capacity_tokens']:,} "
                   f"max_concurrent_{args.prompt_len}={r['max_concurrent']} preemptions={r['preemptions']} "
                   f"held bytes/token={h.get('bytes_per_token', float('nan')):,.0f} "
                   f"(layout {r['bytes_per_token_theoretical_held']:,.0f})")
-        print("ratio dar/stock:", {k: round(v, 3) for k, v in result["ratio"].items()})
+        for pair, r in ratios.items():
+            print(f"ratio {pair}:", {k: round(v, 3) for k, v in r.items()})
     print(json.dumps(result, indent=2))
 
 

@@ -32,6 +32,7 @@ from vllm_dar.data import split_files, token_windows
 from vllm_dar.evaluate import perplexity
 from vllm_dar.heal import PRECISIONS
 from vllm_dar.hf import model_shape
+from vllm_dar.kv_dtype import KV_CACHE_DTYPES
 
 # name -> (description, plan kwargs). Every DAR row keeps <= ~30% of the full KV bytes at context 2048.
 ROWS = {
@@ -66,6 +67,11 @@ ROWS = {
                              dict(window=64, key_rank=48, value_rank=48, sink_tokens=4, schedule="calibrated",
                                   head_sharing="joint", method="fit")),
 }
+# FP8 KV cache rows: name -> (the row whose model they evaluate, the FP8 format both caches store); their
+# kv_fraction counts one byte per element against a 16-bit cache (vLLM's default dtype): half the row's.
+FP8_ROWS = {"full-fp8": ("full", "fp8_e4m3"), "full-fp8-e5m2": ("full", "fp8_e5m2"),
+            "calibrated-joint-fp8": ("calibrated-joint", "fp8_e4m3"),
+            "calibrated-joint-fp8-e5m2": ("calibrated-joint", "fp8_e5m2")}
 # Healed rows: name -> the row whose conversion they start from (same schedule, so the same KV bytes).
 HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform",
              "heal-calibrated-joint-fit": "calibrated-joint-fit",
@@ -77,7 +83,7 @@ HEAL_WEIGHTS = {"heal-qkvo-calibrated-joint-fit": "qkvo"}
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *HEAL_ROWS],
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *HEAL_ROWS, *FP8_ROWS],
                     help="default: every row except the (slow) heal rows")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=4)
@@ -131,10 +137,17 @@ def main() -> int:
     results = []
     for name in a.rows:
         start = HEAL_ROWS.get(name)
-        desc, kw = ROWS[start or name]
+        evaluates, fp8 = FP8_ROWS.get(name, (None, None))
+        kv_dtype = KV_CACHE_DTYPES[fp8] if fp8 else None
+        desc, kw = ROWS[start or evaluates or name]
+        if fp8:
+            desc = f"{desc}; K/V stored as {fp8} (vllm_dar.kv_dtype, scale 1); KV bytes against a 16-bit cache"
         t = time.time()
         cost = None
-        if kw is None:
+        if kw is None and kv_dtype is not None:
+            res = perplexity(model, windows, reference_argmax=full["argmax"], kv_dtype=kv_dtype)
+            frac = 0.5
+        elif kw is None:
             res, frac = full, 1.0
         else:
             kw = dict(kw)
@@ -153,10 +166,11 @@ def main() -> int:
                 cost.update(heal_cost, starts_from=start)
             elif kw.get("method") == "fit":
                 cost["starts_from"] = name.removesuffix("-fit") if name != "fit" else "dar"
-            frac = cfg.kv_fraction(a.context)
-            res = perplexity(model, windows, cfg=cfg, projections=proj, reference_argmax=full["argmax"])
+            frac = cfg.kv_fraction(a.context) * (0.5 if kv_dtype is not None else 1.0)
+            res = perplexity(model, windows, cfg=cfg, projections=proj, reference_argmax=full["argmax"],
+                             kv_dtype=kv_dtype)
             if wide_windows:
-                res["wide"] = perplexity(model, wide_windows, cfg=cfg, projections=proj)
+                res["wide"] = perplexity(model, wide_windows, cfg=cfg, projections=proj, kv_dtype=kv_dtype)
             if restore is not None:  # later rows start from the source weights
                 model.load_state_dict(restore)
         row = {"row": name, "setting": desc, "perplexity": round(res["perplexity"], 3),

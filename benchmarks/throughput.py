@@ -1,12 +1,12 @@
-"""Decode speed of stock vLLM, stock vLLM with its FP8 KV cache and a DAR model: same prompts, same KV memory,
-same served dtype (``--dtype``: fp32 by default, or bf16, vLLM's default serving dtype; K/V cached in it, or in
-FP8 for ``fp8``), each engine in a fresh process.
+"""Decode speed of stock vLLM, stock vLLM with its FP8 KV cache, a DAR model and a DAR model with FP8 caches:
+same prompts, same KV memory, same served dtype (``--dtype``: fp32 by default, or bf16, vLLM's default serving
+dtype; K/V cached in it, or in FP8 for ``fp8`` and ``dar-fp8``), each engine in a fresh process.
 
 Per context ``C`` and batch ``B``, per engine: time per decode step (``tpot_s``, over engine steps that decode
 the whole batch and hold no prefill), decode and output tokens/s, time to first token (at ``B = 1``: one
 prompt's prefill, after a warm-up), the batch vLLM's KV cache admits, and the bytes-moved bound of a step
 (weights plus the K/V it reads, over the memory bandwidth measured here); medians over ``--rounds``, with
-DAR / stock and FP8 / stock ratios. The README's Throughput section says how each figure is taken. Run::
+DAR / stock, FP8 / stock, DAR+FP8 / stock and DAR+FP8 / DAR ratios. The README's Throughput section says how each figure is taken. Run::
 
     python benchmarks/throughput.py --context 4096 --batch 16 --kv-gib 4 --rounds 1 --engines stock,dar --json
     python benchmarks/throughput.py --contexts 512,4096,8192 --batch 1 --dtype bfloat16 --engines stock,dar
@@ -34,10 +34,15 @@ from vllm_dar import envs
 from vllm_dar.checkpoint import read_config
 from vllm_dar.config import DarConfig, ModelShape
 
-ENGINES = ("stock", "fp8", "dar")
-KV_DTYPE = {"stock": "auto", "fp8": "fp8", "dar": "auto"}
+ENGINES = ("stock", "fp8", "dar", "dar-fp8")
+KV_DTYPE = {"stock": "auto", "fp8": "fp8", "dar": "auto", "dar-fp8": "fp8"}
 DTYPES = {"float32": 4, "bfloat16": 2}  # served dtype -> bytes per element of weights and of an "auto" KV cache
 MAX_POSITIONS = 8192  # SmolLM2's RoPE table: a position past it aborts the engine (index out of bounds)
+
+
+def is_dar(engine: str) -> bool:
+    """Whether ``engine`` serves ``--dar`` (``dar``, ``dar-fp8``) rather than ``--stock``."""
+    return engine.startswith("dar")
 
 
 def kv_itemsize(engine: str, dtype: str) -> int:
@@ -49,7 +54,7 @@ def kv_itemsize(engine: str, dtype: str) -> int:
 
 def kv_model(engine: str, model_dir: str) -> DarConfig | ModelShape:
     """The byte model of ``engine``'s cache: the ``dar`` section for ``dar``, the model's shapes otherwise."""
-    if engine == "dar":
+    if is_dar(engine):
         cfg = DarConfig.from_model_dir(model_dir)
         if cfg is None:
             raise SystemExit(f"--dar {model_dir}: config.json has no dar section")
@@ -139,11 +144,11 @@ def measure_engine(*, engine: str, model: str, context: int, batches: list[int],
 
 def spawn(args: argparse.Namespace, engine: str, context: int, batches: list[int]) -> dict:
     """One engine in a fresh interpreter (``measure_engine``), its log kept for the plugin's start-up line."""
-    model = args.dar if engine == "dar" else args.stock
+    model = args.dar if is_dar(engine) else args.stock
     argv = ["--worker", engine, "--model", model, "--contexts", str(context),
             "--batches", ",".join(map(str, batches)), "--decode-tokens", str(args.decode_tokens),
             "--kv-gib", str(args.kv_gib), "--dtype", args.dtype]
-    env = harness.dar_engine_env(args.dar_ops) if engine == "dar" else None
+    env = harness.dar_engine_env(args.dar_ops) if is_dar(engine) else None
     t0 = time.time()
     result, lines = harness.run_worker(__file__, argv, env=env, log_name=f"throughput-{engine}-{context}")
     # the plugin's start-up line (DAR ops, window block size, KV bytes per token), for the record
@@ -174,7 +179,7 @@ def ratio(row: dict, a: str, b: str, key: str = "tpot_s") -> float | None:
 
 def summarise(args, runs: dict, bandwidth: float) -> dict:
     """Medians over rounds per configuration and engine, bounds, ratios."""
-    weights = {e: harness.weight_bytes(args.dar if e == "dar" else args.stock, DTYPES[args.dtype])
+    weights = {e: harness.weight_bytes(args.dar if is_dar(e) else args.stock, DTYPES[args.dtype])
                for e in args.engines}
     configs = []
     for context in args.contexts:
@@ -185,7 +190,7 @@ def summarise(args, runs: dict, bandwidth: float) -> dict:
                 per = [r["batches"][str(batch)] for r in rs]
                 med = {k: median_or_none([p[k] for p in per]) for k in MEDIAN_KEYS}
                 size = per[0]["decode_batch"]
-                model = args.dar if e == "dar" else args.stock
+                model = args.dar if is_dar(e) else args.stock
                 prompt = rs[0]["prompt_len"]  # below the context at 8K (``measure_engine``)
                 read = decode_read_bytes(e, model, prompt, size, args.dtype)
                 bound_bytes = weights[e] + read["total"]
@@ -210,6 +215,8 @@ def summarise(args, runs: dict, bandwidth: float) -> dict:
 
             row["tpot_ratio"] = ratio(row, "dar", "stock")
             row["tpot_ratio_fp8"] = ratio(row, "fp8", "stock")
+            row["tpot_ratio_dar_fp8"] = ratio(row, "dar-fp8", "stock")
+            row["tpot_ratio_dar_fp8_to_dar"] = ratio(row, "dar-fp8", "dar")
             row["bound_ratio"] = ratio(row, "dar", "stock", "bound_s")
             row["same_decode_batch"] = len({row[e]["decode_batch"] for e in args.engines}) == 1
             row["max_batch_ratio"] = ratio(row, "dar", "stock", "max_batch_logged")
@@ -238,7 +245,7 @@ def table(result: dict) -> str:
         for e in result["settings"].get("engines", ENGINES):
             r = row[e]
             rel = {"stock": 1.0 if r["tpot_s"] else None, "fp8": row["tpot_ratio_fp8"],
-                   "dar": row["tpot_ratio"]}[e]
+                   "dar": row["tpot_ratio"], "dar-fp8": row.get("tpot_ratio_dar_fp8")}[e]
             rows.append([row["context"], row["batch"], e, r["decode_batch"],
                          fmt(r["tpot_s"] and r["tpot_s"] * 1e3, ".1f"), f"{r['bound']['seconds'] * 1e3:.1f}",
                          fmt(r["tpot_over_bound"], ".1f"), fmt(r["decode_tok_s"], ".1f"),
@@ -256,7 +263,7 @@ def plot(result: dict, path: str) -> bool:
     if plt is None:
         return False
     fig, (ax, cap) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"stock": "tab:blue", "fp8": "tab:orange", "dar": "tab:green"}
+    colors = {"stock": "tab:blue", "fp8": "tab:orange", "dar": "tab:green", "dar-fp8": "tab:red"}
     batches = sorted({r["batch"] for r in result["configs"]})
     marks = dict(zip(batches, "os^vD"))
     for e in result["settings"].get("engines", ENGINES):
@@ -300,7 +307,7 @@ def main() -> int:
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                     help="served dtype of every engine (K/V cached in it, or FP8 for fp8)")
     ap.add_argument("--engines", default=",".join(ENGINES),
-                    help="a subset of stock,fp8,dar (ratios need stock)")
+                    help="a subset of stock,fp8,dar,dar-fp8 (ratios need stock)")
     ap.add_argument("--dar-ops", choices=envs.OPS_KINDS, default=None,
                     help="VLLM_DAR_OPS for the DAR engine (default: the environment's, else the plugin's)")
     ap.add_argument("--bw-threads", type=int, default=None,
@@ -331,7 +338,7 @@ def main() -> int:
                              decode_tokens=a.decode_tokens, kv_gib=a.kv_gib, dtype=a.dtype)
         harness.write_json(a.out, res, indent=None)
         return 0
-    if "dar" in a.engines:  # fail now, not after the stock engine, if --dar is not DAR or VLLM_DAR_OPS is bad
+    if any(map(is_dar, a.engines)):  # fail now, not after the stock engine, if --dar is not DAR or VLLM_DAR_OPS is bad
         kv_model("dar", a.dar)
         harness.dar_ops(a.dar_ops)
 
@@ -345,7 +352,7 @@ def main() -> int:
                 runs[(e, context)].append(res)
                 for b, x in res["batches"].items():
                     tpot = "n/a" if x["tpot_s"] is None else f"{x['tpot_s'] * 1e3:.1f} ms"
-                    print(f"round {r} {e:5s} C={context} B={b}: TPOT {tpot} "
+                    print(f"round {r} {e:7s} C={context} B={b}: TPOT {tpot} "
                           f"(decode batch {x['decode_batch']}), {x['output_tok_s']:.1f} out tok/s, "
                           f"TTFT {x['ttft_s']:.2f} s, max batch logged {res['kv_cache_max_concurrency']:.1f}",
                           file=sys.stderr)

@@ -6,11 +6,17 @@ import math
 import pytest
 import torch
 
+from vllm_dar.kv_dtype import round_trip
 from vllm_dar.reference import LayerProjections, dar_attention, dar_attention_sdpa, dar_masks, reconstruct_kv
 
 
-def naive_dar(q, k, v, proj, *, window, sink_tokens, scale, q_offset):
-    """One query, one head, one key at a time: the definition read literally."""
+def naive_dar(q, k, v, proj, *, window, sink_tokens, scale, q_offset, kv_dtype=None):
+    """One query, one head, one key at a time: the definition read literally. ``kv_dtype``: every stored key and
+    value (full width, and reduced: reduced in fp32, then stored) read back from an FP8 cache of that dtype."""
+
+    def stored(x):
+        return round_trip(x.float(), kv_dtype).double()
+
     b, h, tq, d = q.shape
     j = k.shape[1]
     out = torch.zeros(b, h, tq, d, dtype=torch.float64)
@@ -25,15 +31,15 @@ def naive_dar(q, k, v, proj, *, window, sink_tokens, scale, q_offset):
                 scores, vals = [], []
                 for s in range(t + 1):
                     if proj is None or t - s < window or s < sink_tokens:
-                        scores.append(float(q[bi, hi, i].double() @ k[bi, kv, s].double()) * scale)
-                        vals.append(v[bi, kv, s].double())
+                        scores.append(float(q[bi, hi, i].double() @ stored(k[bi, kv, s])) * scale)
+                        vals.append(stored(v[bi, kv, s]))
                     else:
-                        kg = k[bi, grp * jg:(grp + 1) * jg, s].reshape(-1).double()
-                        vg = v[bi, grp * jg:(grp + 1) * jg, s].reshape(-1).double()
+                        kg = k[bi, grp * jg:(grp + 1) * jg, s].reshape(-1).float()
+                        vg = v[bi, grp * jg:(grp + 1) * jg, s].reshape(-1).float()
                         qr = q[bi, hi, i].double() @ proj.q_proj[kv].double()
-                        kr = kg @ proj.k_down[grp].double()
+                        kr = stored(kg @ proj.k_down[grp].float())
                         scores.append(float(qr @ kr) * scale)
-                        vals.append((vg @ proj.v_down[grp].double()) @ proj.v_up[kv].double())
+                        vals.append(stored(vg @ proj.v_down[grp].float()) @ proj.v_up[kv].double())
                 m = max(scores)
                 w = [math.exp(x - m) for x in scores]
                 z = sum(w)
@@ -87,6 +93,25 @@ def test_sdpa_path_matches_reference(h, j, w, sinks, rk, rv, joint):
         want = dar_attention(q[:, :, t - tq:], k, v, proj, window=w, sink_tokens=sinks)
         got = dar_attention_sdpa(q[:, :, t - tq:], k, v, proj, window=w, sink_tokens=sinks)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("h,j,w,sinks,rk,rv,joint", [CASES[i] for i in (1, 3, 5)])
+def test_sdpa_fp8_cache_matches_the_definition(h, j, w, sinks, rk, rv, joint, kv_dtype):
+    """The FP8 KV cache simulation of the quality benchmark (``kv_dtype``): every full-width K/V and every reduced
+    K/V read back as the FP8 cache stores it; also without projections (stock attention over an FP8 cache)."""
+    d, t = 8, 24
+    q, k, v = qkv(1, h, j, t, d)
+    proj = random_proj(j, d, rk, rv, joint=joint)
+    for tq in (t, 1):
+        for p, window in ((proj, w), (None, 0)):
+            got = dar_attention_sdpa(q[:, :, t - tq:], k, v, p, window=window, sink_tokens=sinks, scale=0.3,
+                                     kv_dtype=kv_dtype)
+            want = naive_dar(q[:, :, t - tq:], k, v, p, window=window, sink_tokens=sinks, scale=0.3,
+                             q_offset=t - tq, kv_dtype=kv_dtype)
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            plain = dar_attention_sdpa(q[:, :, t - tq:], k, v, p, window=window, sink_tokens=sinks, scale=0.3)
+            assert (got - plain).abs().max() > 1e-3  # the simulation really quantized
 
 
 def test_window_covering_sequence_is_standard_attention():

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .kv_dtype import round_trip
+
 
 @dataclass(frozen=True)
 class LayerProjections:
@@ -135,23 +137,26 @@ def dar_attention(
     return (out, lse) if return_lse else out
 
 
-def reconstruct_kv(k: Tensor, v: Tensor, proj: LayerProjections) -> tuple[Tensor, Tensor]:
+def reconstruct_kv(k: Tensor, v: Tensor, proj: LayerProjections,
+                   kv_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Per-KV-head keys and values that reproduce the reduced scores and values at full width.
 
     ``(q Q_j) . (k_g K_g) = q . (k_g K_g Q_j^T)`` and ``(v_g V_g) U_j`` are linear, so reduced attention equals
     standard attention over ``k~_j = k_g K_g Q_j^T`` and ``v~_j = v_g V_g U_j``. k, v: [B, J, T, D] -> same shapes.
     Used by the fast Hugging Face path (one fused SDPA over [k; k~]); tests compare it with ``dar_attention``.
+    ``kv_dtype``: the reduced K/V as an FP8 far cache stores them (``vllm_dar.kv_dtype.round_trip``, scale 1).
     """
     jg = k.shape[1] // proj.groups
-    kr = reduce_kv(k, proj.k_down).repeat_interleave(jg, dim=1)  # [B, J, T, rk]: each head sees its group
-    vr = reduce_kv(v, proj.v_down).repeat_interleave(jg, dim=1)  # [B, J, T, rv]
+    kr = round_trip(reduce_kv(k, proj.k_down), kv_dtype).repeat_interleave(jg, dim=1)  # [B, J, T, rk]: per group
+    vr = round_trip(reduce_kv(v, proj.v_down), kv_dtype).repeat_interleave(jg, dim=1)  # [B, J, T, rv]
     k_rec = torch.matmul(kr, proj.q_proj.to(k.dtype).mT.unsqueeze(0))  # [B, J, T, D]
     v_rec = torch.matmul(vr, proj.v_up.to(v.dtype).unsqueeze(0))  # [B, J, T, D]
     return k_rec, v_rec
 
 
 def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections | None, *, window: int,
-                       sink_tokens: int = 0, scale: float | None = None, chunk: int = 128) -> Tensor:
+                       sink_tokens: int = 0, scale: float | None = None, chunk: int = 128,
+                       kv_dtype: torch.dtype | None = None) -> Tensor:
     """Same result as ``dar_attention`` (queries are the last Tq positions), through fused SDPA calls over
     the concatenated keys ``[k; k~]`` with a mask that picks, per pair, the full or the reduced copy.
     q: [B, H, Tq, D], k, v: [B, J, Tk, D] -> [B, H, Tq, D] in q's dtype (computed in fp32, unless an autocast
@@ -162,9 +167,16 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
     up to ``window`` before its last query.
     One call over all of ``[k; k~]`` would spend three quarters of its work on masked pairs at long contexts
     (half of ``[k; k~]`` is masked for every query, and half of the rest is in the future); blocks of 128 cut
-    a 1024-token sequence's work (forward and backward, which the healing fine-tune runs) by about 2.9x."""
+    a 1024-token sequence's work (forward and backward, which the healing fine-tune runs) by about 2.9x.
+
+    ``kv_dtype`` (an FP8 dtype or None): every key and value, full width and reduced, read back as an FP8 cache
+    of that dtype stores it (scale 1, vLLM's default), the query's own position included; the engine takes a
+    chunk's own K/V from the forward pass, so this is the decode-time cost, slightly pessimistic."""
     tq, tk = q.shape[2], k.shape[2]
     qf, kf, vf = q.float(), k.float(), v.float()
+    if kv_dtype is not None and proj is not None:
+        k_rec, v_rec = reconstruct_kv(kf, vf, proj.to(dtype=torch.float32, device=q.device), kv_dtype)
+    kf, vf = round_trip(kf, kv_dtype), round_trip(vf, kv_dtype)
     if proj is None:
         out = torch.nn.functional.scaled_dot_product_attention(
             qf, kf, vf, is_causal=tq == tk, scale=scale, enable_gqa=True)
@@ -172,7 +184,8 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
     if tq == 0:
         return q.clone()
     full, red = dar_masks(tq, tk, window=window, sink_tokens=sink_tokens, q_offset=tk - tq, device=q.device)
-    k_rec, v_rec = reconstruct_kv(kf, vf, proj.to(dtype=torch.float32, device=q.device))
+    if kv_dtype is None:
+        k_rec, v_rec = reconstruct_kv(kf, vf, proj.to(dtype=torch.float32, device=q.device))
     outs = []
     for a in range(0, tq, chunk):
         b = min(tq, a + chunk)

@@ -71,7 +71,30 @@ def test_per_layer_windows_and_joint_sharing(dar_smol_pyramid, doc_tokens, tmp_p
     assert tokens(got[0]) == hf_greedy(dar_smol_pyramid, prompts)
 
 
-def test_fp8_kv_cache_refused(dar_smol, tmp_path):
-    refusal = "kv_cache_dtype='fp8': the DAR backend stores K/V in the model dtype only"
+def test_fp8_kv_cache(dar_smol_pyramid, doc_tokens, tmp_path):
+    """``kv_cache_dtype="fp8"`` (vllm_dar.kv_dtype): both caches one byte per element, so an fp32 engine's KV
+    capacity is 4x; the C++ ops follow the reference ops across windows, joint groups and ranks that are not whole
+    16-wide tiles (24); and the first tokens follow the unquantized engine's.
+
+    The two ops reduce K/V in different summation orders before rounding to FP8, so a reduced coordinate can land
+    one FP8 step apart (tests/ops/test_fp8_ops.py) and a near tie can flip a later greedy token: the ops must
+    agree on at least the first 12 tokens of every prompt, with log-probabilities within 0.1 there (0.053 seen)."""
+    prompts = mixed_prompts(doc_tokens)
+    fp8 = {"kv_cache_dtype": "fp8", "max_num_batched_tokens": 64, "max_num_seqs": 4}
+    got, cap_fp8 = run_engine(tmp_path, dar_smol_pyramid, [prompts], max_tokens=MAX_TOKENS, engine=fp8,
+                              capacity=True, logprobs=True)
+    ref = run_engine(tmp_path, dar_smol_pyramid, [prompts], max_tokens=MAX_TOKENS, engine=fp8, logprobs=True,
+                     env={"VLLM_DAR_OPS": "reference"})
+    for a, b in zip(got[0], ref[0]):
+        same = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), MAX_TOKENS)
+        assert same >= 12, (a["tokens"], b["tokens"])
+        assert max(abs(x - y) for x, y in zip(a["logprobs"][:same], b["logprobs"][:same])) < 0.1
+    full, cap_auto = run_engine(tmp_path, dar_smol_pyramid, [prompts], max_tokens=MAX_TOKENS, capacity=True)
+    assert 3.9 < cap_fp8 / cap_auto < 4.1, (cap_fp8, cap_auto)
+    assert [t[:4] for t in tokens(got[0])] == [t[:4] for t in tokens(full[0])]
+
+
+def test_other_quantized_kv_caches_refused(dar_smol, tmp_path):
+    refusal = "kv_cache_dtype='int8_per_token_head': the DAR backend stores K/V in the model dtype or in FP8"
     with pytest.raises(EngineFailed, match=refusal):
-        run_engine(tmp_path, dar_smol, [[[1, 2, 3]]], max_tokens=1, engine={"kv_cache_dtype": "fp8"})
+        run_engine(tmp_path, dar_smol, [[[1, 2, 3]]], max_tokens=1, engine={"kv_cache_dtype": "int8_per_token_head"})

@@ -40,7 +40,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from vllm_dar.config import far_block_sizes
+from vllm_dar.config import DarConfigError, far_block_sizes
+from vllm_dar.kv_dtype import KV_CACHE_DTYPES
 from vllm_dar.ops import DarOps, select_ops
 from vllm_dar.ops.paged import PagedProjections
 
@@ -93,7 +94,7 @@ class DarBackend(AttentionBackend):
 
     forward_includes_kv_cache_update: bool = False  # vLLM calls the impl's do_kv_cache_update first
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]  # K/V stored in the model dtype (check_engine)
+    supported_kv_cache_dtypes: ClassVar[list] = list(KV_CACHE_DTYPES)  # vllm_dar.kv_dtype (check_engine)
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
@@ -135,6 +136,7 @@ class DarLayer:
     sink_tokens: int
     proj: PagedProjections  # this tensor-parallel rank's projections, on the layer's device
     ops: DarOps  # the cache write and attention it runs
+    cache_dtype: torch.dtype | None  # FP8 dtype both caches are read as (vLLM allocates them uint8); None: as given
 
 
 def _far_block_sizes(vllm_config, model: DarModel, layer, tp_size: int) -> list[int]:
@@ -189,27 +191,45 @@ class DarImplMixin:
                                                     sink_tokens=lay.sink_tokens)
         layer.attn_backend = self.window_backend
         ops = select_ops(self.ops_kind)
+        cache_dtype = KV_CACHE_DTYPES[vc.cache_config.cache_dtype]
+        if cache_dtype is not None and ops.name == "triton":
+            raise DarConfigError(f"vllm-dar: kv_cache_dtype={vc.cache_config.cache_dtype!r}: the DAR Triton "
+                                 "kernels read caches in the model dtype only; use 'auto' on this platform")
+        if cache_dtype is not None and ops.name == "cpp" and not (
+                torch.cpu._is_avx512_supported() and self.head_size % 16 == 0 and self.head_size <= 128):
+            raise DarConfigError(f"vllm-dar: kv_cache_dtype={vc.cache_config.cache_dtype!r}: the C++ DAR op reads "
+                                 "FP8 caches with AVX-512 and head_dim a multiple of 16, <= 128 (here head_dim "
+                                 f"{self.head_size}); VLLM_DAR_OPS=reference reads them anywhere, slowly")
         log_summary(vc.model_config.model, model, layer.kv_cache_torch_dtype.itemsize,
                     vc.model_config.max_model_len, ops=ops.name, block_size=dar_block_size(vc))
         device = layer._k_scale.device  # the layer's buffers live where its KV cache will (the worker's device)
         return DarLayer(index=index, far_name=far_name, window=lay.window, sink_tokens=lay.sink_tokens,
-                        proj=PagedProjections.from_layer(proj, self.num_heads).to(device), ops=ops)
+                        proj=PagedProjections.from_layer(proj, self.num_heads).to(device), ops=ops,
+                        cache_dtype=cache_dtype)
+
+    def _caches(self, window_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (window cache, far cache), as the ops read them (FP8 views of vLLM's uint8 tensors)."""
+        far = get_forward_context().no_compile_layers[self.dar.far_name].kv_cache
+        dt = self.dar.cache_dtype
+        return (window_cache, far) if dt is None else (window_cache.view(dt), far.view(dt))
 
     def _dar_write(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         """key, value: [T, J, D]; kv_cache: the window cache [blocks, J, block_size, 2D]; also writes the
-        reduced K/V [T, G, rk | rv] to the far cache through its own slot mapping."""
+        reduced K/V [T, G, rk | rv] to the far cache through its own slot mapping. ``k_scale`` / ``v_scale``:
+        the layer's, for FP8 caches (``vllm_dar.kv_dtype``)."""
         ctx = get_forward_context()
         n = slot_mapping.shape[0]
-        self.dar.ops.write(key[:n], value[:n], window_cache=kv_cache, window_slots=slot_mapping,
-                           far_cache=ctx.no_compile_layers[self.dar.far_name].kv_cache,
-                           far_slots=ctx.slot_mapping[self.dar.far_name][:n], proj=self.dar.proj)
+        window_cache, far_cache = self._caches(kv_cache)
+        self.dar.ops.write(key[:n], value[:n], window_cache=window_cache, window_slots=slot_mapping,
+                           far_cache=far_cache, far_slots=ctx.slot_mapping[self.dar.far_name][:n],
+                           proj=self.dar.proj, k_scale=k_scale, v_scale=v_scale)
 
     def _dar_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                      attn_metadata: DarMetadata | None, output: torch.Tensor, output_scale=None,
-                     output_block_scale=None) -> torch.Tensor:
-        """query: [T, H, D], key/value: [T, J, D] -> output [T, H, D]; K/V were stored by ``_dar_write``.
-        Rows past ``attn_metadata.num_actual_tokens`` (padding) are left as they are."""
+                     output_block_scale=None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """query: [T, H, D], key/value: [T, J, D] -> output [T, H, D]; K/V were stored by ``_dar_write`` (with the
+        same scales). Rows past ``attn_metadata.num_actual_tokens`` (padding) are left as they are."""
         if attn_metadata is None:  # warm-up / profiling run
             return output
         if output_scale is not None or output_block_scale is not None:
@@ -217,10 +237,11 @@ class DarImplMixin:
         ctx = get_forward_context()
         far = ctx.attn_metadata[self.dar.far_name]
         n = attn_metadata.num_actual_tokens
-        self.dar.ops.attend(query[:n], key[:n], value[:n], output[:n], window_cache=kv_cache,
-                            window_table=attn_metadata.block_table,
-                            far_cache=ctx.no_compile_layers[self.dar.far_name].kv_cache,
+        window_cache, far_cache = self._caches(kv_cache)
+        self.dar.ops.attend(query[:n], key[:n], value[:n], output[:n], window_cache=window_cache,
+                            window_table=attn_metadata.block_table, far_cache=far_cache,
                             far_table=far.block_table, query_start_loc=attn_metadata.query_start_loc,
                             seq_lens=attn_metadata.seq_lens, proj=self.dar.proj, window=self.dar.window,
-                            sink_tokens=self.dar.sink_tokens, scale=self.scale)
+                            sink_tokens=self.dar.sink_tokens, scale=self.scale, k_scale=k_scale,
+                            v_scale=v_scale)
         return output

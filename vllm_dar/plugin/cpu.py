@@ -86,7 +86,7 @@ class DarCpuImpl(DarImplMixin, CPUAttentionBackendImpl):
         """key, value: [T, J, D]; see ``DarImplMixin._dar_write``."""
         if self.dar is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        self._dar_write(key, value, kv_cache, slot_mapping)
+        self._dar_write(key, value, kv_cache, slot_mapping, layer._k_scale_float, layer._v_scale_float)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata, output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -95,4 +95,4 @@ class DarCpuImpl(DarImplMixin, CPUAttentionBackendImpl):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         return self._dar_forward(query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                 output_block_scale)
+                                 output_block_scale, layer._k_scale_float, layer._v_scale_float)

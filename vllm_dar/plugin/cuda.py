@@ -54,6 +54,8 @@ class DarCudaBackend(DarBackend):
     """What ``--attention-backend CUSTOM`` selects, and the CUDA platform's choices for its DAR cache groups; its
     layers move onto ``DarCudaWindowBackend`` once loaded."""
 
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]  # the Triton kernels read caches in the model dtype
+
     @staticmethod
     def get_name() -> str:
         return "CUSTOM"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from vllm_dar.checkpoint import load_dar
 from vllm_dar.config import DarConfig, DarConfigError
+from vllm_dar.kv_dtype import KV_CACHE_DTYPES
 from vllm_dar.reference import LayerProjections
 
 logger = logging.getLogger("vllm.vllm_dar")  # under "vllm": shown by vLLM's own log handler
@@ -67,8 +68,9 @@ def check_engine(vllm_config) -> None:
     cache, parallel = vllm_config.cache_config, vllm_config.parallel_config
     pp = parallel.pipeline_parallel_size
     checks = [
-        (cache.cache_dtype != "auto",
-         f"kv_cache_dtype={cache.cache_dtype!r}: the DAR backend stores K/V in the model dtype only; use 'auto'"),
+        (cache.cache_dtype not in KV_CACHE_DTYPES,
+         (f"kv_cache_dtype={cache.cache_dtype!r}: the DAR backend stores K/V in the model dtype or in FP8; use "
+          f"one of {', '.join(KV_CACHE_DTYPES)}")),
         (pp != 1, f"pipeline_parallel_size={pp}: not supported by the DAR backend; use 1"),
         (vllm_config.speculative_config is not None, "speculative decoding is not supported by the DAR backend"),
         (getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False),

@@ -10,12 +10,13 @@ from vllm_dar.kv_dtype import round_trip
 from vllm_dar.reference import LayerProjections, dar_attention, dar_attention_sdpa, dar_masks, reconstruct_kv
 
 
-def naive_dar(q, k, v, proj, *, window, sink_tokens, scale, q_offset, kv_dtype=None):
+def naive_dar(q, k, v, proj, *, window, sink_tokens, scale, q_offset, kv_dtype=None, far_only=False):
     """One query, one head, one key at a time: the definition read literally. ``kv_dtype``: every stored key and
-    value (full width, and reduced: reduced in fp32, then stored) read back from an FP8 cache of that dtype."""
+    value (full width unless ``far_only``, and reduced: reduced in fp32, then stored) read back from an FP8 cache
+    of that dtype."""
 
-    def stored(x):
-        return round_trip(x.float(), kv_dtype).double()
+    def stored(x, reduced=False):
+        return round_trip(x.float(), kv_dtype if reduced or not far_only else None).double()
 
     b, h, tq, d = q.shape
     j = k.shape[1]
@@ -37,9 +38,9 @@ def naive_dar(q, k, v, proj, *, window, sink_tokens, scale, q_offset, kv_dtype=N
                         kg = k[bi, grp * jg:(grp + 1) * jg, s].reshape(-1).float()
                         vg = v[bi, grp * jg:(grp + 1) * jg, s].reshape(-1).float()
                         qr = q[bi, hi, i].double() @ proj.q_proj[kv].double()
-                        kr = stored(kg @ proj.k_down[grp].float())
+                        kr = stored(kg @ proj.k_down[grp].float(), reduced=True)
                         scores.append(float(qr @ kr) * scale)
-                        vals.append(stored(vg @ proj.v_down[grp].float()) @ proj.v_up[kv].double())
+                        vals.append(stored(vg @ proj.v_down[grp].float(), reduced=True) @ proj.v_up[kv].double())
                 m = max(scores)
                 w = [math.exp(x - m) for x in scores]
                 z = sum(w)
@@ -99,16 +100,17 @@ def test_sdpa_path_matches_reference(h, j, w, sinks, rk, rv, joint):
 @pytest.mark.parametrize("h,j,w,sinks,rk,rv,joint", [CASES[i] for i in (1, 3, 5)])
 def test_sdpa_fp8_cache_matches_the_definition(h, j, w, sinks, rk, rv, joint, kv_dtype):
     """The FP8 KV cache simulation of the quality benchmark (``kv_dtype``): every full-width K/V and every reduced
-    K/V read back as the FP8 cache stores it; also without projections (stock attention over an FP8 cache)."""
+    K/V read back as the FP8 cache stores it, or the reduced ones only (``far_only``); also without projections
+    (stock attention over an FP8 cache)."""
     d, t = 8, 24
     q, k, v = qkv(1, h, j, t, d)
     proj = random_proj(j, d, rk, rv, joint=joint)
     for tq in (t, 1):
-        for p, window in ((proj, w), (None, 0)):
+        for p, window, far_only in ((proj, w, False), (proj, w, True), (None, 0, False)):
             got = dar_attention_sdpa(q[:, :, t - tq:], k, v, p, window=window, sink_tokens=sinks, scale=0.3,
-                                     kv_dtype=kv_dtype)
+                                     kv_dtype=kv_dtype, far_only=far_only)
             want = naive_dar(q[:, :, t - tq:], k, v, p, window=window, sink_tokens=sinks, scale=0.3,
-                             q_offset=t - tq, kv_dtype=kv_dtype)
+                             q_offset=t - tq, kv_dtype=kv_dtype, far_only=far_only)
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
             plain = dar_attention_sdpa(q[:, :, t - tq:], k, v, p, window=window, sink_tokens=sinks, scale=0.3)
             assert (got - plain).abs().max() > 1e-3  # the simulation really quantized

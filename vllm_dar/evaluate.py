@@ -28,27 +28,28 @@ def kv_report(cfg: DarConfig | None, model_config, context: int, dtype: torch.dt
             "kv_fraction": round(cfg.kv_fraction(context), 5), "full_kv_bytes_per_token": full}
 
 
-def _dar_context(model, cfg, projections, kv_dtype=None):
+def _dar_context(model, cfg, projections, kv_dtype=None, far_only=False):
     if cfg is None and kv_dtype is None:
         return contextlib.nullcontext()
-    return dar_attention_enabled(model, cfg, projections, kv_dtype)
+    return dar_attention_enabled(model, cfg, projections, kv_dtype, far_only)
 
 
 @torch.no_grad()
 def perplexity(model, windows: list[list[int]], *, cfg: DarConfig | None = None, projections=None,
                reference_argmax: list[torch.Tensor] | None = None, progress: bool = True,
-               kv_dtype: torch.dtype | None = None) -> dict:
+               kv_dtype: torch.dtype | None = None, far_only: bool = False) -> dict:
     """Token-level perplexity of ``model`` over ``windows`` (each scored from its first token).
 
     The result's ``argmax`` holds the greedy next-token choice at every position; given another model's
     (``reference_argmax``), ``top1_agreement`` is the fraction of positions where both choose the same token
     (teacher-forced greedy agreement). When every window has the same length, ``position_nll`` [T-1] is the mean
     NLL of the prediction at each position (position t predicts token t+1). ``kv_dtype``: K/V as an FP8 KV cache
-    of that dtype holds them (``vllm_dar.reference.dar_attention_sdpa``; with ``cfg=None``, the full model's).
+    of that dtype holds them (``vllm_dar.reference.dar_attention_sdpa``; with ``cfg=None``, the full model's;
+    ``far_only``: only the reduced K/V).
     """
     nll, count, same = 0.0, 0, 0
     argmax, by_position = [], []
-    with _dar_context(model, cfg, projections, kv_dtype):
+    with _dar_context(model, cfg, projections, kv_dtype, far_only):
         for i, ids in enumerate(tqdm(windows, desc="scoring", unit="window", disable=not progress)):
             x = torch.tensor([ids])
             logits = model(x, use_cache=False).logits[0, :-1].float()  # [T-1, V]

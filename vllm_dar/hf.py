@@ -91,24 +91,27 @@ def _attention_state(model, states: list[Callable]):
                 delattr(mod, _STATE)
 
 
-def _dar_layer_fn(window: int, sink_tokens: int, proj: LayerProjections | None, kv_dtype: torch.dtype | None = None):
+def _dar_layer_fn(window: int, sink_tokens: int, proj: LayerProjections | None, kv_dtype: torch.dtype | None = None,
+                  far_only: bool = False):
     def fn(module, q, k, v, scaling):
         out = dar_attention_sdpa(q, k, v, proj, window=window, sink_tokens=sink_tokens, scale=scaling,
-                                 kv_dtype=kv_dtype)
+                                 kv_dtype=kv_dtype, far_only=far_only)
         return out.transpose(1, 2).contiguous(), None  # transformers wants [B, Tq, H, D]
     return fn
 
 
 @contextlib.contextmanager
 def dar_attention_enabled(model, cfg: DarConfig | None, projections: list[LayerProjections] | None,
-                          kv_dtype: torch.dtype | None = None):
+                          kv_dtype: torch.dtype | None = None, far_only: bool = False):
     """Run ``model`` with reference DAR attention (``cfg=None``: standard attention through the same path);
-    ``kv_dtype``: K/V read back as an FP8 KV cache of that dtype stores them (``dar_attention_sdpa``)."""
+    ``kv_dtype``: K/V read back as an FP8 KV cache of that dtype stores them (``far_only``: the reduced K/V
+    only; ``dar_attention_sdpa``)."""
     n = len(attention_modules(model))
     if cfg is None:
         states = [_dar_layer_fn(0, 0, None, kv_dtype) for _ in range(n)]
     else:
-        states = [_dar_layer_fn(cfg.window[i], cfg.sink_tokens, projections[i], kv_dtype) for i in range(n)]
+        states = [_dar_layer_fn(cfg.window[i], cfg.sink_tokens, projections[i], kv_dtype, far_only)
+                  for i in range(n)]
     with _attention_state(model, states):
         yield model
 

@@ -156,7 +156,7 @@ def reconstruct_kv(k: Tensor, v: Tensor, proj: LayerProjections,
 
 def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections | None, *, window: int,
                        sink_tokens: int = 0, scale: float | None = None, chunk: int = 128,
-                       kv_dtype: torch.dtype | None = None) -> Tensor:
+                       kv_dtype: torch.dtype | None = None, far_only: bool = False) -> Tensor:
     """Same result as ``dar_attention`` (queries are the last Tq positions), through fused SDPA calls over
     the concatenated keys ``[k; k~]`` with a mask that picks, per pair, the full or the reduced copy.
     q: [B, H, Tq, D], k, v: [B, J, Tk, D] -> [B, H, Tq, D] in q's dtype (computed in fp32, unless an autocast
@@ -171,12 +171,14 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
 
     ``kv_dtype`` (an FP8 dtype or None): every key and value, full width and reduced, read back as an FP8 cache
     of that dtype stores it (scale 1, vLLM's default), the query's own position included; the engine takes a
-    chunk's own K/V from the forward pass, so this is the decode-time cost, slightly pessimistic."""
+    chunk's own K/V from the forward pass, so this is the decode-time cost, slightly pessimistic. ``far_only``:
+    only the reduced K/V (a far cache in FP8, the window cache in the model dtype)."""
     tq, tk = q.shape[2], k.shape[2]
     qf, kf, vf = q.float(), k.float(), v.float()
     if kv_dtype is not None and proj is not None:
         k_rec, v_rec = reconstruct_kv(kf, vf, proj.to(dtype=torch.float32, device=q.device), kv_dtype)
-    kf, vf = round_trip(kf, kv_dtype), round_trip(vf, kv_dtype)
+    if not far_only:
+        kf, vf = round_trip(kf, kv_dtype), round_trip(vf, kv_dtype)
     if proj is None:
         out = torch.nn.functional.scaled_dot_product_attention(
             qf, kf, vf, is_causal=tq == tk, scale=scale, enable_gqa=True)

@@ -99,7 +99,7 @@ def test_write_quantizes_like_the_contract(fmt, act, joint):
 
 
 def test_fp8_caches_refused_where_they_would_be_misread():
-    """Caches of two dtypes, or an FP8 cache read at head_dim the AVX-512 path does not take, are refused by name."""
+    """Caches of two dtypes (FP8 beside FP8 of the other format, or beside fp32) are refused by name."""
     cpp_ops()
     query, key, value, args, _ = fp8_batch(SCENARIOS[0][1], 8, 2, False, torch.float32, FP8["e4m3"], SMOL)
     args["far_cache"] = args["far_cache"].view(torch.float8_e5m2)

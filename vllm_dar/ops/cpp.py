@@ -108,7 +108,8 @@ def write_kv_cpp(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slo
     """``vllm_dar.ops.paged.write_kv`` in one kernel call (same semantics; the reduction sums in fp32; FP8 caches
     store exactly what ``vllm_dar.kv_dtype.quantize`` gives).
 
-    key, value [T, J, D] in the caches' dtype or, for FP8 caches, fp32 / bf16 (copied only if a token's [J, D] is not contiguous); slots [T]
+    key, value [T, J, D] in the caches' dtype or, for FP8 caches, fp32 / bf16 (copied only if a token's [J, D] is
+    not contiguous); slots [T]
     int64 (vLLM's; anything else is converted); caches with dense blocks (``dense_blocks``). The op itself checks
     dtypes, shapes and strides, naming the argument.
     """

@@ -6,7 +6,8 @@
 // so every far block is loaded once for all of them (GQA without expanding K/V; prefill queries share the block
 // reads). The caches are read in place, through the block tables (no gather copy):
 //  * full width ({s <= t: t - s < w or s < S}): cached sinks and window history from the window cache, the
-//    chunk's own positions from the fresh key/value; row-wise dot products at width D;
+//    chunk's own positions from the fresh key/value (rounded as an FP8 window cache stores them, so that a
+//    token's output does not depend on how its prompt was chunked); row-wise dot products at width D;
 //  * reduced width ([S, t - w]): per far block, scores (q Q_h) . k~ for every row, one online-softmax rescale
 //    per block and row, values accumulated at width rv; projected up by U_h once per row at the end. The next
 //    far block is prefetched into L2 while this one computes.
@@ -439,6 +440,21 @@ static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __m
     default: TORCH_CHECK(false, "dar_attention: full-width chunks need head_dim a multiple of 16, <= 128");
   }
 }
+// 16 fresh keys or values (the chunk's own, activation type T) as a window cache of type C stores and reads them
+// back: FP8 rounds them (store_as, then times the scale), so a position reads the same whether it is in the chunk
+// or already cached (not read back from the cache itself: the window manager, vllm_dar/plugin/spec.py, never
+// holds a whole chunk at full width); other cache types are the activations' own.
+template <typename C, typename T>
+static inline __m512 load16_as_cached(const T* p, float scale) {
+  if constexpr (is_fp8<C>) {
+    alignas(64) float x[16];
+    _mm512_store_ps(x, load16(p));
+    for (int i = 0; i < 16; ++i) x[i] = f32(store_as<C>(x[i], scale)) * scale;
+    return _mm512_load_ps(x);
+  } else {
+    return load16(p);
+  }
+}
 
 // The full-width part of one work item, 16 positions at a time (AVX-512, D a multiple of 16, D <= 128): for each
 // KV head j of the group, the 16 positions' keys are transposed once into kt [D, 16] and their values widened
@@ -485,14 +501,14 @@ static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64
         __m512 col[16];
         for (int64_t x = 0; x < 16; ++x)
           col[x] = x >= n ? _mm512_setzero_ps()
-                   : kc[x] ? load16_cache(kc[x] + d0 * 16, a.ks) : load16(kf[x] + d0 * 16);
+                   : kc[x] ? load16_cache(kc[x] + d0 * 16, a.ks) : load16_as_cached<CT>(kf[x] + d0 * 16, a.ks);
         transpose16(col);
         for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (d0 * 16 + i) * 16, col[i]);
         for (int64_t x = 0; x < 16; ++x) {
           __m512 vx = _mm512_setzero_ps();
           if (x < n)
             vx = kc[x] ? load16_cache(kc[x] + D + d0 * 16, a.vs)
-                       : load16(a.v + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D + d0 * 16);
+                       : load16_as_cached<CT>(a.v + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D + d0 * 16, a.vs);
           _mm512_storeu_ps(vb + x * D + d0 * 16, vx);
         }
       }

@@ -3,11 +3,12 @@
     python engine_job.py JOB.json OUT.json
 
 JOB: {"model": DIR, "engine": {LLM kwargs}, "max_tokens": N, "runs": [[prompt token ids, ...], ...],
-"logprobs": bool, "sampling": {SamplingParams kwargs over the greedy default}}.
+"logprobs": bool, "sampling": {SamplingParams kwargs over the greedy default},
+"score": [[token ids], ...] (optional: windows scored by prompt log-probabilities, after the runs)}.
 Runs are generated one after another on the same engine (the second run of a repeated prompt can hit the
 prefix cache). OUT: {"runs": [[{"tokens": [...], "cached": num_cached_tokens, "logprobs": [...] | null}, ...],
 ...],
-"kv_capacity_tokens": vLLM's logged KV cache capacity}.
+"kv_capacity_tokens": vLLM's logged KV cache capacity, "score": vllm_engine.windows_perplexity's result | null}.
 A separate process per engine: vLLM spawns workers, and one engine's settings never leak into the next.
 """
 import json
@@ -24,7 +25,7 @@ def logprobs(completion) -> list[float] | None:
 def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
-    from vllm_dar.vllm_engine import client_threads, shutdown_llm
+    from vllm_dar.vllm_engine import client_threads, shutdown_llm, windows_perplexity
 
     with open(job_path) as f:
         job = json.load(f)
@@ -38,12 +39,13 @@ def main(job_path: str, out_path: str) -> None:
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             runs.append([{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0,
                           "logprobs": logprobs(o.outputs[0])} for o in outs])
+        score = windows_perplexity(llm, job["score"]) if job.get("score") else None
         capacity = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
     finally:
         shutdown_llm(llm)
     with open(out_path, "w") as f:
-        json.dump({"runs": runs, "kv_capacity_tokens": capacity, "client_threads_after_shutdown": client_threads()},
-                  f)
+        json.dump({"runs": runs, "kv_capacity_tokens": capacity, "score": score,
+                   "client_threads_after_shutdown": client_threads()}, f)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,24 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens: int, engine: dict | None = None,
-               plugins: bool = True, timeout: float = 1200, capacity: bool = False, logprobs: bool = False,
-               env: dict | None = None, sampling: dict | None = None):
-    """Generate greedily (or with ``sampling``: SamplingParams kwargs) with a real vLLM engine in a fresh process.
-    Returns, per run, per prompt,
-    {"tokens": [...], "cached": num_cached_tokens}; with ``capacity`` also vLLM's logged KV capacity (tokens),
-    as ``(runs, capacity)``. ``plugins=False`` sets VLLM_PLUGINS="" (stock vLLM); ``env``: extra environment."""
+def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens: int, capacity: bool = False,
+               **job):
+    """Generate greedily (or with ``sampling``: SamplingParams kwargs) with a real vLLM engine in a fresh process
+    (``engine_result``). Returns, per run, per prompt, {"tokens": [...], "cached": num_cached_tokens, "logprobs"};
+    with ``capacity`` also vLLM's logged KV capacity (tokens), as ``(runs, capacity)``."""
+    result = engine_result(tmp_path, model, runs, max_tokens=max_tokens, **job)
+    return (result["runs"], result["kv_capacity_tokens"]) if capacity else result["runs"]
+
+
+def engine_result(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens: int, engine: dict | None = None,
+                  plugins: bool = True, timeout: float = 1200, logprobs: bool = False, env: dict | None = None,
+                  sampling: dict | None = None, score: list[list[int]] | None = None) -> dict:
+    """Run ``engine_job.py`` (a real vLLM engine in a fresh process) and return its whole result: "runs",
+    "kv_capacity_tokens" and, for ``score`` windows, "score" (``vllm_engine.windows_perplexity``).
+    ``plugins=False`` sets VLLM_PLUGINS="" (stock vLLM); ``env``: extra environment."""
     job, out = tmp_path / f"job{len(os.listdir(tmp_path))}.json", tmp_path / "out.json"
     job.write_text(json.dumps({"model": model, "engine": engine or {}, "max_tokens": max_tokens, "runs": runs,
-                               "logprobs": logprobs, "sampling": sampling or {}}))
+                               "logprobs": logprobs, "sampling": sampling or {}, "score": score}))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
     if not plugins:
         env["VLLM_PLUGINS"] = ""
@@ -35,7 +43,7 @@ def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens:
     result = json.loads(out.read_text())
     # ... and no client thread of vLLM's outlived that shutdown (one that does can abort the exit: shutdown_llm).
     assert result["client_threads_after_shutdown"] == [], result["client_threads_after_shutdown"]
-    return (result["runs"], result["kv_capacity_tokens"]) if capacity else result["runs"]
+    return result
 
 
 class EngineFailed(RuntimeError):

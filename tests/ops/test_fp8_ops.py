@@ -33,12 +33,13 @@ def to_fp8(cache: torch.Tensor, key_width: int, dtype: torch.dtype, k_scale: flo
 
 
 def fp8_batch(reqs, window, sinks, joint, act_dtype, fp8, dims):
-    query, key, value, args, ref = build_batch(reqs, window, sinks, joint, torch.float32, dims)
+    # Caches built from K/V in the activation dtype: the chunk's own K/V must be what the window cache rounds.
+    query, key, value, args, ref = build_batch(reqs, window, sinks, joint, act_dtype, dims)
     rk = args["proj"].q_proj.shape[-1]
     args["window_cache"] = to_fp8(args["window_cache"], dims[2], fp8, *SCALES)
     args["far_cache"] = to_fp8(args["far_cache"], rk, fp8, *SCALES)
     args["k_scale"], args["v_scale"] = SCALES
-    return query.to(act_dtype), key.to(act_dtype), value.to(act_dtype), args, ref
+    return query, key, value, args, ref
 
 
 @pytest.mark.parametrize("fmt", list(FP8))
@@ -56,6 +57,21 @@ def test_cpp_matches_reference_ops_on_fp8_caches(name, reqs, window, sinks, join
     # And the semantics: the dense reference on unquantized K/V, within FP8's rounding.
     error = float((fast.float() - ref).norm() / ref.norm())
     assert 0 < error < DENSE_TOL[fmt]  # > 0: the caches really were quantized
+
+
+@pytest.mark.parametrize("fmt", list(FP8))
+@pytest.mark.parametrize("which", ["cpp", "reference"])
+def test_fp8_outputs_do_not_depend_on_chunking(which, fmt):
+    """A 100-token prompt attended as one chunk or as its last 60 queries after the first 40 gives the same
+    outputs: the chunk's own K/V are read as the FP8 cache rounds them, like the history's, so chunked prefill and
+    decode see what one prefill sees."""
+    ops = cpp_ops() if which == "cpp" else select_ops("reference")
+    query, key, value, args, _ = fp8_batch([(100, 100)], 16, 4, False, torch.float32, FP8[fmt], SMOL)
+    tail_args = {**args, **fp8_batch([(100, 60)], 16, 4, False, torch.float32, FP8[fmt], SMOL)[3]}
+    whole, tail = torch.full_like(query, float("nan")), torch.full_like(query[40:], float("nan"))
+    ops.attend(query, key, value, whole, **args)
+    ops.attend(query[40:], key[40:], value[40:], tail, **tail_args)
+    torch.testing.assert_close(tail, whole[40:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", list(FP8))

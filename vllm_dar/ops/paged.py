@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from vllm_dar.kv_dtype import dequantize, quantize
+from vllm_dar.kv_dtype import dequantize, quantize, round_trip
 from vllm_dar.reference import LayerProjections
 
 
@@ -117,6 +117,9 @@ def request_attention(q: Tensor, k_new: Tensor, v_new: Tensor, window_cache: Ten
     hist = cached_full_positions(first, window, sink_tokens)  # [Sc]
     cached = gather_positions(window_cache, window_row, hist)  # [Sc, J, 2D]
     full_pos = torch.cat([hist, q_pos])  # [Sf]
+    # The chunk's own K/V as an FP8 window cache rounds them, so a token's output does not depend on how its
+    # prompt was chunked (the fresh tensors, not the cache: vllm_dar/plugin/spec.py never holds a whole chunk).
+    k_new, v_new = round_trip(k_new, window_cache.dtype, k_scale), round_trip(v_new, window_cache.dtype, v_scale)
     k_full = torch.cat([dequantize(cached[..., :d], k_scale), k_new.float()])  # [Sf, J, D]
     v_full = torch.cat([dequantize(cached[..., d:], v_scale), v_new.float()])
     rep = h // k_full.shape[1]

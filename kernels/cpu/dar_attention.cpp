@@ -6,8 +6,8 @@
 // so every far block is loaded once for all of them (GQA without expanding K/V; prefill queries share the block
 // reads). The caches are read in place, through the block tables (no gather copy):
 //  * full width ({s <= t: t - s < w or s < S}): cached sinks and window history from the window cache, the
-//    chunk's own positions from the fresh key/value (rounded as an FP8 window cache stores them, so that a
-//    token's output does not depend on how its prompt was chunked); row-wise dot products at width D;
+//    chunk's own positions from the fresh key/value (rounded once per call as an FP8 window cache stores them,
+//    so that a token's output does not depend on how its prompt was chunked); row-wise dot products at width D;
 //  * reduced width ([S, t - w]): per far block, scores (q Q_h) . k~ for every row, one online-softmax rescale
 //    per block and row, values accumulated at width rv; projected up by U_h once per row at the end. The next
 //    far block is prefetched into L2 while this one computes.
@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -440,22 +441,6 @@ static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __m
     default: TORCH_CHECK(false, "dar_attention: full-width chunks need head_dim a multiple of 16, <= 128");
   }
 }
-// 16 fresh keys or values (the chunk's own, activation type T) as a window cache of type C stores and reads them
-// back: FP8 rounds them (store_as, then times the scale), so a position reads the same whether it is in the chunk
-// or already cached (not read back from the cache itself: the window manager, vllm_dar/plugin/spec.py, never
-// holds a whole chunk at full width); other cache types are the activations' own.
-template <typename C, typename T>
-static inline __m512 load16_as_cached(const T* p, float scale) {
-  if constexpr (is_fp8<C>) {
-    alignas(64) float x[16];
-    _mm512_store_ps(x, load16(p));
-    for (int i = 0; i < 16; ++i) x[i] = f32(store_as<C>(x[i], scale)) * scale;
-    return _mm512_load_ps(x);
-  } else {
-    return load16(p);
-  }
-}
-
 // The full-width part of one work item, 16 positions at a time (AVX-512, D a multiple of 16, D <= 128): for each
 // KV head j of the group, the 16 positions' keys are transposed once into kt [D, 16] and their values widened
 // into vb [16, D], then the rows of j that see any of them (act, their masks actvis: scratch of qn * H / G
@@ -501,14 +486,14 @@ static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64
         __m512 col[16];
         for (int64_t x = 0; x < 16; ++x)
           col[x] = x >= n ? _mm512_setzero_ps()
-                   : kc[x] ? load16_cache(kc[x] + d0 * 16, a.ks) : load16_as_cached<CT>(kf[x] + d0 * 16, a.ks);
+                   : kc[x] ? load16_cache(kc[x] + d0 * 16, a.ks) : load16(kf[x] + d0 * 16);
         transpose16(col);
         for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (d0 * 16 + i) * 16, col[i]);
         for (int64_t x = 0; x < 16; ++x) {
           __m512 vx = _mm512_setzero_ps();
           if (x < n)
             vx = kc[x] ? load16_cache(kc[x] + D + d0 * 16, a.vs)
-                       : load16_as_cached<CT>(a.v + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D + d0 * 16, a.vs);
+                       : load16(a.v + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D + d0 * 16);
           _mm512_storeu_ps(vb + x * D + d0 * 16, vx);
         }
       }
@@ -763,15 +748,28 @@ static void check_attention_args(const torch::Tensor& q, const torch::Tensor& k,
 // far_cache [NBf, G, Bf, rk + rv] + far_table [R, mf]; q_proj [H, D, rk], v_up [H, rv, D] fp32; both caches in
 // the query dtype, or both in one FP8 dtype read times k_scale (keys) / v_scale (values).
 // rows_per_item: (query, head) rows per work item (the queries of a tile times the heads of a group).
-void dar_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+void dar_attention(const torch::Tensor& q, const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& out,
                    const torch::Tensor& qsl, const torch::Tensor& lens, const torch::Tensor& wcache,
                    const torch::Tensor& wtable, const torch::Tensor& fcache, const torch::Tensor& ftable,
                    const torch::Tensor& q_proj, const torch::Tensor& v_up, int64_t window, int64_t sinks,
                    double scale, int64_t rows_per_item, double k_scale, double v_scale) {
-  check_attention_args(q, k, v, out, qsl, lens, wcache, wtable, fcache, ftable, q_proj, v_up);
+  check_attention_args(q, key, value, out, qsl, lens, wcache, wtable, fcache, ftable, q_proj, v_up);
   TORCH_CHECK(window >= 0 && sinks >= 0 && rows_per_item >= 1,
               "dar_attention: window and sink_tokens must be >= 0, rows_per_item >= 1");
   TORCH_CHECK(k_scale > 0 && v_scale > 0, "dar_attention: k_scale and v_scale must be > 0");
+  // The chunk's own K/V as an FP8 window cache stores and reads them back (in the activations' dtype, as
+  // vllm_dar/ops/paged.py), once per call: not read from the cache itself, since the window manager
+  // (vllm_dar/plugin/spec.py) never holds a whole chunk at full width.
+  const bool fp8 = wcache.scalar_type() == at::kFloat8_e4m3fn || wcache.scalar_type() == at::kFloat8_e5m2;
+  auto as_cached = [&](const torch::Tensor& x, double s) {
+    if (!fp8) return x;
+    const double top = wcache.scalar_type() == at::kFloat8_e4m3fn
+                           ? static_cast<double>(std::numeric_limits<c10::Float8_e4m3fn>::max())
+                           : static_cast<double>(std::numeric_limits<c10::Float8_e5m2>::max());
+    const torch::Tensor stored = x.to(at::kFloat).div(s).clamp(-top, top).to(wcache.scalar_type());
+    return stored.to(at::kFloat).mul(s).to(x.scalar_type());
+  };
+  const torch::Tensor k = as_cached(key, k_scale), v = as_cached(value, v_scale);
   const int64_t R = lens.size(0), G = fcache.size(1), hpg = q.size(1) / G;
   const int32_t* qs = qsl.data_ptr<int32_t>();
   const int64_t qt = std::max<int64_t>(1, rows_per_item / hpg);  // queries per work item

@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace vllm_dar {
@@ -27,7 +28,7 @@ constexpr bool is_fp8 = std::is_same<C, c10::Float8_e4m3fn>::value || std::is_sa
 template <typename C>
 inline C store_as(float x, float scale) {
   if constexpr (is_fp8<C>) {
-    constexpr float top = std::is_same<C, c10::Float8_e4m3fn>::value ? 448.f : 57344.f;
+    const float top = static_cast<float>(std::numeric_limits<C>::max());  // 448 (e4m3fn), 57344 (e5m2)
     const float y = x / scale;
     return static_cast<C>(y > top ? top : y < -top ? -top : y);  // NaN passes through
   } else {

@@ -12,7 +12,7 @@ prefix cache). OUT: {"runs": [[{"tokens": [...], "cached": num_cached_tokens, "l
 "kv_capacity_tokens": vLLM's logged KV cache capacity, "score": vllm_engine.windows_perplexity's result | null}.
 A separate process per engine: one engine's settings never leak into the next. Inside it, the engine core
 and the worker run in that one process (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor "uni": vLLM and the plugin
-are imported once, ~30 s less per engine than three processes) unless the job asks for ``"processes": true``,
+are imported once rather than in three processes) unless the job asks for ``"processes": true``,
 vLLM's default layout (an engine-core and a worker process, the plugin loading in each), which `vllm serve`
 always uses (tests/server).
 """

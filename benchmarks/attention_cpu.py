@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import harness
 import torch
 
+from vllm_dar import kv_dtype
 from vllm_dar.checkpoint import load_dar
-from vllm_dar.config import DarConfig, ModelShape
+from vllm_dar.config import DarConfig, ModelShape, far_block_sizes
 from vllm_dar.ops import cpp, paged
 from vllm_dar.ops.paged import PagedProjections
-from vllm_dar.config import far_block_sizes
 from vllm_dar.reference import LayerProjections
 
 BLOCK = 128  # stock's block (vLLM's CPU default)
@@ -122,7 +122,7 @@ class Batch:
     contents, and random projections unless ``projections`` are given."""
 
     def __init__(self, reqs: list[tuple[int, int]], dtype: torch.dtype, layer: Layer = DEFAULT,
-                 projections: LayerProjections | None = None, seed: int = 0):
+                 projections: LayerProjections | None = None, seed: int = 0, kv_cache_dtype: str = "auto"):
         g = torch.Generator().manual_seed(seed)
         self.reqs, self.dtype, self.layer = reqs, dtype, layer
         H, J, D, G, rk, rv = layer.H, layer.J, layer.D, layer.groups, layer.rk, layer.rv
@@ -146,6 +146,15 @@ class Batch:
         self.window_cache, self.window_table = paged(WBLOCK, J, 2 * D)
         self.far_cache, self.far_table = paged(layer.far_block, G, rk + rv)
         self.stock_cache, self.table = paged(BLOCK, J, 2 * D)
+        self.kv_cache_dtype = self.stock_kv_cache_dtype = kv_cache_dtype
+        fp8 = kv_dtype.KV_CACHE_DTYPES[kv_cache_dtype]
+        if fp8 is not None:  # DAR's caches stored in FP8 (scales 1.0, vLLM's default)
+            self.window_cache = kv_dtype.quantize(self.window_cache, fp8)
+            self.far_cache = kv_dtype.quantize(self.far_cache, fp8)
+            if harness.fp8_kv_unsupported() is None:  # stock's too, as vLLM allocates it; else stock runs unquantized
+                self.stock_cache = kv_dtype.quantize(self.stock_cache, fp8).view(torch.uint8)
+            else:
+                self.stock_kv_cache_dtype = "auto"
         t = sum(q for _, q in reqs)
         self.query, self.key, self.value = rnd(t, H, D), rnd(t, J, D), rnd(t, J, D)
         self.out = torch.empty(t, H, D, dtype=dtype)
@@ -177,7 +186,7 @@ class Batch:
 
         H, J, D = self.layer.H, self.layer.J, self.layer.D
         if not hasattr(self, "_stock"):
-            isa = _get_attn_isa(self.dtype, BLOCK, D, "auto")
+            isa = _get_attn_isa(self.dtype, BLOCK, D, self.stock_kv_cache_dtype)
             qsl = torch.tensor(self.qsl, dtype=torch.int32)
             lens = torch.tensor(self.seq_lens, dtype=torch.int32)
             meta = ops.cpu_attn_get_scheduler_metadata(
@@ -189,11 +198,13 @@ class Batch:
                                "scheduler_metadata": meta}
         ops.cpu_attention_with_kv_cache(query=self.query, output=self.out, scale=D ** -0.5, causal=True,
                                         alibi_slopes=None, sliding_window=-1, block_table=self.table, softcap=0,
-                                        s_aux=None, **self._stock)
+                                        s_aux=None, k_scale=1.0, v_scale=1.0, kv_cache_dtype=self.stock_kv_cache_dtype,
+                                        **self._stock)
 
     def bytes_read(self) -> dict:
         """Cache bytes a decode step must read (``vllm_dar.config``'s byte model: no block rounding)."""
-        steps = [self.layer.config().decode_bytes(s, self.dtype.itemsize) for s, _ in self.reqs]
+        size = 1 if self.kv_cache_dtype != "auto" else self.dtype.itemsize
+        steps = [self.layer.config().decode_bytes(s, size) for s, _ in self.reqs]
         return {"dar": sum(b.dar for b in steps), "stock": sum(b.full for b in steps)}
 
 
@@ -227,15 +238,17 @@ def run(args) -> dict:
     rows = []
     for dtype in dtypes:
         for name, reqs in configs(args.quick, args.configs):
-            row = {"config": name, "dtype": str(dtype).removeprefix("torch."), "fast_us": 0.0, "per_layer_us": []}
+            row = {"config": name, "dtype": str(dtype).removeprefix("torch."), "kv_cache_dtype": args.kv_cache_dtype,
+                   "fast_us": 0.0, "per_layer_us": []}
             by = {"dar": 0, "stock": 0}
             for lay, proj in zip(layers, projections):
-                b = Batch(reqs, dtype, lay, proj)
+                b = Batch(reqs, dtype, lay, proj, kv_cache_dtype=args.kv_cache_dtype)
                 us = bench(b.fast) * 1e6
                 row["fast_us"] += us
                 row["per_layer_us"].append(round(us, 1))
                 if "stock_us" not in row:
                     row["stock_us"] = bench(b.stock) * 1e6 * len(layers)
+                    row["stock_kv_cache_dtype"] = b.stock_kv_cache_dtype
                     if not args.model:
                         row["loop_us"] = bench(b.loop, min_time=0.1, max_reps=20) * 1e6
                 by = {k: by[k] + v for k, v in b.bytes_read().items()}
@@ -250,12 +263,12 @@ def run(args) -> dict:
             if not args.model:
                 del row["per_layer_us"]
             rows.append(row)
-            print(f"{row['dtype']:9s} {name:22s} fast {row['fast_us']:9.0f} us  "
+            print(f"{row['dtype']:9s} {args.kv_cache_dtype:8s} {name:22s} fast {row['fast_us']:9.0f} us  "
                   + (f"loop {row['loop_us']:9.0f} us  " if "loop_us" in row else "")
-                  + f"stock {row['stock_us']:8.0f} us  fast/stock {row['fast_over_stock']:.2f}"
+                  + f"stock ({row['stock_kv_cache_dtype']}) {row['stock_us']:8.0f} us  fast/stock {row['fast_over_stock']:.2f}"
                   + (f"  bound dar {row['dar_bound_us']:.0f} stock {row['stock_bound_us']:.0f} us"
                      if "dar_bound_us" in row else ""), file=sys.stderr, flush=True)
-    return {"threads": args.threads, "timing": "median process CPU time per call, summed over the layers",
+    return {"threads": args.threads, "simd": cpp.simd(), "stock_fp8_refusal": harness.fp8_kv_unsupported(), "timing": "median process CPU time per call, summed over the layers",
             "kernel_load_s": build_s, "bandwidth": bw, "model": args.model,
             "layers": [vars(lay) | {"far_block": lay.far_block} for lay in layers],
             "block": BLOCK, "window_block": WBLOCK, "rows": rows}
@@ -287,11 +300,13 @@ def main() -> None:
     ap.add_argument("--model", help="a DAR checkpoint: time every layer's shape (summed) instead of the fast "
                     "model's one layer")
     ap.add_argument("--configs", help="comma-separated config names (default: all)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=sorted(kv_dtype.KV_CACHE_DTYPES),
+                    help="every cache's storage, DAR's and stock's, as vLLM's --kv-cache-dtype (FP8 scales 1.0)")
     args = ap.parse_args()
     if args.profile:
         return profile(args.profile, args.dtype, args.model)
     res = run(args)
-    if not args.quick and not args.configs:
+    if not args.quick and not args.configs and args.kv_cache_dtype == "auto":
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     if args.json:

@@ -253,3 +253,17 @@ def pyplot():
 def int_list(text: str) -> list[int]:
     """``"1,8,32"`` -> ``[1, 8, 32]`` (an argparse type)."""
     return [int(x) for x in text.split(",") if x]
+
+
+def fp8_kv_unsupported() -> str | None:
+    """Why vLLM 0.32's CPU attention cannot run an FP8 KV cache here (its ``_get_attn_isa`` check: x86 with
+    AVX-512 or AMX), or None when it can."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"FP8 KV cache on CPU needs x86 with AVX-512 or AMX (this CPU: {platform.machine()})"
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        return "FP8 KV cache on CPU needs AVX-512 or AMX, which this CPU lacks"
+    return None

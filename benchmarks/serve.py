@@ -202,18 +202,6 @@ def run_plan(workloads: list[Workload], request_rate: float | None) -> list[tupl
     return plan
 
 
-def fp8_kv_unsupported() -> str | None:
-    """Why vLLM 0.32's CPU attention cannot run an FP8 KV cache here (its ``_get_attn_isa`` check: x86 with
-    AVX-512 or AMX), or None when it can."""
-    import torch
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"FP8 KV cache on CPU needs x86 with AVX-512 or AMX (this CPU: {platform.machine()})"
-    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
-        return "FP8 KV cache on CPU needs AVX-512 or AMX, which this CPU lacks"
-    return None
-
-
 # ---------------------------------------------------------------- the server's Prometheus metrics
 
 def parse_prometheus(text: str, names: set[str] | None = None) -> dict[str, float]:
@@ -589,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--dar {a.dar}: config.json has no dar section")
     ops = harness.dar_ops(a.dar_ops) if "dar" in a.engine_list else None  # refuses a bad VLLM_DAR_OPS early
     skipped = {}
-    if "stock-fp8" in a.engine_list and (why := fp8_kv_unsupported()):
+    if "stock-fp8" in a.engine_list and (why := harness.fp8_kv_unsupported()):
         print(f"[stock-fp8] skipped: {why}", file=sys.stderr)
         skipped["stock-fp8"] = why
     plan = run_plan(a.workloads, a.request_rate)

@@ -12,8 +12,9 @@
 //    per block and row, values accumulated at width rv; projected up by U_h once per row at the end. The next
 //    far block is prefetched into L2 while this one computes.
 // bf16 and FP8 caches are widened to fp32 on load (FP8 times the layer's k_scale / v_scale); all arithmetic is
-// fp32; the output is written in the query dtype. FP8 caches need the AVX-512 full-width path (D a multiple of 16,
-// at most 128), as vLLM's own CPU FP8 cache needs AVX-512.
+// fp32; the output is written in the query dtype. The vector paths are written once against simd16.h's 16-lane
+// type (AVX-512, or AVX2 + FMA + F16C); FP8 caches need the vector full-width path (D a multiple of 16, at most
+// 128). vLLM's own CPU FP8 cache needs AVX-512; this op reads FP8 with AVX2 too.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -26,44 +27,29 @@
 #include <vector>
 
 #include "dar_ops.h"
+#include "simd16.h"
 
 namespace vllm_dar {
 namespace {
 
-// exp(x) for x <= 0: 2^(x log2 e) split into an exponent and a degree-6 polynomial for 2^f on [0, 1) (relative
-// error ~2e-7, below fp32 attention's summation noise). GCC 12 does not vectorise std::exp nor a scalar version
-// of this (the float bit-cast blocks it), so the AVX-512 loop below is written out; other CPUs use std::exp.
-#ifdef __AVX512F__
-// exp(x) lane-wise for x <= 0 (clamped at -87, where exp is below fp32's normal range).
-static inline __m512 exp512(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
-  const __m512 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, fi);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, fi);  // p * 2^fi
-}
+#ifdef DAR_SIMD16
+using namespace v16;  // V16, M16 and their operations (simd16.h): AVX-512, or AVX2 in pairs of registers
 #endif
 
 // x[i] = exp(x[i] - shift) for i < n, where every x[i] <= shift; returns the sum of the results.
 static inline float exp_shifted(float* x, int64_t n, float shift) {
   int64_t i = 0;
   float sum = 0.f;
-#ifdef __AVX512F__
-  const __m512 vs = _mm512_set1_ps(shift);
-  __m512 acc = _mm512_setzero_ps();
+#ifdef DAR_SIMD16
+  const V16 vs = set1(shift);
+  V16 acc = zero();
   for (; i < n; i += 16) {
-    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vs));
-    _mm512_mask_storeu_ps(x + i, k, e);
-    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+    const M16 k = first(n - i);
+    const V16 e = exp_neg(sub(maskz_loadu(k, x + i), vs));
+    mask_storeu(x + i, k, e);
+    acc = add(acc, maskz_mov(k, e));
   }
-  sum = _mm512_reduce_add_ps(acc);
+  sum = reduce_add(acc);
 #else
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - shift);
@@ -77,13 +63,13 @@ static inline float exp_shifted(float* x, int64_t n, float shift) {
 static inline float max_of(const float* x, int64_t n, float init) {
   int64_t i = 0;
   float mx = init;
-#ifdef __AVX512F__
-  __m512 vm = _mm512_set1_ps(init);
+#ifdef DAR_SIMD16
+  V16 vm = set1(init);
   for (; i < n; i += 16) {
-    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    vm = _mm512_mask_max_ps(vm, k, vm, _mm512_maskz_loadu_ps(k, x + i));
+    const M16 k = first(n - i);
+    vm = mask_max(vm, k, vm, maskz_loadu(k, x + i));
   }
-  mx = _mm512_reduce_max_ps(vm);
+  mx = reduce_max(vm);
 #else
   for (; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
 #endif
@@ -94,60 +80,60 @@ static inline float max_of(const float* x, int64_t n, float init) {
 // of stride ld): a small matrix product, e [nr, n] times v [n, rv], added to acc [nr, rv]. The kernel's three
 // products take this form: the query projection (qf Q_h), the far values (scores times far value rows) and the
 // up-projection (acc_r U_h).
-// AVX-512: NR rows at a time, each v vector loaded once for all of them, rv in NC = ceil(rv / 16) register chunks
+// Vector path: NR rows at a time, each v vector loaded once for all of them, rv in NC = ceil(rv / 16) register chunks
 // (the last one masked, so any rank runs the vector path); when NR x NC is small, K independent accumulator
 // chains over the positions (one chain waits on the FMA latency at every position). rv > 128 and other CPUs:
 // the scalar loop below.
-#ifdef __AVX512F__
+#ifdef DAR_SIMD16
 template <int NC, int NR, bool MASKED>
 static void accumulate_block(float* acc, int64_t lda, const float* e, int64_t lde, const float* v, int64_t n,
                              int64_t ld, int64_t rv) {
-  constexpr int K = NR * NC <= 2 ? 4 : NR * NC <= 8 ? 2 : 1;
-  const __mmask16 last = rv % 16 ? static_cast<__mmask16>((1u << (rv % 16)) - 1u) : static_cast<__mmask16>(0xFFFF);
-  auto mk = [&](int c) { return c == NC - 1 ? last : static_cast<__mmask16>(0xFFFF); };
+  constexpr int K = NR * NC <= ACCUMULATORS / 8 ? 4 : NR * NC <= ACCUMULATORS / 2 ? 2 : 1;
+  const M16 last = rv % 16 ? first(rv % 16) : ALL;
+  auto mk = [&](int c) { return c == NC - 1 ? last : ALL; };
   // Loads of whole chunks unmasked: with a masked load in the loop GCC 12 keeps a[][][] in memory, storing it at
   // every position; MASKED (rv % 16 != 0) only for the last chunk's loads.
   auto load = [&](int c, const float* p) {
-    return MASKED && c == NC - 1 ? _mm512_maskz_loadu_ps(last, p) : _mm512_loadu_ps(p);
+    return MASKED && c == NC - 1 ? maskz_loadu(last, p) : loadu(p);
   };
-  __m512 a[K][NR][NC];
+  V16 a[K][NR][NC];
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < NC; ++c) {
-      a[0][r][c] = _mm512_maskz_loadu_ps(mk(c), acc + r * lda + 16 * c);
-      for (int k = 1; k < K; ++k) a[k][r][c] = _mm512_setzero_ps();
+      a[0][r][c] = maskz_loadu(mk(c), acc + r * lda + 16 * c);
+      for (int k = 1; k < K; ++k) a[k][r][c] = zero();
     }
   int64_t x = 0;
   for (; x + K <= n; x += K) {
     for (int k = 0; k < K; ++k) {
       const float* vx = v + (x + k) * ld;
-      __m512 vc[NC];
+      V16 vc[NC];
       for (int c = 0; c < NC; ++c) vc[c] = load(c, vx + 16 * c);
       for (int r = 0; r < NR; ++r) {
-        const __m512 ex = _mm512_set1_ps(e[r * lde + x + k]);
-        for (int c = 0; c < NC; ++c) a[k][r][c] = _mm512_fmadd_ps(ex, vc[c], a[k][r][c]);
+        const V16 ex = set1(e[r * lde + x + k]);
+        for (int c = 0; c < NC; ++c) a[k][r][c] = fmadd(ex, vc[c], a[k][r][c]);
       }
     }
   }
   for (; x < n; ++x) {
-    __m512 vc[NC];
+    V16 vc[NC];
     for (int c = 0; c < NC; ++c) vc[c] = load(c, v + x * ld + 16 * c);
     for (int r = 0; r < NR; ++r) {
-      const __m512 ex = _mm512_set1_ps(e[r * lde + x]);
-      for (int c = 0; c < NC; ++c) a[0][r][c] = _mm512_fmadd_ps(ex, vc[c], a[0][r][c]);
+      const V16 ex = set1(e[r * lde + x]);
+      for (int c = 0; c < NC; ++c) a[0][r][c] = fmadd(ex, vc[c], a[0][r][c]);
     }
   }
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < NC; ++c) {
-      for (int k = 1; k < K; ++k) a[0][r][c] = _mm512_add_ps(a[0][r][c], a[k][r][c]);
-      _mm512_mask_storeu_ps(acc + r * lda + 16 * c, mk(c), a[0][r][c]);
+      for (int k = 1; k < K; ++k) a[0][r][c] = add(a[0][r][c], a[k][r][c]);
+      mask_storeu(acc + r * lda + 16 * c, mk(c), a[0][r][c]);
     }
 }
 
-// accumulate_block over nr rows, NRM at a time (NRM x NC <= 16 accumulators, NRM <= 4), then the rest together.
+// accumulate_block over nr rows, NRM at a time (NRM x NC <= ACCUMULATORS, NRM <= 4), then the rest together.
 template <int NC, bool MASKED>
 static void accumulate_rows(float* acc, int64_t lda, const float* e, int64_t lde, int64_t nr, const float* v,
                             int64_t n, int64_t ld, int64_t rv) {
-  constexpr int NRM = 16 / NC < 4 ? 16 / NC : 4;
+  constexpr int NRM = ACCUMULATORS / NC < 4 ? ACCUMULATORS / NC : 4;
   int64_t r = 0;
   for (; r + NRM <= nr; r += NRM)
     accumulate_block<NC, NRM, MASKED>(acc + r * lda, lda, e + r * lde, lde, v, n, ld, rv);
@@ -188,7 +174,7 @@ using AccumulateFn = void (*)(float* acc, int64_t lda, const float* e, int64_t l
 
 // The accumulate for width rv (chosen once per work item).
 static AccumulateFn accumulate_for(int64_t rv) {
-#ifdef __AVX512F__
+#ifdef DAR_SIMD16
   switch ((rv + 15) / 16) {
     case 1: return accumulate_avx<1>;
     case 2: return accumulate_avx<2>;
@@ -250,75 +236,49 @@ static inline float dot_full(const float* q, const T* k, int64_t n) {
   return part[0];
 }
 
-#ifdef __AVX512F__
-// r[0..16) = the transpose of the 16 x 16 tile r[0..16) (row i, lane j -> row j, lane i).
-static inline void transpose16(__m512* r) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4)
-    for (int h = 0; h < 2; ++h) {
-      const __m512d a = _mm512_castps_pd(t[i + h]), b = _mm512_castps_pd(t[i + 2 + h]);
-      r[i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-      r[i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    }
-  for (int i = 0; i < 16; i += 8)
-    for (int k = 0; k < 4; ++k) {
-      t[i + k] = _mm512_shuffle_f32x4(r[i + k], r[i + 4 + k], 0x88);
-      t[i + 4 + k] = _mm512_shuffle_f32x4(r[i + k], r[i + 4 + k], 0xdd);
-    }
-  for (int k = 0; k < 8; ++k) {
-    r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
-    r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xdd);
-  }
-}
-#endif
-
 // The far block's scores for every row: sc[row * lds + x] = qr[row] . rows[x, :rk] for x < ns (positions past ns
-// may be written, up to lds); qr rows have stride ldq >= rk. AVX-512: 16 positions x 16 ranks are loaded (the
+// may be written, up to lds); qr rows have stride ldq >= rk. Vector path: 16 positions x 16 ranks are loaded (the
 // last rank tile masked, and qr zero-padded to ldq = rk rounded up to 16, so any rank takes this path) and
 // transposed in registers, then each row's 16 scores are 16 broadcast FMAs. Other CPUs: transpose through kt
 // [rk, ldk], vectorise over positions.
 static inline void far_scores(const float* rows, int64_t ld, int64_t ns, int64_t rk, const float* qr, int64_t ldq,
                               int64_t nrow, float* sc, int64_t lds, float* kt, int64_t ldk) {
-#ifdef __AVX512F__
+#ifdef DAR_SIMD16
   (void)kt, (void)ldk;
   for (int64_t x0 = 0; x0 < ns; x0 += 16) {
     const int64_t n = std::min<int64_t>(16, ns - x0);
     for (int64_t c0 = 0; c0 < rk; c0 += 16) {
       const int64_t cw = std::min<int64_t>(16, rk - c0);
-      const __mmask16 km = cw == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cw) - 1u);
-      __m512 col[16];
+      const M16 km = first(cw);
+      V16 col[16];
       for (int64_t i = 0; i < 16; ++i)
-        col[i] = i < n ? _mm512_maskz_loadu_ps(km, rows + (x0 + i) * ld + c0) : _mm512_setzero_ps();
-      transpose16(col);
+        col[i] = i < n ? maskz_loadu(km, rows + (x0 + i) * ld + c0) : zero();
+      transpose(col);
       // Four rows at a time: eight independent FMA chains (one row's two would wait on the FMA latency).
       int64_t row = 0;
       for (; row + 4 <= nrow; row += 4) {
-        __m512 s0[4], s1[4];
+        V16 s0[4], s1[4];
         for (int r = 0; r < 4; ++r) {
-          s0[r] = c0 ? _mm512_loadu_ps(sc + (row + r) * lds + x0) : _mm512_setzero_ps();
-          s1[r] = _mm512_setzero_ps();
+          s0[r] = c0 ? loadu(sc + (row + r) * lds + x0) : zero();
+          s1[r] = zero();
         }
         for (int i = 0; i < 16; i += 2)
           for (int r = 0; r < 4; ++r) {
             const float* q = qr + (row + r) * ldq + c0;  // zero past rk: the masked ranks add nothing
-            s0[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), col[i], s0[r]);
-            s1[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), col[i + 1], s1[r]);
+            s0[r] = fmadd(set1(q[i]), col[i], s0[r]);
+            s1[r] = fmadd(set1(q[i + 1]), col[i + 1], s1[r]);
           }
-        for (int r = 0; r < 4; ++r) _mm512_storeu_ps(sc + (row + r) * lds + x0, _mm512_add_ps(s0[r], s1[r]));
+        for (int r = 0; r < 4; ++r) storeu(sc + (row + r) * lds + x0, add(s0[r], s1[r]));
       }
       for (; row < nrow; ++row) {
         const float* q = qr + row * ldq + c0;
         float* s = sc + row * lds + x0;
-        __m512 s0 = c0 ? _mm512_loadu_ps(s) : _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        V16 s0 = c0 ? loadu(s) : zero(), s1 = zero();
         for (int i = 0; i < 16; i += 2) {
-          s0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), col[i], s0);
-          s1 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), col[i + 1], s1);
+          s0 = fmadd(set1(q[i]), col[i], s0);
+          s1 = fmadd(set1(q[i + 1]), col[i + 1], s1);
         }
-        _mm512_storeu_ps(s, _mm512_add_ps(s0, s1));
+        storeu(s, add(s0, s1));
       }
     }
   }
@@ -338,85 +298,59 @@ static inline void far_scores(const float* rows, int64_t ld, int64_t ns, int64_t
 #endif
 }
 
-#ifdef __AVX512F__
-// 16 consecutive elements widened to fp32.
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-// FP8 through fp16: e5m2 is the top byte of an fp16; e4m3fn's exponent and mantissa shifted into an fp16's (its
-// bias 7 against fp16's 15: times 2^8, exact for subnormals too). The NaN encoding is never stored (store_as).
-static inline __m512 load16(const c10::Float8_e5m2* p) {
-  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_cvtph_ps(_mm256_slli_epi16(b, 8));
-}
-static inline __m512 load16(const c10::Float8_e4m3fn* p) {
-  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
-                                    _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7));
-  return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
-}
-// 16 cache elements as fp32 values: FP8 ones times their scale.
-template <typename C>
-static inline __m512 load16_cache(const C* p, float scale) {
-  if constexpr (is_fp8<C>)
-    return _mm512_mul_ps(load16(p), _mm512_set1_ps(scale));
-  else
-    return load16(p);
-}
-
+#ifdef DAR_SIMD16
 // NR rows against one chunk of 16 full-width positions of their KV head (kt [D, 16] transposed keys, vb [16, D]
 // values, D = 16 NC): scores with the keys loaded once for all NR rows, each row's online-softmax update, then
 // the values accumulated with each value vector loaded once for all NR rows (NR x NC accumulators in registers).
 // rows[i]: row index (qf, m, l, acc_f are indexed by it); vis[i]: the positions row i sees.
 template <int NC, int NR>
-static inline void rows_chunk(const int64_t* rows, const __mmask16* vis, const float* qf, const float* kt,
+static inline void rows_chunk(const int64_t* rows, const M16* vis, const float* qf, const float* kt,
                               const float* vb, float* m, float* l, float* acc_f) {
   constexpr int D = 16 * NC;
-  __m512 s0[NR], s1[NR];
-  for (int r = 0; r < NR; ++r) s0[r] = s1[r] = _mm512_setzero_ps();
+  V16 s0[NR], s1[NR];
+  for (int r = 0; r < NR; ++r) s0[r] = s1[r] = zero();
   for (int d = 0; d < D; d += 2) {
-    const __m512 k0 = _mm512_loadu_ps(kt + d * 16), k1 = _mm512_loadu_ps(kt + (d + 1) * 16);
+    const V16 k0 = loadu(kt + d * 16), k1 = loadu(kt + (d + 1) * 16);
     for (int r = 0; r < NR; ++r) {
       const float* q = qf + rows[r] * D;
-      s0[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), k0, s0[r]);
-      s1[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), k1, s1[r]);
+      s0[r] = fmadd(set1(q[d]), k0, s0[r]);
+      s1[r] = fmadd(set1(q[d + 1]), k1, s1[r]);
     }
   }
   alignas(64) float e[NR][16];
   for (int r = 0; r < NR; ++r) {
     const int64_t row = rows[r];
-    const __m512 sc = _mm512_add_ps(s0[r], s1[r]);
-    const float cm = _mm512_mask_reduce_max_ps(vis[r], sc);
+    const V16 sc = add(s0[r], s1[r]);
+    const float cm = mask_reduce_max(vis[r], sc);
     if (cm > m[row]) {
-      const __m512 f = _mm512_set1_ps(std::exp(m[row] - cm));  // 0 on the row's first chunk (m = -inf)
-      l[row] *= _mm512_cvtss_f32(f);
+      const float fs = std::exp(m[row] - cm);  // 0 on the row's first chunk (m = -inf)
+      const V16 f = set1(fs);
+      l[row] *= fs;
       float* acc = acc_f + row * D;
-      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), f));
+      for (int c = 0; c < NC; ++c) storeu(acc + 16 * c, mul(loadu(acc + 16 * c), f));
       m[row] = cm;
     }
-    const __m512 ex = _mm512_maskz_mov_ps(vis[r], exp512(_mm512_sub_ps(sc, _mm512_set1_ps(m[row]))));
-    l[row] += _mm512_reduce_add_ps(ex);
-    _mm512_store_ps(e[r], ex);
+    const V16 ex = maskz_mov(vis[r], exp_neg(sub(sc, set1(m[row]))));
+    l[row] += reduce_add(ex);
+    storeu(e[r], ex);
   }
-  __m512 acc[NR][NC];
+  V16 acc[NR][NC];
   for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(acc_f + rows[r] * D + 16 * c);
+    for (int c = 0; c < NC; ++c) acc[r][c] = loadu(acc_f + rows[r] * D + 16 * c);
   for (int x = 0; x < 16; ++x)
     for (int c = 0; c < NC; ++c) {
-      const __m512 v = _mm512_loadu_ps(vb + x * D + 16 * c);
-      for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(e[r][x]), v, acc[r][c]);
+      const V16 v = loadu(vb + x * D + 16 * c);
+      for (int r = 0; r < NR; ++r) acc[r][c] = fmadd(set1(e[r][x]), v, acc[r][c]);
     }
   for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc_f + rows[r] * D + 16 * c, acc[r][c]);
+    for (int c = 0; c < NC; ++c) storeu(acc_f + rows[r] * D + 16 * c, acc[r][c]);
 }
 
-// rows_chunk over n rows, as many at a time as NC allows (NR x NC <= 16 accumulators, NR <= 4), the rest together.
+// rows_chunk over n rows, as many at a time as NC allows (NR x NC <= ACCUMULATORS, NR <= 4), the rest together.
 template <int NC>
-static void rows_chunk_n(int64_t n, const int64_t* rows, const __mmask16* vis, const float* qf, const float* kt,
+static void rows_chunk_n(int64_t n, const int64_t* rows, const M16* vis, const float* qf, const float* kt,
                          const float* vb, float* m, float* l, float* acc_f) {
-  constexpr int NRM = 16 / NC < 4 ? 16 / NC : 4;
+  constexpr int NRM = ACCUMULATORS / NC < 4 ? ACCUMULATORS / NC : 4;
   int64_t i = 0;
   for (; i + NRM <= n; i += NRM) rows_chunk<NC, NRM>(rows + i, vis + i, qf, kt, vb, m, l, acc_f);
   switch (n - i) {  // the rest together
@@ -427,7 +361,7 @@ static void rows_chunk_n(int64_t n, const int64_t* rows, const __mmask16* vis, c
   }
 }
 
-static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __mmask16* vis, const float* qf,
+static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const M16* vis, const float* qf,
                            const float* kt, const float* vb, float* m, float* l, float* acc_f) {
   switch (nc) {
     case 1: return rows_chunk_n<1>(n, rows, vis, qf, kt, vb, m, l, acc_f);
@@ -441,7 +375,7 @@ static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __m
     default: TORCH_CHECK(false, "dar_attention: full-width chunks need head_dim a multiple of 16, <= 128");
   }
 }
-// The full-width part of one work item, 16 positions at a time (AVX-512, D a multiple of 16, D <= 128): for each
+// The full-width part of one work item, 16 positions at a time (vector path, D a multiple of 16, D <= 128): for each
 // KV head j of the group, the 16 positions' keys are transposed once into kt [D, 16] and their values widened
 // into vb [16, D], then the rows of j that see any of them (act, their masks actvis: scratch of qn * H / G
 // entries) go through rows_chunk, several at a time: scores, masks, online softmax (m, l, acc_f) once per chunk
@@ -450,7 +384,7 @@ static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const __m
 template <typename T, typename CT>
 static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, int64_t c0,
                                const float* qf, const int64_t* lo_row, float* m, float* l, float* acc_f,
-                               float* kt, float* vb, int64_t* act, __mmask16* actvis) {
+                               float* kt, float* vb, int64_t* act, M16* actvis) {
   const int64_t D = a.D, hpg = a.H / a.G, rep = a.H / a.J, jpg = a.J / a.G, nd = D / 16;
   const int64_t t_first = c0 + q0, t_last = t_first + qn - 1;
   const int64_t lo_min = std::max<int64_t>(0, t_first - a.window + 1), n_sink = std::min(a.sinks, lo_min);
@@ -473,8 +407,8 @@ static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64
     const int64_t n = std::min<int64_t>(16, np - i0);
     for (int64_t x = 0; x < 16; ++x) pbuf[x] = static_cast<int32_t>(pos(i0 + std::min(x, n - 1)));
     for (int64_t x = 0; x < n; ++x) off[x] = pbuf[x] < c0 ? cached_off(pbuf[x]) : -1;
-    const __m512i pv = _mm512_load_si512(pbuf);
-    const __mmask16 in_chunk = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1u);
+    const I16 pv = load_i32(pbuf);
+    const M16 in_chunk = first(n);
     const int64_t p_min = pbuf[0], p_max = pbuf[n - 1];
     for (int64_t jj = 0; jj < jpg; ++jj) {
       const int64_t j = g * jpg + jj;
@@ -483,18 +417,18 @@ static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64
         kf[x] = off[x] >= 0 ? nullptr : a.k + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D;
       }
       for (int64_t d0 = 0; d0 < nd; ++d0) {
-        __m512 col[16];
+        V16 col[16];
         for (int64_t x = 0; x < 16; ++x)
-          col[x] = x >= n ? _mm512_setzero_ps()
-                   : kc[x] ? load16_cache(kc[x] + d0 * 16, a.ks) : load16(kf[x] + d0 * 16);
-        transpose16(col);
-        for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (d0 * 16 + i) * 16, col[i]);
+          col[x] = x >= n ? zero()
+                   : kc[x] ? load_cache(kc[x] + d0 * 16, a.ks) : load(kf[x] + d0 * 16);
+        transpose(col);
+        for (int64_t i = 0; i < 16; ++i) storeu(kt + (d0 * 16 + i) * 16, col[i]);
         for (int64_t x = 0; x < 16; ++x) {
-          __m512 vx = _mm512_setzero_ps();
+          V16 vx = zero();
           if (x < n)
-            vx = kc[x] ? load16_cache(kc[x] + D + d0 * 16, a.vs)
-                       : load16(a.v + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D + d0 * 16);
-          _mm512_storeu_ps(vb + x * D + d0 * 16, vx);
+            vx = kc[x] ? load_cache(kc[x] + D + d0 * 16, a.vs)
+                       : load(a.v + (a.qsl[r] + (pbuf[x] - c0)) * a.kv_st + j * D + d0 * 16);
+          storeu(vb + x * D + d0 * 16, vx);
         }
       }
       // The rows of KV head j that see some of the chunk, with what they see; then NR of them at a time.
@@ -505,9 +439,8 @@ static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64
         for (int64_t hh = jj * rep; hh < (jj + 1) * rep; ++hh) {
           const int64_t row = qi * hpg + hh, lo = lo_row[row];
           if (p_max < lo && p_min >= a.sinks) continue;
-          const __mmask16 vis = in_chunk & _mm512_cmple_epi32_mask(pv, _mm512_set1_epi32(static_cast<int32_t>(t))) &
-                                (_mm512_cmpge_epi32_mask(pv, _mm512_set1_epi32(static_cast<int32_t>(lo))) |
-                                 _mm512_cmplt_epi32_mask(pv, _mm512_set1_epi32(static_cast<int32_t>(a.sinks))));
+          const M16 vis = in_chunk & le(pv, static_cast<int32_t>(t)) &
+                          (ge(pv, static_cast<int32_t>(lo)) | lt(pv, static_cast<int32_t>(a.sinks)));
           if (!vis) continue;
           act[nact] = row;
           actvis[nact++] = vis;
@@ -523,11 +456,11 @@ static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64
 template <typename CT>
 static void widen_fp8(const CT* src, int64_t ns, int64_t rk, int64_t rv, float ks, float vs, float* rows) {
   const int64_t C = rk + rv;
-#ifdef __AVX512F__
+#ifdef DAR_SIMD16
   if (rk % 16 == 0 && rv % 16 == 0) {  // the recipe's ranks: whole 16-wide tiles
-    const __m512 vk = _mm512_set1_ps(ks), vv = _mm512_set1_ps(vs);
+    const V16 vk = set1(ks), vv = set1(vs);
     for (int64_t e = 0; e < ns * C; e += 16)
-      _mm512_storeu_ps(rows + e, _mm512_mul_ps(load16(src + e), e % C < rk ? vk : vv));
+      storeu(rows + e, mul(load(src + e), e % C < rk ? vk : vv));
     return;
   }
 #endif
@@ -536,7 +469,7 @@ static void widen_fp8(const CT* src, int64_t ns, int64_t rk, int64_t rv, float k
 }
 
 // The full-width part of one row (query at t of request r, KV head j, window start lo), one position at a time:
-// the path where full_width_blocked does not run (no AVX-512, or D not a multiple of 16 up to 128). Caches and
+// the path where full_width_blocked does not run (no AVX-512 or AVX2, or D not a multiple of 16 up to 128). Caches and
 // chunk in one type T (FP8 caches need full_width_blocked).
 template <typename T, int HD>
 static void full_width_row(const Args<T, T>& a, int64_t r, int64_t row, int64_t j, int64_t t, int64_t lo,
@@ -590,7 +523,7 @@ static void run_item(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int
   w.kt.resize(rk * ldk); w.rows.resize(Bf * C);
   const int64_t nfull = a.sinks + std::max<int64_t>(a.window, 1) + 1;
   w.fs.resize(nfull); w.kp.resize(nfull); w.vp.resize(nfull);
-#ifdef __AVX512F__
+#ifdef DAR_SIMD16
   const bool blocked = D % 16 == 0 && D <= 128;  // full width 16 positions at a time (full_width_blocked)
   if (blocked) {
     w.kt.resize(std::max(rk * ldk, 16 * D)); w.vb.resize(16 * D); w.act.resize(nrow); w.actvis.resize(nrow);
@@ -599,7 +532,7 @@ static void run_item(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int
   const bool blocked = false;
 #endif
   constexpr bool same = std::is_same<T, CT>::value;  // the scalar full-width path reads caches and chunk alike
-  TORCH_CHECK(same || blocked, "dar_attention: FP8 caches need AVX-512 and head_dim a multiple of 16, <= 128");
+  TORCH_CHECK(same || blocked, "dar_attention: FP8 caches need AVX-512 or AVX2 and head_dim a multiple of 16, <= 128");
   int64_t max_lo = 0;
   for (int64_t row = 0; row < nrow; ++row) {
     const int64_t qi = row / hpg, h = g * hpg + row % hpg, t = c0 + q0 + qi;
@@ -617,7 +550,7 @@ static void run_item(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int
     }
     if constexpr (same) full_width_row<T, HD>(a, r, row, h / rep, t, lo, c0, qf, w);
   }
-#ifdef __AVX512F__
+#ifdef DAR_SIMD16
   if (blocked)
     full_width_blocked(a, r, g, q0, qn, c0, w.qf.data(), w.lo.data(), w.m.data(), w.l.data(), w.acc_f.data(),
                        w.kt.data(), w.vb.data(), w.act.data(), w.actvis.data());
@@ -689,6 +622,8 @@ static void run_item(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int
   }
 }
 }  // namespace
+
+std::string simd() { return DAR_SIMD16_ISA; }
 
 // Refuses what the kernel would misread: it indexes raw pointers with the shapes and strides named here.
 static void check_attention_args(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

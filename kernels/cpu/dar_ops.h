@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 namespace vllm_dar {
@@ -79,6 +80,9 @@ void dar_attention(const torch::Tensor& query, const torch::Tensor& key, const t
                    const torch::Tensor& far_cache, const torch::Tensor& far_table, const torch::Tensor& q_proj,
                    const torch::Tensor& v_up, int64_t window, int64_t sink_tokens, double scale,
                    int64_t rows_per_item, double k_scale, double v_scale);
+
+// The vector ISA dar_attention was compiled for (simd16.h's DAR_SIMD16_ISA).
+std::string simd();
 
 void dar_write(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& window_cache,
                const torch::Tensor& window_slots, torch::Tensor& far_cache, const torch::Tensor& far_slots,

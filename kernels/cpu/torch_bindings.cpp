@@ -16,6 +16,8 @@ TORCH_LIBRARY(vllm_dar, m) {
   m.def(
       "dar_write(Tensor key, Tensor value, Tensor(a!) window_cache, Tensor window_slots, Tensor(b!) far_cache, "
       "Tensor far_slots, Tensor k_down, Tensor v_down, float k_scale, float v_scale) -> ()");
+  // The vector ISA dar_attention was built with: "avx512", "avx2" or "none" (scalar loops).
+  m.def("simd() -> str", &vllm_dar::simd);
 }
 
 TORCH_LIBRARY_IMPL(vllm_dar, CPU, m) {

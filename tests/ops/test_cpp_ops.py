@@ -11,6 +11,7 @@ K/V and of the output (2^-8 relative each): 2e-2.
 from __future__ import annotations
 
 import functools
+import platform
 import sys
 
 import pytest
@@ -216,6 +217,22 @@ def test_padded_pages(ops, joint):
     out = torch.full_like(query, float("nan"))
     ops.attend(query, key, value, out, **args)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_vector_path_is_built_for_this_cpu():
+    """The op is built with -march=native: its vector paths (simd16.h) run on AVX-512 and on AVX2 + FMA + F16C
+    CPUs; only others take the scalar loops (and cannot read FP8 caches). Fails if a build flag change drops
+    them."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the vector paths are x86 only")
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    expected = ("avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma", "f16c"} <= flags else "none")
+    assert cpp_ops() is not None and cpp.simd() == expected
 
 
 def test_dense_blocks():

@@ -54,6 +54,12 @@ def _ops():
     return torch.ops.vllm_dar
 
 
+def simd() -> str:
+    """The vector ISA the attention op was built with (``-march=native``): ``"avx512"``, ``"avx2"`` (AVX2 + FMA +
+    F16C) or ``"none"`` (its scalar loops, which do not read FP8 caches)."""
+    return _ops().simd()
+
+
 def dense_blocks(cache: Tensor) -> bool:
     """A [blocks, heads, block_size, width] cache whose every block is dense; the block stride may exceed a
     block's size (padded pages), which the kernels take as ``stride(0)``."""

@@ -42,7 +42,7 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_dar.config import DarConfigError, far_block_sizes
 from vllm_dar.kv_dtype import KV_CACHE_DTYPES
-from vllm_dar.ops import DarOps, select_ops
+from vllm_dar.ops import DarOps, cpp, select_ops
 from vllm_dar.ops.paged import PagedProjections
 
 from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model, shard_projections
@@ -196,10 +196,11 @@ class DarImplMixin:
             raise DarConfigError(f"vllm-dar: kv_cache_dtype={vc.cache_config.cache_dtype!r}: the DAR Triton "
                                  "kernels read caches in the model dtype only; use 'auto' on this platform")
         if cache_dtype is not None and ops.name == "cpp" and not (
-                torch.cpu._is_avx512_supported() and self.head_size % 16 == 0 and self.head_size <= 128):
+                cpp.simd() != "none" and self.head_size % 16 == 0 and self.head_size <= 128):
             raise DarConfigError(f"vllm-dar: kv_cache_dtype={vc.cache_config.cache_dtype!r}: the C++ DAR op reads "
-                                 "FP8 caches with AVX-512 and head_dim a multiple of 16, <= 128 (here head_dim "
-                                 f"{self.head_size}); VLLM_DAR_OPS=reference reads them anywhere, slowly")
+                                 "FP8 caches with AVX-512 or AVX2 and head_dim a multiple of 16, <= 128 (here "
+                                 f"{cpp.simd()}, head_dim {self.head_size}); VLLM_DAR_OPS=reference reads them "
+                                 "anywhere, slowly")
         log_summary(vc.model_config.model, model, layer.kv_cache_torch_dtype.itemsize,
                     vc.model_config.max_model_len, ops=ops.name, block_size=dar_block_size(vc))
         device = layer._k_scale.device  # the layer's buffers live where its KV cache will (the worker's device)

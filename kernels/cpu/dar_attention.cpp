@@ -133,7 +133,7 @@ static void accumulate_block(float* acc, int64_t lda, const float* e, int64_t ld
 template <int NC, bool MASKED>
 static void accumulate_rows(float* acc, int64_t lda, const float* e, int64_t lde, int64_t nr, const float* v,
                             int64_t n, int64_t ld, int64_t rv) {
-  constexpr int NRM = ACCUMULATORS / NC < 4 ? ACCUMULATORS / NC : 4;
+  constexpr int NRM = std::max(1, std::min(4, ACCUMULATORS / NC));
   int64_t r = 0;
   for (; r + NRM <= nr; r += NRM)
     accumulate_block<NC, NRM, MASKED>(acc + r * lda, lda, e + r * lde, lde, v, n, ld, rv);
@@ -350,7 +350,7 @@ static inline void rows_chunk(const int64_t* rows, const M16* vis, const float* 
 template <int NC>
 static void rows_chunk_n(int64_t n, const int64_t* rows, const M16* vis, const float* qf, const float* kt,
                          const float* vb, float* m, float* l, float* acc_f) {
-  constexpr int NRM = ACCUMULATORS / NC < 4 ? ACCUMULATORS / NC : 4;
+  constexpr int NRM = std::max(1, std::min(4, ACCUMULATORS / NC));
   int64_t i = 0;
   for (; i + NRM <= n; i += NRM) rows_chunk<NC, NRM>(rows + i, vis + i, qf, kt, vb, m, l, acc_f);
   switch (n - i) {  // the rest together

@@ -5,7 +5,7 @@
 // are on that ISA (v16::fmadd is _mm512_fmadd_ps, and so on). With AVX-512 each is that one intrinsic. With AVX2
 // (x86 CPUs without AVX-512: AMD Zen 1-3, many Intel client parts) V16 is a pair of 8-lane registers and a mask
 // is expanded to lane vectors where an operation needs one; AVX2 has 16 vector registers against AVX-512's 32 and
-// each V16 takes two, so the kernel's tiles hold half as many accumulators there (ACCUMULATORS).
+// each V16 takes two, so the kernel's tiles hold fewer accumulators there (ACCUMULATORS).
 //
 // DAR_SIMD16 is defined when one of the two is compiled in (the build uses -march=native); without it the kernel
 // takes its scalar loops.
@@ -119,7 +119,7 @@ inline M16 lt(I16 x, int32_t b) { return _mm512_cmplt_epi32_mask(x, _mm512_set1_
 
 #else  // AVX2 + FMA + F16C: two 8-lane halves, lanes 0-7 in lo
 
-constexpr int ACCUMULATORS = 8;  // 16 ymm registers, two per V16
+constexpr int ACCUMULATORS = 4;  // 16 ymm registers, two per V16: 8 spilled (slower in attention_cpu.py)
 struct V16 {
   __m256 lo, hi;
 };

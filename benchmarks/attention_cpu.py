@@ -203,9 +203,11 @@ class Batch:
 
     def bytes_read(self) -> dict:
         """Cache bytes a decode step must read (``vllm_dar.config``'s byte model: no block rounding)."""
-        size = 1 if self.kv_cache_dtype != "auto" else self.dtype.itemsize
-        steps = [self.layer.config().decode_bytes(s, size) for s, _ in self.reqs]
-        return {"dar": sum(b.dar for b in steps), "stock": sum(b.full for b in steps)}
+        def size(kv_cache_dtype: str) -> int:  # bytes per cached element
+            return 1 if kv_cache_dtype != "auto" else self.dtype.itemsize
+        dar = [self.layer.config().decode_bytes(s, size(self.kv_cache_dtype)) for s, _ in self.reqs]
+        stock = [self.layer.config().decode_bytes(s, size(self.stock_kv_cache_dtype)) for s, _ in self.reqs]
+        return {"dar": sum(b.dar for b in dar), "stock": sum(b.full for b in stock)}
 
 
 def configs(quick: bool, only: str | None = None):

@@ -170,12 +170,12 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
     a 1024-token sequence's work (forward and backward, which the healing fine-tune runs) by about 2.9x.
 
     ``kv_dtype`` (an FP8 dtype or None): every key and value, full width and reduced, read back as an FP8 cache
-    of that dtype stores it (scale 1, vLLM's default), the query's own position included; the engine takes a
-    chunk's own K/V from the forward pass, so this is the decode-time cost, slightly pessimistic. ``far_only``:
+    of that dtype stores it (scale 1, vLLM's default), the query's own position included, as the served ops
+    do (they round the chunk's own K/V as the window cache stores them). ``far_only``:
     only the reduced K/V (a far cache in FP8, the window cache in the model dtype)."""
     tq, tk = q.shape[2], k.shape[2]
     qf, kf, vf = q.float(), k.float(), v.float()
-    if kv_dtype is not None and proj is not None:
+    if proj is not None:  # from the unrounded K/V: the far cache stores reduced K/V of the layer's own K/V
         k_rec, v_rec = reconstruct_kv(kf, vf, proj.to(dtype=torch.float32, device=q.device), kv_dtype)
     if not far_only:
         kf, vf = round_trip(kf, kv_dtype), round_trip(vf, kv_dtype)
@@ -186,8 +186,6 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
     if tq == 0:
         return q.clone()
     full, red = dar_masks(tq, tk, window=window, sink_tokens=sink_tokens, q_offset=tk - tq, device=q.device)
-    if kv_dtype is None:
-        k_rec, v_rec = reconstruct_kv(kf, vf, proj.to(dtype=torch.float32, device=q.device))
     outs = []
     for a in range(0, tq, chunk):
         b = min(tq, a + chunk)

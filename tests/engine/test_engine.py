@@ -79,12 +79,15 @@ def test_fp8_kv_cache(dar_smol_pyramid, doc_tokens, tmp_path):
     from (``vllm_dar.reference.dar_attention_sdpa(kv_dtype=)``: every K/V, full width and reduced, rounded to FP8),
     across windows, joint groups and ranks that are not whole 16-wide tiles (24), in 64-token prefill chunks.
 
-    Perplexity, not greedy tokens: the engine and the simulation reduce K/V in different summation orders before
-    rounding, so a reduced coordinate can land one FP8 step apart (tests/ops/test_fp8_ops.py) and a near tie can
-    flip a greedy token and everything after it; over ~1000 teacher-forced positions those steps average out
-    (0.09% seen, 0.2% allowed). FP8 moves this model's perplexity by more than twice that tolerance (0.6%), so an
-    engine that skipped the rounding, or rounded only part of what the simulation rounds (the chunk's own K/V
-    once were not: 0.5% off), fails."""
+    Perplexity, not greedy tokens, and within 1%: rounding to FP8 is discontinuous, so a difference of 1e-6 in
+    one layer's output (summation order) moves an element of the next layer's K/V one FP8 step now and then, and
+    that spreads through the 30 layers. Measured on these two windows: the engine with the reference ops served
+    16.098 against the simulation's 16.071 (+0.16%), the same with its attention outputs times (1 + 1e-6 noise)
+    16.042 (-0.18%), the C++ op on an AVX2 CPU 16.121 (+0.31%), on an AVX-512 one 16.063 (-0.05%); FP8's own
+    effect is -0.48%. So this test checks the plumbing (FP8 caches allocated, 4x capacity, served FP8 really
+    differs from the unquantized engine, and stays near the simulation); that the ops round exactly what the
+    simulation rounds, the chunk's own K/V included, is checked without that noise in tests/ops/test_fp8_ops.py
+    (same caches, op against op, and chunked against whole)."""
     from vllm_dar.evaluate import load_for_eval, perplexity
     from vllm_dar.kv_dtype import KV_CACHE_DTYPES
 
@@ -99,8 +102,10 @@ def test_fp8_kv_cache(dar_smol_pyramid, doc_tokens, tmp_path):
            for name, kv in (("fp8", KV_CACHE_DTYPES["fp8"]), ("auto", None))}
     served = {"fp8": fp8["score"]["perplexity"], "auto": auto["score"]["perplexity"]}
     assert served["auto"] == pytest.approx(sim["auto"], rel=1e-3), (served, sim)
-    assert served["fp8"] == pytest.approx(sim["fp8"], rel=2e-3), (served, sim)
-    assert abs(sim["fp8"] / sim["auto"] - 1) > 4e-3, sim  # FP8 moves it by twice that: rounding is not skipped
+    assert served["fp8"] == pytest.approx(sim["fp8"], rel=1e-2), (served, sim)
+    # FP8 really served: not the unquantized engine's score (an engine that fell back to full precision would
+    # match it to ~1e-7, as served and simulated auto do).
+    assert abs(served["fp8"] / served["auto"] - 1) > 1e-4, served
 
 
 def test_other_quantized_kv_caches_refused(dar_smol, tmp_path):

@@ -115,7 +115,8 @@ def test_write_quantizes_like_the_contract(fmt, act, joint):
 
 
 def test_fp8_caches_refused_where_they_would_be_misread():
-    """Caches of two dtypes (FP8 beside FP8 of the other format, or beside fp32) are refused by name."""
+    """Caches of two dtypes (FP8 beside FP8 of the other format, or beside fp32) are refused by name, and so is a
+    head_dim the kernel's FP8 path cannot read (not a multiple of 16)."""
     cpp_ops()
     query, key, value, args, _ = fp8_batch(SCENARIOS[0][1], 8, 2, False, torch.float32, FP8["e4m3"], SMOL)
     args["far_cache"] = args["far_cache"].view(torch.float8_e5m2)
@@ -123,4 +124,8 @@ def test_fp8_caches_refused_where_they_would_be_misread():
         select_ops("cpp").attend(query, key, value, torch.empty_like(query), **args)
     args["far_cache"] = args["far_cache"].to(torch.float32)
     with pytest.raises(RuntimeError, match="share one dtype"):
+        select_ops("cpp").attend(query, key, value, torch.empty_like(query), **args)
+    query, key, value, args, _ = fp8_batch(SCENARIOS[0][1], 8, 2, False, torch.float32, FP8["e4m3"],
+                                           (6, 3, 24, 5, 7))
+    with pytest.raises(RuntimeError, match="FP8 caches need AVX-512 or AVX2 and head_dim a multiple of 16"):
         select_ops("cpp").attend(query, key, value, torch.empty_like(query), **args)

@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_rank
-from vllm.forward_context import get_forward_context
+from vllm.forward_context import ForwardContext, get_forward_context
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -208,9 +208,10 @@ class DarImplMixin:
                         proj=PagedProjections.from_layer(proj, self.num_heads).to(device), ops=ops,
                         cache_dtype=cache_dtype)
 
-    def _caches(self, window_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's (window cache, far cache), as the ops read them (FP8 views of vLLM's uint8 tensors)."""
-        far = get_forward_context().no_compile_layers[self.dar.far_name].kv_cache
+    def _caches(self, window_cache: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (window cache, far cache), as the ops read them (FP8 views of vLLM's uint8 tensors);
+        ``ctx``: the step's forward context."""
+        far = ctx.no_compile_layers[self.dar.far_name].kv_cache
         dt = self.dar.cache_dtype
         return (window_cache, far) if dt is None else (window_cache.view(dt), far.view(dt))
 
@@ -221,7 +222,7 @@ class DarImplMixin:
         the layer's, for FP8 caches (``vllm_dar.kv_dtype``)."""
         ctx = get_forward_context()
         n = slot_mapping.shape[0]
-        window_cache, far_cache = self._caches(kv_cache)
+        window_cache, far_cache = self._caches(kv_cache, ctx)
         self.dar.ops.write(key[:n], value[:n], window_cache=window_cache, window_slots=slot_mapping,
                            far_cache=far_cache, far_slots=ctx.slot_mapping[self.dar.far_name][:n],
                            proj=self.dar.proj, k_scale=k_scale, v_scale=v_scale)
@@ -238,7 +239,7 @@ class DarImplMixin:
         ctx = get_forward_context()
         far = ctx.attn_metadata[self.dar.far_name]
         n = attn_metadata.num_actual_tokens
-        window_cache, far_cache = self._caches(kv_cache)
+        window_cache, far_cache = self._caches(kv_cache, ctx)
         self.dar.ops.attend(query[:n], key[:n], value[:n], output[:n], window_cache=window_cache,
                             window_table=attn_metadata.block_table, far_cache=far_cache,
                             far_table=far.block_table, query_start_loc=attn_metadata.query_start_loc,

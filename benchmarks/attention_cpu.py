@@ -267,10 +267,12 @@ def run(args) -> dict:
             rows.append(row)
             print(f"{row['dtype']:9s} {args.kv_cache_dtype:8s} {name:22s} fast {row['fast_us']:9.0f} us  "
                   + (f"loop {row['loop_us']:9.0f} us  " if "loop_us" in row else "")
-                  + f"stock ({row['stock_kv_cache_dtype']}) {row['stock_us']:8.0f} us  fast/stock {row['fast_over_stock']:.2f}"
+                  + f"stock ({row['stock_kv_cache_dtype']}) {row['stock_us']:8.0f} us  "
+                  + f"fast/stock {row['fast_over_stock']:.2f}"
                   + (f"  bound dar {row['dar_bound_us']:.0f} stock {row['stock_bound_us']:.0f} us"
                      if "dar_bound_us" in row else ""), file=sys.stderr, flush=True)
-    return {"threads": args.threads, "simd": cpp.simd(), "stock_fp8_refusal": harness.fp8_kv_unsupported(), "timing": "median process CPU time per call, summed over the layers",
+    return {"threads": args.threads, "simd": cpp.simd(), "stock_fp8_refusal": harness.fp8_kv_unsupported(),
+            "timing": "median process CPU time per call, summed over the layers",
             "kernel_load_s": build_s, "bandwidth": bw, "model": args.model,
             "layers": [vars(lay) | {"far_block": lay.far_block} for lay in layers],
             "block": BLOCK, "window_block": WBLOCK, "rows": rows}

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import statistics
 import struct
 import subprocess
@@ -258,8 +259,6 @@ def int_list(text: str) -> list[int]:
 def fp8_kv_unsupported() -> str | None:
     """Why vLLM 0.32's CPU attention cannot run an FP8 KV cache here (its ``_get_attn_isa`` check: x86 with
     AVX-512 or AMX), or None when it can."""
-    import platform
-
     import torch
 
     if platform.machine().lower() not in ("x86_64", "amd64"):

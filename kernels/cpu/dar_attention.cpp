@@ -17,7 +17,6 @@
 // 128). vLLM's own CPU FP8 cache needs AVX-512; this op reads FP8 with AVX2 too.
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <array>

@@ -62,21 +62,10 @@ inline float reduce_add(V16 x) { return _mm512_reduce_add_ps(x); }
 inline float reduce_max(V16 x) { return _mm512_reduce_max_ps(x); }
 inline float mask_reduce_max(M16 k, V16 x) { return _mm512_mask_reduce_max_ps(k, x); }
 
-// exp(x) lane-wise for x <= 0 (clamped at -87, where exp is below fp32's normal range): 2^(x log2 e) split into
-// an exponent and a degree-6 polynomial for 2^f on [0, 1) (relative error ~2e-7).
-inline V16 exp_neg(V16 x) {
-  const V16 t = _mm512_mul_ps(_mm512_max_ps(x, set1(-87.f)), set1(1.44269504088896341f));
-  const V16 fi = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const V16 f = _mm512_sub_ps(t, fi);
-  V16 p = set1(1.535336188319500e-4f);
-  p = fmadd(p, f, set1(1.339887440266574e-3f));
-  p = fmadd(p, f, set1(9.618437357674640e-3f));
-  p = fmadd(p, f, set1(5.550332471162809e-2f));
-  p = fmadd(p, f, set1(2.402264791363012e-1f));
-  p = fmadd(p, f, set1(6.931472028550421e-1f));
-  p = fmadd(p, f, set1(1.f));
-  return _mm512_scalef_ps(p, fi);  // p * 2^fi
-}
+inline V16 max(V16 a, V16 b) { return _mm512_max_ps(a, b); }
+inline V16 floor(V16 x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+// p * 2^n for whole n in the normal exponent range.
+inline V16 scale_pow2(V16 p, V16 n) { return _mm512_scalef_ps(p, n); }
 
 // r[0..16) = the transpose of the 16 x 16 tile r[0..16) (row i, lane j -> row j, lane i).
 inline void transpose(V16* r) {
@@ -185,22 +174,13 @@ inline float mask_reduce_max(M16 k, V16 x) {
                              _mm256_blendv_ps(ninf, x.hi, _mm256_castsi256_ps(lanes8(k >> 8)))));
 }
 
-// exp(x) for x <= 0, as the AVX-512 version: 2^fi built in the exponent field (fi >= -126 after the clamp).
-inline __m256 exp_neg8(__m256 x) {
-  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(1.44269504088896341f));
-  const __m256 fi = _mm256_floor_ps(t);
-  const __m256 f = _mm256_sub_ps(t, fi);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fi), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+inline V16 max(V16 a, V16 b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline V16 floor(V16 x) { return {_mm256_floor_ps(x.lo), _mm256_floor_ps(x.hi)}; }
+// p * 2^n for whole n in the normal exponent range: 2^n built in the exponent field.
+inline __m256 pow2(__m256 n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
-inline V16 exp_neg(V16 x) { return {exp_neg8(x.lo), exp_neg8(x.hi)}; }
+inline V16 scale_pow2(V16 p, V16 n) { return {_mm256_mul_ps(p.lo, pow2(n.lo)), _mm256_mul_ps(p.hi, pow2(n.hi))}; }
 
 // In-place transpose of 8 x 8 (row i, lane j -> row j, lane i).
 inline void transpose8(__m256* r) {
@@ -257,6 +237,23 @@ inline M16 lt(I16 x, int32_t b) {  // x < b  <=>  not x > b - 1 (b > INT32_MIN: 
 }
 inline M16 ge(I16 x, int32_t b) { return static_cast<M16>(~lt(x, b)); }
 #endif
+
+// exp(x) lane-wise for x <= 0 (both ISAs; clamped at -87, where exp is below fp32's normal range, so 2^n stays
+// normal): 2^(x log2 e) split into an exponent n and a degree-6 polynomial for 2^f on [0, 1) (relative error
+// ~2e-7).
+inline V16 exp_neg(V16 x) {
+  const V16 t = mul(max(x, set1(-87.f)), set1(1.44269504088896341f));
+  const V16 n = floor(t);
+  const V16 f = sub(t, n);
+  V16 p = set1(1.535336188319500e-4f);
+  p = fmadd(p, f, set1(1.339887440266574e-3f));
+  p = fmadd(p, f, set1(9.618437357674640e-3f));
+  p = fmadd(p, f, set1(5.550332471162809e-2f));
+  p = fmadd(p, f, set1(2.402264791363012e-1f));
+  p = fmadd(p, f, set1(6.931472028550421e-1f));
+  p = fmadd(p, f, set1(1.f));
+  return scale_pow2(p, n);
+}
 
 // FP8 through fp16 (both ISAs): e5m2 is the top byte of an fp16; e4m3fn's exponent and mantissa shifted into an
 // fp16's (its bias 7 against fp16's 15: times 2^8, exact for subnormals too). The NaN encoding is never stored

@@ -154,6 +154,21 @@ def test_calibrated_schedule_stays_within_the_budget(budget):
         assert fraction > budget - 0.05, block_size  # it spends the budget, by the same count
 
 
+@pytest.mark.parametrize("head_sharing", ["per_head", "joint"])
+def test_one_tensor_parallel_rank_by_hand(head_sharing):
+    """A rank holds its KV heads' share of the window cache; of the far caches too where it owns whole groups
+    (per head), all of them where one group spans the ranks (joint)."""
+    shape = ModelShape(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = DarConfig(shape=shape, window=(4, 0), key_rank=(2, 5), value_rank=(3, 1), sink_tokens=1,
+                    head_sharing=head_sharing)
+    L, far = 100, cfg.far_elems_per_token() * 100
+    window = cfg.kv_elems(L) - far
+    shards = 2 if head_sharing == "per_head" else 1
+    assert cfg.far_shards(2) == shards and cfg.far_shards(1) == 1
+    assert cfg.rank_kv_bytes_per_token(L, 4, 2) == (window / 2 + far / shards) * 4 / L
+    assert cfg.rank_kv_bytes_per_token(L, 4, 1) == cfg.kv_bytes_per_token(L, 4)
+
+
 def test_plugin_summary_line_is_the_byte_model():
     from vllm_dar.plugin import model as plugin_model
 

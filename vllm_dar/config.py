@@ -44,6 +44,12 @@ so a far page holds a window page's bytes, ``2 J D B`` elements, as ``far_block_
 every page (at ``2 J D = 384``: 80 elements take 96, 144 take 192), and the last page of a request is whole
 (``reserved_far_elems``). ``DarConfig.reserved_fraction`` prices both that way: the calibrated schedule spends
 its budget in those terms, so that large windows and page-padding ranks cost what vLLM makes them cost.
+
+Under tensor parallelism (``tp`` ranks, each owning ``J / tp`` KV heads) a rank's window cache holds its heads'
+``2 J D F / tp``; its far caches hold ``G (rk + rv) L / tp`` when each rank owns whole projection groups
+(``per_head``), and all ``G (rk + rv) L`` when one group spans the ranks (``joint``: every rank stores the group's
+reduced K/V, all-reduced from the ranks' partial projections) (``DarConfig.far_shards``,
+``rank_kv_bytes_per_token``).
 """
 from __future__ import annotations
 
@@ -297,6 +303,17 @@ class DarConfig:
         """Bytes the DAR caches hold per token of a ``context``-token sequence, at ``itemsize`` bytes per
         element (the dtype the engine caches K/V in)."""
         return self.kv_elems(context) * itemsize / context
+
+    def far_shards(self, tp_size: int) -> int:
+        """Ranks the far caches are split over under ``tp_size``-way tensor parallelism: ``tp_size`` when each
+        rank owns whole projection groups; 1 when one group spans the ranks (``joint``: replicated)."""
+        return tp_size if self.groups % tp_size == 0 else 1
+
+    def rank_kv_bytes_per_token(self, context: int, itemsize: int, tp_size: int) -> float:
+        """``kv_bytes_per_token`` as one of ``tp_size`` tensor-parallel ranks holds it (module docstring)."""
+        far = context * self.far_elems_per_token()
+        window = self.kv_elems(context) - far
+        return (window / tp_size + far / self.far_shards(tp_size)) * itemsize / context
 
     def reserved_fraction(self, context: int, block_size: int = PRICED_BLOCK_SIZE) -> float:
         """What the caches reserve for one ``context``-token request at ``block_size``-token window blocks, over

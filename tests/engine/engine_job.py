@@ -12,7 +12,8 @@ prefix cache). OUT: {"runs": [[{"tokens": [...], "cached": num_cached_tokens, "l
 "kv_capacity_tokens": vLLM's logged KV cache capacity, "score": vllm_engine.windows_perplexity's result | null}.
 A separate process per engine: one engine's settings never leak into the next. Inside it, the engine core
 and the worker run in that one process (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor "uni": vLLM and the plugin
-are imported once rather than in three processes) unless the job asks for ``"processes": true``,
+are imported once rather than in three processes; with ``tensor_parallel_size`` > 1 the workers, one per rank,
+are vLLM's own processes) unless the job asks for ``"processes": true``,
 vLLM's default layout (an engine-core and a worker process, the plugin loading in each), which `vllm serve`
 always uses (tests/server).
 """
@@ -34,7 +35,8 @@ def main(job_path: str, out_path: str) -> None:
     engine = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "seed": 0, **job.get("engine", {})}
     if not job.get("processes"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when vLLM is imported (below)
-        engine.setdefault("distributed_executor_backend", "uni")
+        if engine.get("tensor_parallel_size", 1) == 1:  # several ranks: vLLM's worker processes ("mp")
+            engine.setdefault("distributed_executor_backend", "uni")
 
     from vllm import LLM, SamplingParams
 

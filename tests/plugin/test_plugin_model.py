@@ -83,7 +83,59 @@ def test_tensor_parallel_shards_concatenate_to_the_whole():
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
-def test_tensor_parallel_refuses_groups_across_ranks():
+@pytest.mark.parametrize("ops_kind", ["cpp", "reference"])
+def test_joint_group_across_ranks_serves_the_whole_layer(ops_kind):
+    """A joint projection group split over 3 ranks: each rank writes its heads' window and the all-reduced
+    reduced K/V (``write_across_ranks``, the ranks' partial projections summed), then attends over its heads with
+    the real ops; the ranks' outputs, concatenated along heads, equal DAR attention over the whole layer."""
+    import torch
+
+    from vllm_dar.ops import select_ops
+    from vllm_dar.ops.paged import PagedProjections, reduce_tokens
+    from vllm_dar.plugin.common import write_across_ranks
+    from vllm_dar.plugin.model import shard_projections, spans_ranks
+    from vllm_dar.reference import LayerProjections, dar_attention
+
+    torch.manual_seed(0)
+    h, j, d, rk, rv, t, tp, wbs, fbs = 6, 3, 16, 5, 7, 60, 3, 8, 16
+    p = LayerProjections(q_proj=torch.randn(j, d, rk) / d ** 0.5, k_down=torch.randn(1, j * d, rk) / 7,
+                         v_down=torch.randn(1, j * d, rv) / 7, v_up=torch.randn(j, rv, d) / rv ** 0.5)
+    q, k, v = torch.randn(t, h, d), torch.randn(t, j, d), torch.randn(t, j, d)
+    assert spans_ranks(p, tp) and not spans_ranks(p, 1)
+    shards = [shard_projections(p, tp, r) for r in range(tp)]
+    heads = [slice(r * h // tp, (r + 1) * h // tp) for r in range(tp)]
+    kv_heads = [slice(r * j // tp, (r + 1) * j // tp) for r in range(tp)]
+    partial = [torch.cat([reduce_tokens(k[:, js], s.k_down), reduce_tokens(v[:, js], s.v_down)], dim=-1)
+               for s, js in zip(shards, kv_heads)]
+    ops = select_ops(ops_kind)
+    pos = torch.arange(t)
+    window_table = (torch.randperm(15)[: -(-t // wbs)] + 1).int()[None]  # shuffled blocks; 0: vLLM's null block
+    far_table = (torch.randperm(8)[: -(-t // fbs)] + 1).int()[None]
+    window_slots = window_table[0, pos // wbs].long() * wbs + pos % wbs
+    far_slots = far_table[0, pos // fbs].long() * fbs + pos % fbs
+    parts = []
+    for r, (s, hs, js) in enumerate(zip(shards, heads, kv_heads)):
+        wcache, fcache = torch.full((16, 1, wbs, 2 * d), float("nan")), torch.full((9, 1, fbs, rk + rv), float("nan"))
+
+        def all_reduce(x, r=r):
+            torch.testing.assert_close(x, partial[r])
+            return sum(partial)
+
+        paged = PagedProjections.from_layer(s, h // tp)
+        write_across_ranks(ops, k[:, js], v[:, js], window_cache=wcache, window_slots=window_slots,
+                           far_cache=fcache, far_slots=far_slots, proj=paged, k_scale=1.0, v_scale=1.0,
+                           all_reduce=all_reduce)
+        out = torch.full((t, h // tp, d), float("nan"))
+        ops.attend(q[:, hs], k[:, js], v[:, js], out, window_cache=wcache, window_table=window_table, far_cache=fcache,
+                   far_table=far_table, query_start_loc=[0, t], seq_lens=[t], proj=paged, window=8,
+                   sink_tokens=2, scale=0.25)
+        parts.append(out)
+    whole = dar_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], p, window=8,
+                          sink_tokens=2, scale=0.25)[0].transpose(0, 1)
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_parallel_refuses_kv_heads_it_cannot_split():
     import torch
 
     from vllm_dar.config import DarConfigError
@@ -92,7 +144,9 @@ def test_tensor_parallel_refuses_groups_across_ranks():
 
     joint = LayerProjections(q_proj=torch.zeros(4, 16, 8), k_down=torch.zeros(1, 64, 8),
                              v_down=torch.zeros(1, 64, 8), v_up=torch.zeros(4, 8, 16))
-    with pytest.raises(DarConfigError, match="a projection group spans 4 KV heads, more than the 2 of one rank"):
-        shard_projections(joint, 2, 0)
     with pytest.raises(DarConfigError, match="tensor_parallel_size=3 does not divide the 4 KV heads"):
         shard_projections(joint, 3, 0)
+    pairs = LayerProjections(q_proj=torch.zeros(4, 16, 8), k_down=torch.zeros(2, 32, 8),
+                             v_down=torch.zeros(2, 32, 8), v_up=torch.zeros(4, 8, 16))
+    with pytest.raises(DarConfigError, match="2 projection groups of 2 KV heads each span ranks of 1"):
+        shard_projections(pairs, 4, 0)

@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import get_current_vllm_config
-from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_reduce
 from vllm.forward_context import ForwardContext, get_forward_context
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
@@ -43,9 +43,17 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 from vllm_dar.config import DarConfigError, far_block_sizes
 from vllm_dar.kv_dtype import KV_CACHE_DTYPES
 from vllm_dar.ops import DarOps, cpp, select_ops
-from vllm_dar.ops.paged import PagedProjections
+from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
 
-from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model, shard_projections
+from .model import (
+    DarModel,
+    check_engine,
+    check_layer,
+    log_summary,
+    served_dar_model,
+    shard_projections,
+    spans_ranks,
+)
 from .spec import DarFarCache, dar_block_size, window_spec
 
 
@@ -137,13 +145,31 @@ class DarLayer:
     proj: PagedProjections  # this tensor-parallel rank's projections, on the layer's device
     ops: DarOps  # the cache write and attention it runs
     cache_dtype: torch.dtype | None  # FP8 dtype both caches are read as (vLLM allocates them uint8); None: as given
+    all_reduce_far: bool  # the projection group spans the tensor-parallel ranks: reduced K/V are partial sums
 
 
 def _far_block_sizes(vllm_config, model: DarModel, layer, tp_size: int) -> list[int]:
     cfg = model.cfg
-    far = [cfg.layer(i).reduced_elems() // tp_size for i in range(cfg.shape.num_layers)]  # this rank's groups
+    shards = cfg.far_shards(tp_size)
+    far = [cfg.layer(i).reduced_elems() // shards for i in range(cfg.shape.num_layers)]  # what this rank holds
     return far_block_sizes(dar_block_size(vllm_config), layer.num_kv_heads * (layer.head_size + layer.head_size_v),
                            far)
+
+
+def write_across_ranks(ops: DarOps, key: torch.Tensor, value: torch.Tensor, *, window_cache: torch.Tensor,
+                       window_slots: torch.Tensor, far_cache: torch.Tensor, far_slots: torch.Tensor,
+                       proj: PagedProjections, k_scale: float, v_scale: float, all_reduce) -> None:
+    """One rank's cache write where one projection group spans the tensor-parallel ranks (``joint``): ``ops``
+    writes this rank's heads' full-width K/V [T, J / tp, D] to its window cache; the far cache takes the group's
+    reduced K/V, the sum over the ranks of each one's partial projection (``proj``: its rows of the group's
+    ``k_down`` / ``v_down``, ``shard_projections``), in fp32, then stored as ``write_slots`` stores them (FP8
+    caches quantized). ``all_reduce``: [T, 1, rk + rv] fp32 -> the sum over the ranks, a collective every rank
+    calls once per layer and step, in the same order."""
+    ops.write(key, value, window_cache=window_cache, window_slots=window_slots, far_cache=far_cache,
+              far_slots=torch.full_like(far_slots, -1), proj=proj, k_scale=k_scale, v_scale=v_scale)
+    rk = proj.k_down.shape[-1]
+    reduced = all_reduce(torch.cat([reduce_tokens(key, proj.k_down), reduce_tokens(value, proj.v_down)], dim=-1))
+    write_slots(far_cache, far_slots, reduced[..., :rk], reduced[..., rk:], k_scale, v_scale)
 
 
 class DarImplMixin:
@@ -182,7 +208,8 @@ class DarImplMixin:
         tp_size = vc.parallel_config.tensor_parallel_size
         check_layer(self, model, index, tp_size)
         lay = model.cfg.layer(index)
-        proj = shard_projections(model.projections[index], tp_size, get_tensor_model_parallel_rank())
+        whole = model.projections[index]
+        proj = shard_projections(whole, tp_size, get_tensor_model_parallel_rank())
         far_name = f"{name}.dar_far"
         DarFarCache(far_name, groups=proj.groups, key_rank=lay.key_rank, value_rank=lay.value_rank,
                     dtype=layer.kv_cache_torch_dtype, block_size=_far_block_sizes(vc, model, layer, tp_size)[index],
@@ -202,11 +229,11 @@ class DarImplMixin:
                                  f"{cpp.simd()}, head_dim {self.head_size}); VLLM_DAR_OPS=reference reads them "
                                  "anywhere, slowly")
         log_summary(vc.model_config.model, model, layer.kv_cache_torch_dtype.itemsize,
-                    vc.model_config.max_model_len, ops=ops.name, block_size=dar_block_size(vc))
+                    vc.model_config.max_model_len, ops=ops.name, block_size=dar_block_size(vc), tp_size=tp_size)
         device = layer._k_scale.device  # the layer's buffers live where its KV cache will (the worker's device)
         return DarLayer(index=index, far_name=far_name, window=lay.window, sink_tokens=lay.sink_tokens,
                         proj=PagedProjections.from_layer(proj, self.num_heads).to(device), ops=ops,
-                        cache_dtype=cache_dtype)
+                        cache_dtype=cache_dtype, all_reduce_far=spans_ranks(whole, tp_size))
 
     def _caches(self, window_cache: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's (window cache, far cache), as the ops read them (FP8 views of vLLM's uint8 tensors);
@@ -219,13 +246,23 @@ class DarImplMixin:
                    slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         """key, value: [T, J, D]; kv_cache: the window cache [blocks, J, block_size, 2D]; also writes the
         reduced K/V [T, G, rk | rv] to the far cache through its own slot mapping. ``k_scale`` / ``v_scale``:
-        the layer's, for FP8 caches (``vllm_dar.kv_dtype``)."""
+        the layer's, for FP8 caches (``vllm_dar.kv_dtype``).
+
+        Where the projection group spans the tensor-parallel ranks (``all_reduce_far``): ``write_across_ranks``
+        with vLLM's tensor-parallel all-reduce."""
         ctx = get_forward_context()
         n = slot_mapping.shape[0]
         window_cache, far_cache = self._caches(kv_cache, ctx)
+        far_slots = ctx.slot_mapping[self.dar.far_name][:n]
+        if self.dar.all_reduce_far:
+            write_across_ranks(self.dar.ops, key[:n], value[:n], window_cache=window_cache,
+                               window_slots=slot_mapping, far_cache=far_cache, far_slots=far_slots,
+                               proj=self.dar.proj, k_scale=k_scale, v_scale=v_scale,
+                               all_reduce=tensor_model_parallel_all_reduce)
+            return
         self.dar.ops.write(key[:n], value[:n], window_cache=window_cache, window_slots=slot_mapping,
-                           far_cache=far_cache, far_slots=ctx.slot_mapping[self.dar.far_name][:n],
-                           proj=self.dar.proj, k_scale=k_scale, v_scale=v_scale)
+                           far_cache=far_cache, far_slots=far_slots, proj=self.dar.proj, k_scale=k_scale,
+                           v_scale=v_scale)
 
     def _dar_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                      attn_metadata: DarMetadata | None, output: torch.Tensor, output_scale=None,

@@ -112,7 +112,13 @@ def select_cuda_backend(vllm_config, *, on_cuda: bool) -> None:
 
 def shard_projections(p: LayerProjections, tp_size: int, rank: int) -> LayerProjections:
     """This tensor-parallel rank's projections: those of its KV heads (vLLM gives rank r the query heads and KV
-    heads [r * n / tp, (r + 1) * n / tp)). A projection group must not span two ranks."""
+    heads [r * n / tp, (r + 1) * n / tp)).
+
+    Where each rank owns whole projection groups (``per_head``), the groups of its heads. Where one group spans
+    the ranks (``joint``: G = 1), ``q_proj`` / ``v_up`` of its heads and the rows of ``k_down`` / ``v_down`` that
+    read its heads: its reduced K/V are then partial sums, which the ranks all-reduce before storing them
+    (``spans_ranks``); each rank's far cache holds the whole group. A group of several that spans ranks is
+    refused (no such head sharing exists)."""
     if tp_size == 1:
         return p
     j, g = p.num_kv_heads, p.groups
@@ -120,13 +126,25 @@ def shard_projections(p: LayerProjections, tp_size: int, rank: int) -> LayerProj
         raise DarConfigError(f"vllm-dar: tensor_parallel_size={tp_size} does not divide the {j} KV heads (vLLM "
                              "would replicate them); DAR projections shard by KV head")
     local_heads, heads_per_group = j // tp_size, j // g
-    if local_heads % heads_per_group:
-        raise DarConfigError(f"vllm-dar: tensor_parallel_size={tp_size}: a projection group spans "
-                             f"{heads_per_group} KV heads, more than the {local_heads} of one rank (joint head "
-                             "sharing); convert with --head-sharing per_head to shard, or serve with 1")
+    js = slice(rank * local_heads, (rank + 1) * local_heads)
+    if spans_ranks(p, tp_size):
+        if g != 1:
+            raise DarConfigError(f"vllm-dar: tensor_parallel_size={tp_size}: {g} projection groups of "
+                                 f"{heads_per_group} KV heads each span ranks of {local_heads}; only one group "
+                                 "per layer (joint) is split across ranks")
+        d = p.k_down.shape[1] // j
+        rows = slice(rank * local_heads * d, (rank + 1) * local_heads * d)
+        return LayerProjections(q_proj=p.q_proj[js], k_down=p.k_down[:, rows], v_down=p.v_down[:, rows],
+                                v_up=p.v_up[js])
     local_groups = local_heads // heads_per_group
-    js, gs = slice(rank * local_heads, (rank + 1) * local_heads), slice(rank * local_groups, (rank + 1) * local_groups)
+    gs = slice(rank * local_groups, (rank + 1) * local_groups)
     return LayerProjections(q_proj=p.q_proj[js], k_down=p.k_down[gs], v_down=p.v_down[gs], v_up=p.v_up[js])
+
+
+def spans_ranks(p: LayerProjections, tp_size: int) -> bool:
+    """Whether a projection group spans several of ``tp_size`` ranks (then each rank's reduced K/V, from
+    ``shard_projections``, are partial sums to all-reduce)."""
+    return (p.num_kv_heads // tp_size) % (p.num_kv_heads // p.groups) != 0
 
 
 def check_layer(impl, model: DarModel, layer_index: int, tp_size: int = 1) -> None:
@@ -153,8 +171,9 @@ _logged: set[str] = set()
 
 
 def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int, *, ops: str,
-                block_size: int) -> None:
-    """One line per process: layers, windows, ranks, and KV bytes per token against full attention."""
+                block_size: int, tp_size: int = 1) -> None:
+    """One line per process: layers, windows, ranks, and KV bytes per token against full attention; under
+    tensor parallelism also what one rank holds."""
     if model_dir in _logged:
         return
     _logged.add(model_dir)
@@ -166,3 +185,9 @@ def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int,
                 "far cache alone %d bytes/token; window blocks of %d tokens (VLLM_DAR_BLOCK_SIZE); ops: %s "
                 "(VLLM_DAR_OPS)", model_dir, cfg.describe(), context, dar, full, dar / full, reduced_only,
                 block_size, ops)
+    if tp_size > 1:
+        rank = cfg.rank_kv_bytes_per_token(context, dtype_bytes, tp_size)
+        how = ("split by KV head" if cfg.far_shards(tp_size) > 1 else
+               "whole on every rank (one projection group spans the ranks; reduced K/V all-reduced)")
+        logger.info("vllm-dar: tensor parallel size %d: one rank holds %.0f KV bytes/token at %d context vs %.0f "
+                    "full (%.3fx); far caches %s", tp_size, rank, context, full / tp_size, rank * tp_size / full, how)

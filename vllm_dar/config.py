@@ -89,7 +89,10 @@ def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int
     """Tokens per far-cache block of each layer, so that every page holds one window page's bytes.
 
     ``slot_elems``: K + V elements of a full-width token slot; ``far_slot_elems``: of a reduced one, per layer.
-    Exact fit is ``window_block * slot_elems / far`` tokens (64 at ranks 16/16 of 64), rounded down to
+    Where a reduced slot is wider than a full-width one (a joint group under tensor parallelism: the whole
+    group's reduced K/V beside one rank's heads), the page is ``window_block`` of the widest reduced slots
+    instead, and vLLM pads the window pages to it. Exact fit is ``window_block * slot_elems / far`` tokens (64 at
+    ranks 16/16 of 64), rounded down to
     ``window_block * m`` with ``m`` a divisor of ``_block_lcm(window_block)``: the prefix-cache hash unit stays
     the window block, and the blocks of any mix of layers have a least common multiple (vLLM's prefix-cache hit
     alignment) of at most ``MAX_HIT_ALIGNMENT`` tokens. Each layer's block depends on its own ranks only, so the
@@ -97,6 +100,7 @@ def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int
     """
     n = _block_lcm(window_block)
     multiples = [m for m in range(1, n + 1) if n % m == 0]
+    slot_elems = max([slot_elems, *far_slot_elems])
     out = []
     for f in far_slot_elems:
         exact = window_block * slot_elems // f // window_block

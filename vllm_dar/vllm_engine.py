@@ -34,6 +34,19 @@ def make_llm(model: str, *, max_model_len: int | None, dtype: str | None, **engi
     return LLM(model=model, dtype=dtype, max_model_len=max_model_len, **engine)
 
 
+def cpu_thread_binding(ranks: int) -> dict[str, str]:
+    """The thread binding the tests and benchmarks give a CPU engine of ``ranks`` tensor-parallel workers:
+    vLLM's automatic binding gives each rank a NUMA node of its own and refuses where there are fewer nodes than
+    ranks (every machine of this project), so rank r takes every ``ranks``-th CPU this process may use
+    (``VLLM_CPU_OMP_THREADS_BIND``, one list per rank, "|" between; ranks share CPUs when there are fewer CPUs than
+    ranks). Empty when ``VLLM_CPU_OMP_THREADS_BIND`` is already set or one rank serves."""
+    if ranks == 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    per_rank = [cpus[r::ranks] or [cpus[r % len(cpus)]] for r in range(ranks)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, c)) for c in per_rank)}
+
+
 # The offline client's threads (vLLM 0.32, ``vllm.v1.engine.core_client``): its output-socket reader and its
 # engine-process monitor, both daemons.
 CLIENT_THREADS = ("EngineCoreOutputQueueThread", "MPClientEngineMonitor")

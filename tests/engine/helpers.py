@@ -49,14 +49,6 @@ def engine_result(tmp_path, model: str, runs: list[list[list[int]]], *, max_toke
     return result
 
 
-def tp_thread_binding(tp: int) -> dict[str, str]:
-    """The environment a ``tp``-rank CPU engine needs on a machine with fewer NUMA nodes than ranks: vLLM's
-    automatic binding gives each rank a NUMA node and refuses otherwise, so bind rank r to this process's
-    allowed CPUs in turn (``VLLM_CPU_OMP_THREADS_BIND``: one CPU list per rank, "|"-separated)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(cpus[r % len(cpus)]) for r in range(tp))}
-
-
 class EngineFailed(RuntimeError):
     """The engine process exited with an error; the message holds the tail of its output."""
 

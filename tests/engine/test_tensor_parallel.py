@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import engine_result, tp_thread_binding
+from vllm_dar.vllm_engine import cpu_thread_binding
+
+from .helpers import engine_result
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 24
@@ -19,7 +21,7 @@ MAX_TOKENS = 24
 def served(tmp_path, model: str, prompts: list[list[int]], tp: int) -> dict:
     engine = {"tensor_parallel_size": tp, "max_num_batched_tokens": 256}
     return engine_result(tmp_path, model, [prompts], max_tokens=MAX_TOKENS, engine=engine, logprobs=True,
-                         env=tp_thread_binding(tp))
+                         env=cpu_thread_binding(tp))
 
 
 def assert_same_model(one: dict, many: dict) -> None:

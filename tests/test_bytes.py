@@ -161,12 +161,12 @@ def test_one_tensor_parallel_rank_by_hand(head_sharing):
     shape = ModelShape(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     cfg = DarConfig(shape=shape, window=(4, 0), key_rank=(2, 5), value_rank=(3, 1), sink_tokens=1,
                     head_sharing=head_sharing)
-    L, far = 100, cfg.far_elems_per_token() * 100
-    window = cfg.kv_elems(L) - far
-    shards = 2 if head_sharing == "per_head" else 1
-    assert cfg.far_shards(2) == shards and cfg.far_shards(1) == 1
-    assert cfg.rank_kv_bytes_per_token(L, 4, 2) == (window / 2 + far / shards) * 4 / L
-    assert cfg.rank_kv_bytes_per_token(L, 4, 1) == cfg.kv_bytes_per_token(L, 4)
+    # 100 tokens: full width (5 + 1) x 32 elements = 192 in all, half on each rank; far (5 + 6) x 100 per group,
+    # two groups split over the ranks (per head) or one group whole on each (joint): 1100 a rank either way.
+    assert cfg.far_shards(2) == (2 if head_sharing == "per_head" else 1) and cfg.far_shards(1) == 1
+    assert cfg.rank_kv_bytes_per_token(100, 4, 2) == (96 + 1100) * 4 / 100
+    assert cfg.rank_kv_bytes_per_token(100, 4, 1) == cfg.kv_bytes_per_token(100, 4) == ((192 + 1100 * (
+        2 if head_sharing == "per_head" else 1)) * 4 / 100)
 
 
 def test_plugin_summary_line_is_the_byte_model():

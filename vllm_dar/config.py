@@ -91,12 +91,14 @@ def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int
     ``slot_elems``: K + V elements of a full-width token slot; ``far_slot_elems``: of a reduced one, per layer.
     Where a reduced slot is wider than a full-width one (a joint group under tensor parallelism: the whole
     group's reduced K/V beside one rank's heads), the page is ``window_block`` of the widest reduced slots
-    instead, and vLLM pads the window pages to it. Exact fit is ``window_block * slot_elems / far`` tokens (64 at
+    instead, and vLLM brings the window pages to it (a larger window block where the page is a multiple of
+    theirs, else padded pages). Exact fit is ``window_block * slot_elems / far`` tokens (64 at
     ranks 16/16 of 64), rounded down to
     ``window_block * m`` with ``m`` a divisor of ``_block_lcm(window_block)``: the prefix-cache hash unit stays
     the window block, and the blocks of any mix of layers have a least common multiple (vLLM's prefix-cache hit
-    alignment) of at most ``MAX_HIT_ALIGNMENT`` tokens. Each layer's block depends on its own ranks only, so the
-    calibrated schedule can price a layer's pages alone.
+    alignment) of at most ``MAX_HIT_ALIGNMENT`` tokens. Without tensor parallelism (no reduced slot is wider than a
+    full one) each layer's block depends on its own ranks only, so the calibrated schedule can price a layer's
+    pages alone.
     """
     n = _block_lcm(window_block)
     multiples = [m for m in range(1, n + 1) if n % m == 0]
@@ -110,7 +112,8 @@ def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int
 
 def reserved_far_elems(context: int, window_block: int, slot_elems: int, far_slot_elems: int) -> int:
     """Elements one layer's far cache reserves for a ``context``-token request: whole pages of
-    ``far_block_sizes`` tokens, each the bytes of a window page (``window_block`` slots of ``slot_elems``)."""
+    ``far_block_sizes`` tokens, each the bytes of a window page (``window_block`` slots of ``slot_elems``; one
+    process: ``far_slot_elems <= slot_elems``)."""
     far_block = far_block_sizes(window_block, slot_elems, [far_slot_elems])[0]
     return -(-context // far_block) * window_block * slot_elems
 

@@ -67,8 +67,9 @@ def domain_split(name: str) -> tuple[list[str], list[str]]:
 
 
 def mixed_train_files(names: list[str] | None = None) -> list[str]:
-    """The training parts of ``names`` (default: every trained domain), interleaved file by file, so that a
-    token budget taken from the front (``token_windows``) draws from every domain."""
+    """The training parts of ``names`` (default: every trained domain), interleaved file by file while every
+    domain has files left, then the rest of the longer ones in turn: a token budget taken from the front
+    (``token_windows``) draws from every domain."""
     names = names or [n for n, d in DOMAINS.items() if d.trained]
     parts = [domain_split(n)[0] for n in names]
     return [f for group in zip(*parts) for f in group] + [f for part in parts for f in part[min(map(len, parts)):]]

@@ -4,7 +4,8 @@ must equal the same model's in one process without Ray, at TP 1 and TP 3 (SmolLM
 
 The two Ray runs take the patch's two routes: engine-core process (``processes``: the executor class arrives
 pickled, so its module is already imported when the plugin loads) and one process (``Executor.get_class``
-resolves it after the plugin loaded). Needs ``ray`` (not a dependency of vllm-dar): skipped without it.
+resolves it after the plugin loaded). Needs ``ray``, an optional dependency (``vllm-dar[ray]``) that
+``scripts/setup.sh`` installs: skipped without it.
 """
 from __future__ import annotations
 

@@ -156,7 +156,8 @@ def write_across_ranks(ops: DarOps, key: torch.Tensor, value: torch.Tensor, *, w
     reduced K/V, the sum over the ranks of each one's partial projection (``proj``: its rows of the group's
     ``k_down`` / ``v_down``, ``shard_projections``), in fp32, then stored as ``write_slots`` stores them (FP8
     caches quantized). ``all_reduce``: [T, 1, rk + rv] fp32 -> the sum over the ranks, a collective every rank
-    calls once per layer and step, in the same order."""
+    calls once per layer and step, in the same order. The op, given no far slots, still reduces the K/V it does
+    not store: the reduction runs twice (a window-only write mode would save it)."""
     ops.write(key, value, window_cache=window_cache, window_slots=window_slots, far_cache=far_cache,
               far_slots=torch.full_like(far_slots, -1), proj=proj, k_scale=k_scale, v_scale=v_scale)
     rk = proj.k_down.shape[-1]
@@ -209,6 +210,11 @@ class DarImplMixin:
                                                     sink_tokens=lay.sink_tokens)
         layer.attn_backend = self.window_backend
         ops = select_ops(self.ops_kind)
+        all_reduce_far = model.cfg.far_shards(tp_size) != tp_size
+        if all_reduce_far and ops.name == "triton":
+            raise DarConfigError(f"vllm-dar: tensor_parallel_size={tp_size} with joint projections: the ranks' "
+                                 "far-cache write (write_across_ranks) synchronises with the host, which CUDA graphs "
+                                 "cannot capture; convert with --head-sharing per_head for tensor parallelism on GPUs")
         cache_dtype = KV_CACHE_DTYPES[vc.cache_config.cache_dtype]
         if cache_dtype is not None and ops.name == "triton":
             raise DarConfigError(f"vllm-dar: kv_cache_dtype={vc.cache_config.cache_dtype!r}: the DAR Triton "
@@ -224,7 +230,7 @@ class DarImplMixin:
         device = layer._k_scale.device  # the layer's buffers live where its KV cache will (the worker's device)
         return DarLayer(index=index, far_name=far_name, window=lay.window, sink_tokens=lay.sink_tokens,
                         proj=PagedProjections.from_layer(proj, self.num_heads).to(device), ops=ops,
-                        cache_dtype=cache_dtype, all_reduce_far=model.cfg.far_shards(tp_size) != tp_size)
+                        cache_dtype=cache_dtype, all_reduce_far=all_reduce_far)
 
     def _caches(self, window_cache: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's (window cache, far cache), as the ops read them (FP8 views of vLLM's uint8 tensors);

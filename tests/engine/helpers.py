@@ -60,17 +60,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
-    """Poll ``url`` until it answers; fail if ``server`` exits first or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"vllm serve exited with {server.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            time.sleep(2)
-    raise TimeoutError(f"vllm serve not ready after {timeout:.0f} s")
+def start_server(model: str, log, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """``vllm serve MODEL *args`` on a free port of 127.0.0.1, in its own session (``stop_server``), its output in
+    the file ``log``; this process's environment with 1 GiB of KV (``VLLM_CPU_KVCACHE_SPACE``) and ``env``.
+    Returns (process, port)."""
+    port = free_port()
+    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", model, "--host", "127.0.0.1", "--port",
+           str(port), *args]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
+    return proc, port
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float, log=None) -> None:
+    """Poll ``url`` until it answers; fail if ``server`` exits first or ``timeout`` seconds pass (with ``log``, the
+    file of the server's output: the test fails with its tail)."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert server.poll() is None, f"vllm serve exited with {server.returncode}"
+            try:
+                with urllib.request.urlopen(url, timeout=5):
+                    return
+            except OSError:
+                time.sleep(2)
+        raise TimeoutError(f"vllm serve not ready after {timeout:.0f} s")
+    except (AssertionError, TimeoutError) as e:
+        if log is None:
+            raise
+        import pytest
+
+        with open(log) as f:
+            pytest.fail(f"{e}\n--- server log (tail) ---\n{f.read()[-6000:]}")
 
 
 def stop_server(server: subprocess.Popen) -> None:

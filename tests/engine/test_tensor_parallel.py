@@ -53,29 +53,18 @@ def test_vllm_serve_at_tp3(dar_smol_pyramid, doc_tokens, tmp_path):
     """``vllm serve --tensor-parallel-size 3`` on the joint model (vLLM's default processes: API server, engine
     core, one worker per rank): a completion of a prompt several windows long equals the Hugging Face DAR
     reference token for token."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from openai import OpenAI
 
     from vllm_dar.evaluate import greedy, load_for_eval
 
-    from .helpers import free_port, stop_server, wait_ready
+    from .helpers import start_server, stop_server, wait_ready
 
-    prompt, port, log = doc_tokens[100:500], free_port(), tmp_path / "serve.log"
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", dar_smol_pyramid, "--host", "127.0.0.1", "--port",
-           str(port), "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.5",
-           "--tensor-parallel-size", "3"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **cpu_thread_binding(3)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    prompt, log = doc_tokens[100:500], tmp_path / "serve.log"
+    proc, port = start_server(dar_smol_pyramid, log, "--dtype", "float32", "--max-model-len", "1024",
+                              "--gpu-memory-utilization", "0.5", "--tensor-parallel-size", "3",
+                              env=cpu_thread_binding(3))
     try:
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
-        except (AssertionError, TimeoutError) as e:
-            pytest.fail(f"{e}\n--- server log (tail) ---\n{log.read_text()[-6000:]}")
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600, log=log)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300)
         out = client.completions.create(model=dar_smol_pyramid, prompt=prompt, max_tokens=16, temperature=0,
                                         extra_body={"return_token_ids": True, "ignore_eos": True})

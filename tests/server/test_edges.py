@@ -10,17 +10,14 @@ Preemption: a third, DAR server whose KV pool holds fewer blocks than four concu
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from engine.helpers import free_port, stop_server, wait_ready
+from engine.helpers import start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 MAX_LEN = 512
 W = 64  # dar_smol's window
 # The small-KV server's pool, in blocks (one 512-token request needs ~17). With 4 x 300-token prompts vLLM
@@ -48,13 +45,9 @@ class Api:
 
 def start(model: str, log: Path, *extra: str) -> tuple[subprocess.Popen, Api]:
     """``vllm serve`` in its own session (fp32, eager: no minutes of torch.compile per server in a test)."""
-    port = free_port()
-    cmd = [str(BIN / "vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", str(MAX_LEN), "--seed", "0", "--enforce-eager",
-           "--disable-access-log-for-endpoints", "/health,/metrics", *extra]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc, port = start_server(model, log, "--dtype", "float32", "--max-model-len", str(MAX_LEN), "--seed", "0",
+                              "--enforce-eager", "--disable-access-log-for-endpoints", "/health,/metrics", *extra,
+                              env={"HF_HUB_OFFLINE": "1"})
     return proc, Api(port, model, log)
 
 
@@ -63,10 +56,7 @@ def served(**servers: tuple[subprocess.Popen, Api]):
     """Wait for every started server (they start together), yield {name: Api}, check none died, stop all."""
     try:
         for proc, api in servers.values():
-            try:
-                wait_ready(f"{api.base}/health", proc, timeout=900)
-            except (AssertionError, TimeoutError) as e:
-                pytest.fail(f"{e}\n--- server log (tail) ---\n{api.log.read_text()[-6000:]}")
+            wait_ready(f"{api.base}/health", proc, timeout=900, log=api.log)
         yield {name: api for name, (_, api) in servers.items()}
         for proc, api in servers.values():
             assert proc.poll() is None, f"the server died: {api.log.read_text()[-6000:]}"

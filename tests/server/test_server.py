@@ -5,16 +5,12 @@ than the window; chat must answer, and streaming must concatenate to the non-str
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from engine.helpers import free_port, stop_server, wait_ready
+from engine.helpers import start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 MAX_TOKENS = 16
 PROMPT_TOKENS = 200  # > the window (64): the far cache is in play
 CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
@@ -31,17 +27,9 @@ class Server:
 @pytest.fixture(scope="module")
 def server(dar_smol, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    port = free_port()
-    cmd = [str(BIN / "vllm"), "serve", dar_smol, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "1024", "--gpu-memory-utilization", "0.5"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc, port = start_server(dar_smol, log, "--max-model-len", "1024", "--gpu-memory-utilization", "0.5")
     try:
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
-        except (AssertionError, TimeoutError) as e:
-            pytest.fail(f"{e}\n--- server log (tail) ---\n{log.read_text()[-6000:]}")
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600, log=log)
         yield Server(dar_smol, port, log)
     finally:
         stop_server(proc)

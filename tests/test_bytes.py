@@ -190,3 +190,33 @@ def test_plugin_summary_line_is_the_byte_model():
             f"{SMOLLM2.kv_bytes_per_token(4)} full (")
     assert want in line, line
     assert re.search(rf"far cache alone {cfg.far_elems_per_token() * 4} bytes/token", line)
+
+
+def test_far_cache_in_fp8_by_hand():
+    """``--kv-cache-dtype fp8`` stores the far cache at one byte per element beside a window cache in the model
+    dtype (vllm_dar.kv_dtype.cache_dtypes): held and read bytes count each cache at its own width."""
+    shape = ModelShape(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = DarConfig(shape=shape, window=(4, 0), key_rank=(2, 5), value_rank=(3, 1), sink_tokens=1)
+    # 100 tokens: full width (5 + 1) x 32 = 192 elements at 4 bytes; far (10 + 12) x 100 = 2200 at 1 byte.
+    assert cfg.kv_bytes_per_token(100, 4, 1) == (192 * 4 + 2200) / 100
+    assert cfg.kv_bytes_per_token(100, 4) == (192 + 2200) * 4 / 100
+    assert cfg.rank_kv_bytes_per_token(100, 4, 2, 1) == (96 * 4 + 1100) / 100
+    # A decode step reads the sinks + window at full width (5 + 1 positions) and the far rest: 95 x 10 + 99 x 12.
+    b = cfg.decode_bytes(100, 4, 1)
+    assert (b.dar, b.full) == (192 * 4 + 95 * 10 + 99 * 12, shape.kv_elems(100) * 4)
+
+
+def test_fp8_window_flag_chooses_the_cache_dtypes(monkeypatch):
+    """The far cache alone is FP8 unless VLLM_DAR_FP8_WINDOW=1; a bad value is refused by name."""
+    from vllm_dar.kv_dtype import cache_dtypes
+
+    monkeypatch.delenv("VLLM_DAR_FP8_WINDOW", raising=False)
+    assert cache_dtypes("auto") == (None, None)
+    assert cache_dtypes("fp8") == (None, torch.float8_e4m3fn)
+    assert cache_dtypes("fp8_e5m2") == (None, torch.float8_e5m2)
+    monkeypatch.setenv("VLLM_DAR_FP8_WINDOW", "1")
+    assert cache_dtypes("fp8_e4m3") == (torch.float8_e4m3fn, torch.float8_e4m3fn)
+    assert cache_dtypes("auto") == (None, None)
+    monkeypatch.setenv("VLLM_DAR_FP8_WINDOW", "yes")
+    with pytest.raises(ValueError, match="VLLM_DAR_FP8_WINDOW='yes': expected 0 or 1"):
+        cache_dtypes("fp8")

@@ -88,7 +88,9 @@ MAX_HIT_ALIGNMENT = 1024  # tokens: the far blocks' least common multiple, vLLM'
 def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int]) -> list[int]:
     """Tokens per far-cache block of each layer, so that every page holds one window page's bytes.
 
-    ``slot_elems``: K + V elements of a full-width token slot; ``far_slot_elems``: of a reduced one, per layer.
+    ``slot_elems``: K + V elements of a full-width token slot; ``far_slot_elems``: of a reduced one, per layer
+    (both in bytes instead where the caches' dtypes differ: a far cache in FP8 beside a window in the model dtype,
+    ``vllm_dar.kv_dtype.cache_dtypes``).
     Where a reduced slot is wider than a full-width one (a joint group under tensor parallelism: the whole
     group's reduced K/V beside one rank's heads), the page is ``window_block`` of the widest reduced slots
     instead, and vLLM brings the window pages to it (a larger window block where the page is a multiple of
@@ -306,21 +308,24 @@ class DarConfig:
         """``kv_elems`` over what full attention holds for the same sequence."""
         return self.kv_elems(context) / self.shape.kv_elems(context)
 
-    def kv_bytes_per_token(self, context: int, itemsize: int) -> float:
+    def kv_bytes_per_token(self, context: int, itemsize: int, far_itemsize: int | None = None) -> float:
         """Bytes the DAR caches hold per token of a ``context``-token sequence, at ``itemsize`` bytes per
-        element (the dtype the engine caches K/V in)."""
-        return self.kv_elems(context) * itemsize / context
+        element of the window cache and ``far_itemsize`` (default ``itemsize``) of the far cache (the dtypes the
+        engine caches K/V in: ``vllm_dar.kv_dtype.cache_dtypes``)."""
+        return self.rank_kv_bytes_per_token(context, itemsize, 1, far_itemsize)
 
     def far_shards(self, tp_size: int) -> int:
         """Ranks the far caches are split over under ``tp_size``-way tensor parallelism: ``tp_size`` when each
         rank owns whole projection groups; 1 when one group spans the ranks (``joint``: replicated)."""
         return tp_size if self.groups % tp_size == 0 else 1
 
-    def rank_kv_bytes_per_token(self, context: int, itemsize: int, tp_size: int) -> float:
+    def rank_kv_bytes_per_token(self, context: int, itemsize: int, tp_size: int,
+                                far_itemsize: int | None = None) -> float:
         """``kv_bytes_per_token`` as one of ``tp_size`` tensor-parallel ranks holds it (module docstring)."""
         far = context * self.far_elems_per_token()
         window = self.kv_elems(context) - far
-        return (window / tp_size + far / self.far_shards(tp_size)) * itemsize / context
+        far_itemsize = itemsize if far_itemsize is None else far_itemsize
+        return (window * itemsize / tp_size + far * far_itemsize / self.far_shards(tp_size)) / context
 
     def reserved_fraction(self, context: int, block_size: int = PRICED_BLOCK_SIZE) -> float:
         """What the caches reserve for one ``context``-token request at ``block_size``-token window blocks, over
@@ -335,14 +340,18 @@ class DarConfig:
         """Reduced K/V elements the far caches hold per token, all layers."""
         return sum(self.layer(i).reduced_elems() for i in range(self.shape.num_layers))
 
-    def decode_bytes(self, context: int, itemsize: int) -> DecodeBytes:
+    def decode_bytes(self, context: int, itemsize: int, far_itemsize: int | None = None) -> DecodeBytes:
         """Bytes one decode step moves for a sequence at ``context`` tokens (the fresh one included), caches
-        of ``itemsize`` bytes per element, all layers (module docstring)."""
+        of ``itemsize`` bytes per element (the far cache ``far_itemsize``, default the same), all layers
+        (module docstring); ``full`` is full attention at ``itemsize``."""
         s = self.shape
         layers = [self.layer(i) for i in range(s.num_layers)]
         heads = s.num_heads + s.num_kv_heads  # Q_h, U_h per query head; K_g, V_g: G groups of J D / G inputs
         proj = sum(heads * s.head_dim * (lay.key_rank + lay.value_rank) for lay in layers)
-        return DecodeBytes(dar=sum(lay.read_elems(context) for lay in layers) * itemsize,
+        far_itemsize = itemsize if far_itemsize is None else far_itemsize
+        read = [(lay.read_elems(context), (context - lay.full_positions(context)) * lay.reduced_elems())
+                for lay in layers]  # (all, far) elements read
+        return DecodeBytes(dar=sum((n - far) * itemsize + far * far_itemsize for n, far in read),
                            full=s.kv_elems(context) * itemsize, projections=proj * PROJECTION_ITEMSIZE)
 
     # ---- (de)serialisation ----

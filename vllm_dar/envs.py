@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     VLLM_DAR_OPS: str = "cpp"
     VLLM_DAR_CPU_BACKEND: str = "dar"
     VLLM_DAR_BLOCK_SIZE: int = 16
+    VLLM_DAR_FP8_WINDOW: bool = False
     VLLM_DAR_SKIP_VERSION_CHECK: bool = False
     VLLM_DAR_MODEL: str | None = None
     VLLM_DAR_TEST_MODEL: str | None = None
@@ -78,6 +79,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # Tokens per window-cache block of a DAR model when --block-size is not given (the CPU platform's default of
     # 128 would hold up to 3 x 128 full-width slots per request). The far cache's block size follows from it.
     "VLLM_DAR_BLOCK_SIZE": lambda: _positive_int("VLLM_DAR_BLOCK_SIZE", 16),
+    # 1: with --kv-cache-dtype fp8*, store the window cache (full-width K/V) in FP8 too, not only the far cache
+    # (vllm_dar.kv_dtype.cache_dtypes: more capacity, about +1.5% perplexity instead of +0.1%).
+    "VLLM_DAR_FP8_WINDOW": lambda: _flag("VLLM_DAR_FP8_WINDOW"),
     # 1: serve with a vLLM outside the supported range (vllm_dar.versions.SUPPORTED_VLLM) without refusing.
     "VLLM_DAR_SKIP_VERSION_CHECK": lambda: _flag("VLLM_DAR_SKIP_VERSION_CHECK"),
     # Benchmarks: the source (full-attention) checkpoint, when --model is not given; unset: the embedded default

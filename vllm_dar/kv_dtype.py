@@ -1,11 +1,17 @@
 """The KV cache dtypes a DAR model is served with, and how an FP8 cache stores a value (one place for both).
 
-``--kv-cache-dtype`` (vLLM's ``cache_config.cache_dtype``) chooses the storage of both DAR caches, the window
-cache (full-width K/V) and the far cache (reduced K/V):
+``--kv-cache-dtype`` (vLLM's ``cache_config.cache_dtype``) chooses the storage of the far cache (reduced K/V of
+every token) and, with ``VLLM_DAR_FP8_WINDOW=1``, of the window cache (full-width K/V of the sinks and the
+window) too (``cache_dtypes``):
 
 ``auto``                 the model dtype (fp32, bf16, fp16), values stored as they are;
 ``fp8`` / ``fp8_e4m3``    ``torch.float8_e4m3fn`` (3 mantissa bits, largest 448);
 ``fp8_e5m2``             ``torch.float8_e5m2`` (2 mantissa bits, largest 57344).
+
+Why the window stays in the model dtype by default: full-width K/V in FP8 cost DAR what they cost stock vLLM
+(about +1.5% perplexity with e4m3), the far cache's reduced K/V a tenth of that, and at long context the far
+cache holds most of the bytes (README, "FP8 KV caches"). ``VLLM_DAR_FP8_WINDOW=1`` trades that quality for the
+window's bytes.
 
 vLLM allocates an FP8 cache as ``uint8``; the plugin views it as the FP8 dtype. An FP8 cache stores
 ``saturate(x / scale)`` rounded to nearest even, with the layer's ``k_scale`` for keys and reduced keys and its
@@ -20,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vllm_dar import envs
+
 # vLLM's --kv-cache-dtype -> the torch dtype DAR caches hold (None: the model dtype).
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -28,6 +36,13 @@ KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
     "fp8_e5m2": torch.float8_e5m2,
 }
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def cache_dtypes(kv_cache_dtype: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(window cache, far cache) dtypes for vLLM's ``--kv-cache-dtype`` (a key of ``KV_CACHE_DTYPES``; None: the
+    model dtype): an FP8 dtype stores the far cache, and the window cache too under ``VLLM_DAR_FP8_WINDOW=1``."""
+    far = KV_CACHE_DTYPES[kv_cache_dtype]
+    return (far if far is not None and envs.VLLM_DAR_FP8_WINDOW else None), far
 
 
 def is_fp8(dtype: torch.dtype) -> bool:

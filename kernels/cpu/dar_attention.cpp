@@ -13,8 +13,9 @@
 //    far block is prefetched into L2 while this one computes.
 // bf16 and FP8 caches are widened to fp32 on load (FP8 times the layer's k_scale / v_scale); all arithmetic is
 // fp32; the output is written in the query dtype. The vector paths are written once against simd16.h's 16-lane
-// type (AVX-512, or AVX2 + FMA + F16C); FP8 caches need the vector full-width path (D a multiple of 16, at most
-// 128). vLLM's own CPU FP8 cache needs AVX-512; this op reads FP8 with AVX2 too.
+// type (AVX-512, or AVX2 + FMA + F16C); an FP8 window cache needs the vector full-width path (D a multiple of 16,
+// at most 128), an FP8 far cache alone reads anywhere. vLLM's own CPU FP8 cache needs AVX-512; this op reads FP8
+// with AVX2 too.
 
 #include <ATen/Parallel.h>
 
@@ -193,15 +194,16 @@ static AccumulateFn accumulate_for(int64_t rv) {
 // wcache [NBw, J, Bw, 2D] (block stride wbs) + wtable [R, mw]; fcache [NBf, G, Bf, rk + rv] (block stride fbs)
 // + ftable [R, mf]: each block dense, blocks possibly padded (vLLM pads pages of per-layer ranks); qsl [R + 1],
 // lens [R] (offsets and block tables int32, vLLM's own); q_proj [H, D, rk], v_up [H, rv, D] fp32.
-// Caches in CT: T itself, or an FP8 type whose elements are read times ks (keys) or vs (values).
-template <typename T, typename CT> struct Args {
+// Window cache in WT, far cache in FT: T itself, or an FP8 type whose elements are read times ks (keys) or vs
+// (values); the pairs are dispatch_with_caches's.
+template <typename T, typename WT, typename FT> struct Args {
   const T *q, *k, *v;
   T* out;
   int64_t q_st, kv_st, out_st;
-  const CT* wcache;
+  const WT* wcache;
   const int32_t* wtable;
   int64_t mw, wbs;
-  const CT* fcache;
+  const FT* fcache;
   const int32_t* ftable;
   int64_t mf, fbs;
   const int32_t *qsl, *lens;
@@ -380,8 +382,8 @@ static void rows_chunk_any(int64_t nc, int64_t n, const int64_t* rows, const M16
 // entries) go through rows_chunk, several at a time: scores, masks, online softmax (m, l, acc_f) once per chunk
 // and row. Positions: the sinks below the item's first window
 // start lo_min, then [lo_min, t_last]; row (query at t, window start lo) sees p <= t with p >= lo or p < S.
-template <typename T, typename CT>
-static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, int64_t c0,
+template <typename T, typename WT, typename FT>
+static void full_width_blocked(const Args<T, WT, FT>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, int64_t c0,
                                const float* qf, const int64_t* lo_row, float* m, float* l, float* acc_f,
                                float* kt, float* vb, int64_t* act, M16* actvis) {
   const int64_t D = a.D, hpg = a.H / a.G, rep = a.H / a.J, jpg = a.J / a.G, nd = D / 16;
@@ -400,7 +402,7 @@ static void full_width_blocked(const Args<T, CT>& a, int64_t r, int64_t g, int64
   const int64_t head_step = Bw * 2 * D;  // from a KV head's rows to the next one's in a window block
   alignas(64) int32_t pbuf[16];
   int64_t off[16];
-  const CT* kc[16];  // a cached position's key row (its value row follows at + D), or
+  const WT* kc[16];  // a cached position's key row (its value row follows at + D), or
   const T* kf[16];  // a chunk position's own key
   for (int64_t i0 = 0; i0 < np; i0 += 16) {
     const int64_t n = std::min<int64_t>(16, np - i0);
@@ -468,10 +470,10 @@ static void widen_fp8(const CT* src, int64_t ns, int64_t rk, int64_t rv, float k
 }
 
 // The full-width part of one row (query at t of request r, KV head j, window start lo), one position at a time:
-// the path where full_width_blocked does not run (no AVX-512 or AVX2, or D not a multiple of 16 up to 128). Caches and
-// chunk in one type T (FP8 caches need full_width_blocked).
-template <typename T, int HD>
-static void full_width_row(const Args<T, T>& a, int64_t r, int64_t row, int64_t j, int64_t t, int64_t lo,
+// the path where full_width_blocked does not run (no AVX-512 or AVX2, or D not a multiple of 16 up to 128). Window
+// cache and chunk in one type T (an FP8 window cache needs full_width_blocked).
+template <typename T, typename FT, int HD>
+static void full_width_row(const Args<T, T, FT>& a, int64_t r, int64_t row, int64_t j, int64_t t, int64_t lo,
                            int64_t c0, const float* qf, Scratch& w) {
   const int64_t D = HD ? HD : a.D;
   int64_t n = 0;
@@ -508,8 +510,8 @@ static void full_width_row(const Args<T, T>& a, int64_t r, int64_t row, int64_t 
 
 // One work item: request r, projection group g, queries q0 .. q0 + qn - 1 of its chunk; a row is (query, head).
 // HD: head_dim as a compile-time constant (0: read from Args), so the full-width loops unroll.
-template <typename T, typename CT, int HD>
-static void run_item(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, Scratch& w) {
+template <typename T, typename WT, typename FT, int HD>
+static void run_item(const Args<T, WT, FT>& a, int64_t r, int64_t g, int64_t q0, int64_t qn, Scratch& w) {
   const int64_t rk = a.rk, rv = a.rv, D = HD ? HD : a.D;
   const int64_t ldq = (rk + 15) / 16 * 16;  // reduced-query stride: whole rank tiles, zero-padded
   const AccumulateFn accumulate = accumulate_for(rv), project = accumulate_for(rk), project_d = accumulate_for(D);
@@ -530,8 +532,9 @@ static void run_item(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int
 #else
   const bool blocked = false;
 #endif
-  constexpr bool same = std::is_same<T, CT>::value;  // the scalar full-width path reads caches and chunk alike
-  TORCH_CHECK(same || blocked, "dar_attention: FP8 caches need AVX-512 or AVX2 and head_dim a multiple of 16, <= 128");
+  constexpr bool same = std::is_same<T, WT>::value;  // the scalar full-width path reads window cache and chunk alike
+  TORCH_CHECK(same || blocked,
+              "dar_attention: an FP8 window cache needs AVX-512 or AVX2 and head_dim a multiple of 16, <= 128");
   int64_t max_lo = 0;
   for (int64_t row = 0; row < nrow; ++row) {
     const int64_t qi = row / hpg, h = g * hpg + row % hpg, t = c0 + q0 + qi;
@@ -547,7 +550,7 @@ static void run_item(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int
       w.l[row] = 0.f;
       continue;
     }
-    if constexpr (same) full_width_row<T, HD>(a, r, row, h / rep, t, lo, c0, qf, w);
+    if constexpr (same) full_width_row<T, FT, HD>(a, r, row, h / rep, t, lo, c0, qf, w);
   }
 #ifdef DAR_SIMD16
   if (blocked)
@@ -563,18 +566,18 @@ static void run_item(const Args<T, CT>& a, int64_t r, int64_t g, int64_t q0, int
     const int64_t s0 = std::max(a.sinks, b * Bf), s1 = std::min(max_lo, (b + 1) * Bf), ns = s1 - s0;
     if (ns <= 0) continue;
     // The block's rows [ns, C]: read in place when fp32, widened into scratch when bf16 or FP8 (times the scales).
-    const CT* src = a.fcache + a.ftable[r * a.mf + b] * a.fbs + (g * Bf + s0 % Bf) * C;
+    const FT* src = a.fcache + a.ftable[r * a.mf + b] * a.fbs + (g * Bf + s0 % Bf) * C;
     // The next block's rows, while this one computes (block ids jump, so the hardware prefetcher cannot), into
     // L2 (prefetcht2): prefetching into L1 stalls on the line-fill buffers.
     if ((b + 1) * Bf < max_lo) {
       const char* nx = reinterpret_cast<const char*>(a.fcache + a.ftable[r * a.mf + b + 1] * a.fbs + g * Bf * C);
-      const int64_t bytes = std::min(Bf, max_lo - (b + 1) * Bf) * C * static_cast<int64_t>(sizeof(CT));
+      const int64_t bytes = std::min(Bf, max_lo - (b + 1) * Bf) * C * static_cast<int64_t>(sizeof(FT));
       for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(nx + o, 0, 1);
     }
     const float* rows = w.rows.data();  // [ns, C] fp32: the cache rows themselves when it is fp32
-    if constexpr (std::is_same<CT, float>::value) {
+    if constexpr (std::is_same<FT, float>::value) {
       rows = src;
-    } else if constexpr (is_fp8<CT>) {
+    } else if constexpr (is_fp8<FT>) {
       widen_fp8(src, ns, rk, rv, a.ks, a.vs, w.rows.data());
     } else {
 #pragma omp simd
@@ -641,8 +644,6 @@ static void check_attention_args(const torch::Tensor& q, const torch::Tensor& k,
   for (const auto* x : {&k, &v, &out})
     TORCH_CHECK(x->scalar_type() == dt, "dar_attention: key, value and output must be in the query dtype ", dt,
                 ", got ", x->scalar_type());
-  TORCH_CHECK(fcache.scalar_type() == wcache.scalar_type(), "dar_attention: window_cache and far_cache must share "
-              "one dtype, got ", wcache.scalar_type(), " and ", fcache.scalar_type());
   TORCH_CHECK(q_proj.scalar_type() == at::kFloat && v_up.scalar_type() == at::kFloat,
               "dar_attention: q_proj and v_up must be fp32");
   for (const auto* x : {&qsl, &lens, &wtable, &ftable})
@@ -679,8 +680,8 @@ static void check_attention_args(const torch::Tensor& q, const torch::Tensor& k,
 
 // query [T, H, D], key / value [T, J, D] (the scheduled tokens, any token stride), output [T, H, D];
 // query_start_loc [R + 1], seq_lens [R]; window_cache [NBw, J, Bw, 2D] + window_table [R, mw];
-// far_cache [NBf, G, Bf, rk + rv] + far_table [R, mf]; q_proj [H, D, rk], v_up [H, rv, D] fp32; both caches in
-// the query dtype, or both in one FP8 dtype read times k_scale (keys) / v_scale (values).
+// far_cache [NBf, G, Bf, rk + rv] + far_table [R, mf]; q_proj [H, D, rk], v_up [H, rv, D] fp32; caches in the
+// pairs of dtypes dispatch_with_caches takes, FP8 ones read times k_scale (keys) / v_scale (values).
 // rows_per_item: (query, head) rows per work item (the queries of a tile times the heads of a group).
 void dar_attention(const torch::Tensor& q, const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& out,
                    const torch::Tensor& qsl, const torch::Tensor& lens, const torch::Tensor& wcache,
@@ -711,13 +712,14 @@ void dar_attention(const torch::Tensor& q, const torch::Tensor& key, const torch
   for (int64_t r = 0; r < R; ++r)
     for (int64_t q0 = 0; q0 < int64_t{qs[r + 1]} - qs[r]; q0 += qt)
       for (int64_t g = 0; g < G; ++g) items.push_back({r, g, q0, std::min(qt, int64_t{qs[r + 1]} - qs[r] - q0)});
-  auto run = [&](auto zero, auto cache_zero) {
+  auto run = [&](auto zero, auto window_zero, auto far_zero) {
     using scalar_t = decltype(zero);
-    using cache_t = decltype(cache_zero);
-    Args<scalar_t, cache_t> a{
+    using window_t = decltype(window_zero);
+    using far_t = decltype(far_zero);
+    Args<scalar_t, window_t, far_t> a{
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-        q.stride(0), k.stride(0), out.stride(0), wcache.data_ptr<cache_t>(), wtable.data_ptr<int32_t>(),
-        wtable.stride(0), wcache.stride(0), fcache.data_ptr<cache_t>(), ftable.data_ptr<int32_t>(),
+        q.stride(0), k.stride(0), out.stride(0), wcache.data_ptr<window_t>(), wtable.data_ptr<int32_t>(),
+        wtable.stride(0), wcache.stride(0), fcache.data_ptr<far_t>(), ftable.data_ptr<int32_t>(),
         ftable.stride(0), fcache.stride(0), qs, lens.data_ptr<int32_t>(), q_proj.data_ptr<float>(),
         v_up.data_ptr<float>(), q.size(1), k.size(1), G, q.size(2), q_proj.size(2), v_up.size(1), wcache.size(2),
         fcache.size(2), window, sinks, static_cast<float>(scale), static_cast<float>(k_scale),
@@ -728,13 +730,13 @@ void dar_attention(const torch::Tensor& q, const torch::Tensor& key, const torch
       for (int64_t i = begin; i < end; ++i) {
         const auto& it = items[i];
         if (d64)
-          run_item<scalar_t, cache_t, 64>(a, it[0], it[1], it[2], it[3], w);
+          run_item<scalar_t, window_t, far_t, 64>(a, it[0], it[1], it[2], it[3], w);
         else
-          run_item<scalar_t, cache_t, 0>(a, it[0], it[1], it[2], it[3], w);
+          run_item<scalar_t, window_t, far_t, 0>(a, it[0], it[1], it[2], it[3], w);
       }
     });
   };
-  dispatch_with_caches(q.scalar_type(), wcache.scalar_type(), "dar_attention", run);
+  dispatch_with_caches(q.scalar_type(), wcache.scalar_type(), fcache.scalar_type(), "dar_attention", run);
 }
 
 }  // namespace vllm_dar

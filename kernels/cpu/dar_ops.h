@@ -56,21 +56,29 @@ inline void dispatch_fp32_bf16(at::ScalarType dtype, const char* op, Run&& run) 
     TORCH_CHECK(false, op, ": fp32 or bf16 only, got ", dtype);
 }
 
-// Calls run(T{}, C{}) with T the element type of the activations (``dtype``: float or at::BFloat16) and C that of
-// the caches (``cache_dtype``: T itself, or an FP8 type); refuses any other pair, naming the op.
+// Calls run(T{}, WT{}, FT{}) with T the element type of the activations (``dtype``: float or at::BFloat16), WT
+// that of the window cache and FT that of the far cache (``window_dtype``, ``far_dtype``): the pairs
+// vllm_dar/kv_dtype.py serves, both T (``auto``), far cache FP8 and window T (``fp8``), or both in one FP8 type
+// (``fp8`` with VLLM_DAR_FP8_WINDOW=1); refuses any other triple, naming the op.
 template <typename Run>
-inline void dispatch_with_caches(at::ScalarType dtype, at::ScalarType cache_dtype, const char* op, Run&& run) {
+inline void dispatch_with_caches(at::ScalarType dtype, at::ScalarType window_dtype, at::ScalarType far_dtype,
+                                 const char* op, Run&& run) {
   dispatch_fp32_bf16(dtype, op, [&](auto zero) {
     using T = decltype(zero);
-    if (cache_dtype == dtype)
-      run(zero, T{});
-    else if (cache_dtype == at::kFloat8_e4m3fn)
-      run(zero, c10::Float8_e4m3fn{});
-    else if (cache_dtype == at::kFloat8_e5m2)
-      run(zero, c10::Float8_e5m2{});
+    if (window_dtype == dtype && far_dtype == dtype)
+      run(zero, T{}, T{});
+    else if (window_dtype == dtype && far_dtype == at::kFloat8_e4m3fn)
+      run(zero, T{}, c10::Float8_e4m3fn{});
+    else if (window_dtype == dtype && far_dtype == at::kFloat8_e5m2)
+      run(zero, T{}, c10::Float8_e5m2{});
+    else if (window_dtype == at::kFloat8_e4m3fn && far_dtype == window_dtype)
+      run(zero, c10::Float8_e4m3fn{}, c10::Float8_e4m3fn{});
+    else if (window_dtype == at::kFloat8_e5m2 && far_dtype == window_dtype)
+      run(zero, c10::Float8_e5m2{}, c10::Float8_e5m2{});
     else
-      TORCH_CHECK(false, op, ": the caches must be in the activations' dtype ", dtype,
-                  " or float8_e4m3fn / float8_e5m2, got ", cache_dtype);
+      TORCH_CHECK(false, op, ": the caches must be both in the activations' dtype ", dtype, ", the far cache in "
+                  "float8_e4m3fn / float8_e5m2 and the window cache in ", dtype, " or the same FP8 dtype; got "
+                  "window ", window_dtype, ", far ", far_dtype);
   });
 }
 

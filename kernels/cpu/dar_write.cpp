@@ -16,29 +16,29 @@ namespace {
 // The cache write of one layer: token t's K/V [J, D] full width into window slot wslots[t], and its reduced
 // K/V (the J / G heads of each group concatenated, times k_down [G, Dg, rk] / v_down [G, Dg, rv], in fp32)
 // into far slot fslots[t]. Slots below one block (vLLM's null block 0, or -1) are skipped, as in
-// vllm_dar.ops.paged.write_slots. Caches: dense blocks, block stride stride(0), element type CT: T itself (copied
-// as it is) or FP8 (store_as: keys with ks, values with vs).
-template <typename T, typename CT>
-static void write_token(const T* k, const T* v, int64_t ws, int64_t fs, CT* wcache, int64_t wbs, int64_t Bw,
-                        CT* fcache, int64_t fbs, int64_t Bf, const float* kd, const float* vd, int64_t J,
+// vllm_dar.ops.paged.write_slots. Caches: dense blocks, block stride stride(0), element types WT (window) and FT
+// (far): T itself (copied as it is) or FP8 (store_as: keys with ks, values with vs).
+template <typename T, typename WT, typename FT>
+static void write_token(const T* k, const T* v, int64_t ws, int64_t fs, WT* wcache, int64_t wbs, int64_t Bw,
+                        FT* fcache, int64_t fbs, int64_t Bf, const float* kd, const float* vd, int64_t J,
                         int64_t D, int64_t G, int64_t rk, int64_t rv, float ks, float vs, float* xf, float* red) {
   if (ws >= Bw) {
-    CT* dst = wcache + (ws / Bw) * wbs + (ws % Bw) * 2 * D;
+    WT* dst = wcache + (ws / Bw) * wbs + (ws % Bw) * 2 * D;
     for (int64_t j = 0; j < J; ++j, dst += Bw * 2 * D) {
-      if constexpr (std::is_same<T, CT>::value) {
+      if constexpr (std::is_same<T, WT>::value) {
         std::memcpy(dst, k + j * D, D * sizeof(T));
         std::memcpy(dst + D, v + j * D, D * sizeof(T));
       } else {
         for (int64_t d = 0; d < D; ++d) {
-          dst[d] = store_as<CT>(f32(k[j * D + d]), ks);
-          dst[D + d] = store_as<CT>(f32(v[j * D + d]), vs);
+          dst[d] = store_as<WT>(f32(k[j * D + d]), ks);
+          dst[D + d] = store_as<WT>(f32(v[j * D + d]), vs);
         }
       }
     }
   }
   if (fs < Bf) return;
   const int64_t Dg = J / G * D, C = rk + rv;
-  CT* dst = fcache + (fs / Bf) * fbs + (fs % Bf) * C;
+  FT* dst = fcache + (fs / Bf) * fbs + (fs % Bf) * C;
   for (int64_t g = 0; g < G; ++g, dst += Bf * C) {
     for (int64_t half = 0; half < 2; ++half) {
       const T* x = (half ? v : k) + g * Dg;
@@ -51,9 +51,9 @@ static void write_token(const T* k, const T* v, int64_t ws, int64_t fs, CT* wcac
 #pragma omp simd
         for (int64_t c = 0; c < r; ++c) red[c] += xi * P[i * r + c];
       }
-      CT* o = dst + (half ? rk : 0);
+      FT* o = dst + (half ? rk : 0);
       const float sc = half ? vs : ks;
-      for (int64_t c = 0; c < r; ++c) o[c] = store_as<CT>(red[c], sc);
+      for (int64_t c = 0; c < r; ++c) o[c] = store_as<FT>(red[c], sc);
     }
   }
 }
@@ -61,8 +61,8 @@ static void write_token(const T* k, const T* v, int64_t ws, int64_t fs, CT* wcac
 }  // namespace
 
 // key / value [T, J, D] (each token's [J, D] contiguous, any token stride); window_cache [NBw, J, Bw, 2D] and
-// far_cache [NBf, G, Bf, rk + rv] (dense blocks, block stride stride(0)), both in the key dtype or both in one FP8
-// dtype (k_scale / v_scale: their scales); window_slots, far_slots [T] int64 flat slots (block * block_size +
+// far_cache [NBf, G, Bf, rk + rv] (dense blocks, block stride stride(0)), in the pairs of dtypes
+// dispatch_with_caches takes (k_scale / v_scale: the FP8 caches' scales); window_slots, far_slots [T] int64 flat slots (block * block_size +
 // offset); k_down [G, Dg, rk], v_down [G, Dg, rv] fp32 contiguous, Dg = J / G * D.
 void dar_write(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& wcache, const torch::Tensor& wslots,
                torch::Tensor& fcache, const torch::Tensor& fslots, const torch::Tensor& k_down,
@@ -74,8 +74,6 @@ void dar_write(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& wc
   const auto dt = k.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "dar_write: key must be fp32 or bf16, got ", dt);
   TORCH_CHECK(v.scalar_type() == dt, "dar_write: value must be in the key dtype ", dt, ", got ", v.scalar_type());
-  TORCH_CHECK(fcache.scalar_type() == wcache.scalar_type(), "dar_write: window_cache and far_cache must share one "
-              "dtype, got ", wcache.scalar_type(), " and ", fcache.scalar_type());
   TORCH_CHECK(k_scale > 0 && v_scale > 0, "dar_write: k_scale and v_scale must be > 0");
   TORCH_CHECK(k_down.scalar_type() == at::kFloat && v_down.scalar_type() == at::kFloat && k_down.is_contiguous() &&
                   v_down.is_contiguous(),
@@ -103,22 +101,24 @@ void dar_write(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& wc
   const int64_t* wsl = wslots.data_ptr<int64_t>();
   const int64_t* fsl = fslots.data_ptr<int64_t>();
   const float ks = static_cast<float>(k_scale), vs = static_cast<float>(v_scale);
-  auto run = [&](auto zero, auto cache_zero) {
+  auto run = [&](auto zero, auto window_zero, auto far_zero) {
     using scalar_t = decltype(zero);
-    using cache_t = decltype(cache_zero);
+    using window_t = decltype(window_zero);
+    using far_t = decltype(far_zero);
     const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
     const int64_t kst = k.stride(0), vst = v.stride(0);
-    cache_t *wc = wcache.data_ptr<cache_t>(), *fc = fcache.data_ptr<cache_t>();
+    window_t* wc = wcache.data_ptr<window_t>();
+    far_t* fc = fcache.data_ptr<far_t>();
     const float *kd = k_down.data_ptr<float>(), *vd = v_down.data_ptr<float>();
     at::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
       std::vector<float> xf(J * D), red(std::max(rk, rv));
       for (int64_t t = begin; t < end; ++t)
-        write_token<scalar_t, cache_t>(kp + t * kst, vp + t * vst, wsl[t], fsl[t], wc, wcache.stride(0), Bw, fc,
-                                       fcache.stride(0), Bf, kd, vd, J, D, G, rk, rv, ks, vs, xf.data(),
-                                       red.data());
+        write_token<scalar_t, window_t, far_t>(kp + t * kst, vp + t * vst, wsl[t], fsl[t], wc, wcache.stride(0),
+                                               Bw, fc, fcache.stride(0), Bf, kd, vd, J, D, G, rk, rv, ks, vs,
+                                               xf.data(), red.data());
     });
   };
-  dispatch_with_caches(k.scalar_type(), wcache.scalar_type(), "dar_write", run);
+  dispatch_with_caches(k.scalar_type(), wcache.scalar_type(), fcache.scalar_type(), "dar_write", run);
 }
 
 }  // namespace vllm_dar

@@ -74,36 +74,56 @@ def test_per_layer_windows_and_joint_sharing(dar_smol_pyramid, doc_tokens, tmp_p
 
 
 def test_fp8_kv_cache(dar_smol_pyramid, doc_tokens, tmp_path):
-    """``kv_cache_dtype="fp8"`` (vllm_dar.kv_dtype): both caches one byte per element, so an fp32 engine's KV
-    capacity is 4x; and the served engine scores text as the FP8 simulation that the README's FP8 quality rows come
-    from (``vllm_dar.reference.dar_attention_sdpa(kv_dtype=)``: every K/V, full width and reduced, rounded to FP8),
-    across windows, joint groups and ranks that are not whole 16-wide tiles (24), in 64-token prefill chunks.
+    """``kv_cache_dtype="fp8"`` (vllm_dar.kv_dtype.cache_dtypes): the far cache one byte per element beside a
+    window cache in the model dtype, and with ``VLLM_DAR_FP8_WINDOW=1`` both caches, so an fp32 engine's KV
+    capacity grows as the page model says (at this test's 1024 tokens the window's reservation is most of a
+    request's pages: 1.28x), and 4x; and the served engine scores text as the FP8 simulation that the
+    README's FP8 quality rows come from (``vllm_dar.reference.dar_attention_sdpa(kv_dtype=, far_only=)``: the
+    reduced K/V, and with the window flag the full-width ones too, rounded to FP8), across windows, joint groups
+    and ranks that are not whole 16-wide tiles (24), in 64-token prefill chunks.
 
     Perplexity, not greedy tokens, and within 1%: rounding to FP8 is discontinuous, so a difference of 1e-6 in
     one layer's output (summation order) moves an element of the next layer's K/V one FP8 step now and then, and
     that spreads through the layers; served FP8 perplexity scatters around the simulation by a few tenths of a
     percent, as much as FP8's own effect (README, FP8 KV caches). So this test checks the plumbing (FP8 caches
-    allocated, 4x capacity, served FP8 really differs from the unquantized engine, and stays near the
-    simulation); that the ops round exactly what the simulation rounds, the chunk's own K/V included, is checked
-    without that noise in tests/ops/test_fp8_ops.py (same caches, op against op, and chunked against whole)."""
+    allocated in each layout, the capacity that follows, served FP8 really differs from the unquantized engine,
+    and stays near the simulation of its own layout); that the ops round exactly what the simulation rounds, the
+    chunk's own K/V included, is checked without that noise in tests/ops/test_fp8_ops.py (same caches, op
+    against op, and chunked against whole)."""
+    from vllm_dar.config import RESERVED_TAILS, far_block_sizes, window_cache_blocks
     from vllm_dar.evaluate import load_for_eval, perplexity
     from vllm_dar.kv_dtype import KV_CACHE_DTYPES
 
     windows = [doc_tokens[i:i + 512] for i in (0, 600)]
     chunks = {"max_num_batched_tokens": 64, "max_num_seqs": 4}
-    fp8 = engine_result(tmp_path, dar_smol_pyramid, [], max_tokens=1, engine={**chunks, "kv_cache_dtype": "fp8"},
-                        score=windows)
+    fp8 = {"far": engine_result(tmp_path, dar_smol_pyramid, [], max_tokens=1, score=windows,
+                                engine={**chunks, "kv_cache_dtype": "fp8"}),
+           "both": engine_result(tmp_path, dar_smol_pyramid, [], max_tokens=1, score=windows,
+                                 engine={**chunks, "kv_cache_dtype": "fp8"}, env={"VLLM_DAR_FP8_WINDOW": "1"})}
     auto = engine_result(tmp_path, dar_smol_pyramid, [], max_tokens=1, engine=chunks, score=windows)
-    assert 3.9 < fp8["kv_capacity_tokens"] / auto["kv_capacity_tokens"] < 4.1
+    capacity = {k: r["kv_capacity_tokens"] / auto["kv_capacity_tokens"] for k, r in fp8.items()}
     model, _, cfg, projections = load_for_eval(dar_smol_pyramid, "float32")
-    sim = {name: perplexity(model, windows, cfg=cfg, projections=projections, kv_dtype=kv)["perplexity"]
-           for name, kv in (("fp8", KV_CACHE_DTYPES["fp8"]), ("auto", None))}
-    served = {"fp8": fp8["score"]["perplexity"], "auto": auto["score"]["perplexity"]}
+    assert capacity["both"] == pytest.approx(4, rel=1e-3), capacity
+    # Far cache only: every page holds a window page's bytes, the window's at 4 bytes per element; vLLM counts a
+    # 1024-token request's pages (window: sinks, two tails and the replay tail; far: whole pages).
+    pages = {far: sum(min(window_cache_blocks(lay.window, lay.sink_tokens, 16, RESERVED_TAILS + 1), 1024 // 16 + 1)
+                      + -(-1024 // far_block_sizes(16, lay.slot_elems * 4, [lay.reduced_elems() * far])[0])
+                      for lay in map(cfg.layer, range(cfg.shape.num_layers))) for far in (4, 1)}
+    assert capacity["far"] == pytest.approx(pages[4] / pages[1], rel=1e-3), (capacity, pages)  # 1.28 here
+
+    def simulated(kv, far_only=False):
+        return perplexity(model, windows, cfg=cfg, projections=projections, kv_dtype=kv,
+                          far_only=far_only)["perplexity"]
+
+    sim = {"far": simulated(KV_CACHE_DTYPES["fp8"], far_only=True), "both": simulated(KV_CACHE_DTYPES["fp8"]),
+           "auto": simulated(None)}
+    served = {"auto": auto["score"]["perplexity"], **{k: r["score"]["perplexity"] for k, r in fp8.items()}}
     assert served["auto"] == pytest.approx(sim["auto"], rel=1e-3), (served, sim)
-    assert served["fp8"] == pytest.approx(sim["fp8"], rel=1e-2), (served, sim)
-    # FP8 really served: not the unquantized engine's score (an engine that fell back to full precision would
-    # match it to ~1e-7, as served and simulated auto do).
-    assert abs(served["fp8"] / served["auto"] - 1) > 1e-4, served
+    for layout in fp8:
+        assert served[layout] == pytest.approx(sim[layout], rel=1e-2), (layout, served, sim)
+        # FP8 really served: not the unquantized engine's score (an engine that fell back to full precision would
+        # match it to ~1e-7, as served and simulated auto do).
+        assert abs(served[layout] / served["auto"] - 1) > 1e-5, (layout, served)
 
 
 def test_other_quantized_kv_caches_refused(dar_smol, tmp_path):

@@ -1,5 +1,7 @@
 """FP8 caches (``--kv-cache-dtype fp8*``, ``vllm_dar.kv_dtype``): the C++ ops against the reference ops on the
-same FP8 caches, and both against the dense reference within FP8's rounding.
+same FP8 caches, and both against the dense reference within FP8's rounding; both layouts served: the far cache in
+FP8 beside a window cache in the activations' dtype (``far``, the default), and both caches in FP8 (``both``,
+``VLLM_DAR_FP8_WINDOW=1``).
 
 The batches are test_cpp_ops' (shuffled blocks, NaN wherever the contract says a slot is never read), with the
 caches quantized as the cache write stores them (keys with ``k_scale``, values with ``v_scale``); NaN stays NaN.
@@ -32,23 +34,28 @@ def to_fp8(cache: torch.Tensor, key_width: int, dtype: torch.dtype, k_scale: flo
     return out
 
 
-def fp8_batch(reqs, window, sinks, joint, act_dtype, fp8, dims):
+LAYOUTS = ("far", "both")  # which caches are FP8 (vllm_dar.kv_dtype.cache_dtypes)
+
+
+def fp8_batch(reqs, window, sinks, joint, act_dtype, fp8, dims, layout="both"):
     # Caches built from K/V in the activation dtype: the chunk's own K/V must be what the window cache rounds.
     query, key, value, args, ref = build_batch(reqs, window, sinks, joint, act_dtype, dims)
     rk = args["proj"].q_proj.shape[-1]
-    args["window_cache"] = to_fp8(args["window_cache"], dims[2], fp8, *SCALES)
+    if layout == "both":
+        args["window_cache"] = to_fp8(args["window_cache"], dims[2], fp8, *SCALES)
     args["far_cache"] = to_fp8(args["far_cache"], rk, fp8, *SCALES)
     args["k_scale"], args["v_scale"] = SCALES
     return query, key, value, args, ref
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fmt", list(FP8))
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dims", [SMOL, RECIPE], ids=["smol", "recipe"])
 @pytest.mark.parametrize("name,reqs,window,sinks,joint", [SCENARIOS[i] for i in (1, 2, 3, 4, 5)],
                          ids=[SCENARIOS[i][0] for i in (1, 2, 3, 4, 5)])
-def test_cpp_matches_reference_ops_on_fp8_caches(name, reqs, window, sinks, joint, dims, act, fmt):
-    query, key, value, args, ref = fp8_batch(reqs, window, sinks, joint, act, FP8[fmt], dims)
+def test_cpp_matches_reference_ops_on_fp8_caches(name, reqs, window, sinks, joint, dims, act, fmt, layout):
+    query, key, value, args, ref = fp8_batch(reqs, window, sinks, joint, act, FP8[fmt], dims, layout)
     fast, loop = torch.full_like(query, float("nan")), torch.full_like(query, float("nan"))
     cpp_ops().attend(query, key, value, fast, **args)
     paged.dar_paged_attention(query, key, value, loop, **args)
@@ -59,28 +66,31 @@ def test_cpp_matches_reference_ops_on_fp8_caches(name, reqs, window, sinks, join
     assert 0 < error < DENSE_TOL[fmt]  # > 0: the caches really were quantized
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fmt", list(FP8))
 @pytest.mark.parametrize("which", ["cpp", "reference"])
-def test_fp8_outputs_do_not_depend_on_chunking(which, fmt):
+def test_fp8_outputs_do_not_depend_on_chunking(which, fmt, layout):
     """A 100-token prompt attended as one chunk or as its last 60 queries after the first 40 gives the same
     outputs: the chunk's own K/V are read as the FP8 cache rounds them, like the history's, so chunked prefill and
     decode see what one prefill sees."""
     ops = cpp_ops() if which == "cpp" else select_ops("reference")
-    query, key, value, args, _ = fp8_batch([(100, 100)], 16, 4, False, torch.float32, FP8[fmt], SMOL)
-    tail_args = {**args, **fp8_batch([(100, 60)], 16, 4, False, torch.float32, FP8[fmt], SMOL)[3]}
+    query, key, value, args, _ = fp8_batch([(100, 100)], 16, 4, False, torch.float32, FP8[fmt], SMOL, layout)
+    tail_args = {**args, **fp8_batch([(100, 60)], 16, 4, False, torch.float32, FP8[fmt], SMOL, layout)[3]}
     whole, tail = torch.full_like(query, float("nan")), torch.full_like(query[40:], float("nan"))
     ops.attend(query, key, value, whole, **args)
     ops.attend(query[40:], key[40:], value[40:], tail, **tail_args)
     torch.testing.assert_close(tail, whole[40:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fmt", list(FP8))
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("joint", [False, True], ids=["per_head", "joint"])
-def test_write_quantizes_like_the_contract(fmt, act, joint):
-    """The C++ write stores what ``vllm_dar.kv_dtype.quantize`` gives: at full width bit for bit; at reduced
-    width (another summation order before rounding) all but rare ties equal, none more than one FP8 step apart;
-    values past the format's range saturate instead of becoming NaN or infinity."""
+def test_write_quantizes_like_the_contract(fmt, act, joint, layout):
+    """The C++ write stores what ``vllm_dar.kv_dtype.quantize`` gives: at full width bit for bit (an FP8 window
+    cache) or the activations themselves (a window cache in their dtype); at reduced width (another summation
+    order before rounding) all but rare ties equal, none more than one FP8 step apart; values past the format's
+    range saturate instead of becoming NaN or infinity."""
     H, J, D, RK, RV = SMALL
     dtype = FP8[fmt]
     proj = PagedProjections.from_layer(random_projections(joint, SMALL), H)
@@ -93,7 +103,7 @@ def test_write_quantizes_like_the_contract(fmt, act, joint):
     wslots[5:9] = -1
     caches = []
     for who in ("cpp", "reference"):
-        wcache = torch.full((NBLOCKS, J, WBS, 2 * D), float("nan")).to(dtype)
+        wcache = torch.full((NBLOCKS, J, WBS, 2 * D), float("nan")).to(dtype if layout == "both" else act)
         fcache = torch.full((NBLOCKS, proj.k_down.shape[0], FBS, RK + RV), float("nan")).to(dtype)
         if who == "reference":
             write_slots(wcache, wslots, key, value, *SCALES)
@@ -105,7 +115,11 @@ def test_write_quantizes_like_the_contract(fmt, act, joint):
     (w, f), (w_ref, f_ref) = caches
     assert torch.equal(w.view(torch.uint8), w_ref.view(torch.uint8))
     top = torch.finfo(dtype).max
-    assert dequantize(w).nan_to_num(0).abs().max() == top  # saturated, stored finite
+    if layout == "both":
+        assert dequantize(w).nan_to_num(0).abs().max() == top  # saturated, stored finite
+    else:
+        assert dequantize(w).nan_to_num(0).abs().max() == key[0, 0, 0].float()  # stored as it is
+    assert dequantize(f).nan_to_num(0).abs().max() <= top
     written = f_ref.float().isfinite()
     same = (f.view(torch.uint8) == f_ref.view(torch.uint8)) | ~written
     assert same.float().mean() > 0.99
@@ -115,17 +129,24 @@ def test_write_quantizes_like_the_contract(fmt, act, joint):
 
 
 def test_fp8_caches_refused_where_they_would_be_misread():
-    """Caches of two dtypes (FP8 beside FP8 of the other format, or beside fp32) are refused by name, and so is a
-    head_dim the kernel's FP8 path cannot read (not a multiple of 16)."""
+    """Pairs of cache dtypes that are not served (an FP8 window beside a far cache of the other FP8 format or of
+    the activations' dtype) are refused by name, and so is an FP8 window cache with a head_dim the kernel's vector
+    path cannot read (not a multiple of 16); an FP8 far cache alone is read at any head_dim (== reference ops)."""
     cpp_ops()
     query, key, value, args, _ = fp8_batch(SCENARIOS[0][1], 8, 2, False, torch.float32, FP8["e4m3"], SMOL)
+    refusal = "the caches must be both in the activations' dtype"
     args["far_cache"] = args["far_cache"].view(torch.float8_e5m2)
-    with pytest.raises(RuntimeError, match="share one dtype"):
+    with pytest.raises(RuntimeError, match=refusal):
         select_ops("cpp").attend(query, key, value, torch.empty_like(query), **args)
     args["far_cache"] = args["far_cache"].to(torch.float32)
-    with pytest.raises(RuntimeError, match="share one dtype"):
+    with pytest.raises(RuntimeError, match=refusal):
         select_ops("cpp").attend(query, key, value, torch.empty_like(query), **args)
-    query, key, value, args, _ = fp8_batch(SCENARIOS[0][1], 8, 2, False, torch.float32, FP8["e4m3"],
-                                           (6, 3, 24, 5, 7))
-    with pytest.raises(RuntimeError, match="FP8 caches need AVX-512 or AVX2 and head_dim a multiple of 16"):
+    odd = (6, 3, 24, 5, 7)
+    query, key, value, args, _ = fp8_batch(SCENARIOS[0][1], 8, 2, False, torch.float32, FP8["e4m3"], odd)
+    with pytest.raises(RuntimeError, match="an FP8 window cache needs AVX-512 or AVX2 and head_dim a multiple of 16"):
         select_ops("cpp").attend(query, key, value, torch.empty_like(query), **args)
+    query, key, value, args, _ = fp8_batch(SCENARIOS[0][1], 8, 2, False, torch.float32, FP8["e4m3"], odd, "far")
+    fast, loop = torch.full_like(query, float("nan")), torch.full_like(query, float("nan"))
+    select_ops("cpp").attend(query, key, value, fast, **args)
+    paged.dar_paged_attention(query, key, value, loop, **args)
+    torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)

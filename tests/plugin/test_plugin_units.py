@@ -137,6 +137,9 @@ def test_far_block_sizes_fit_the_window_page():
     # Multiples of the window block by divisors of 48 only (118 -> 96, 170 -> 128), so that any mix of layers has
     # a common multiple within 1024 tokens, vLLM's prefix-cache hit alignment.
     assert far_block_sizes(16, 384, [96, 88, 52, 36]) == [64, 64, 96, 128]  # exact: 64, 69, 118, 170
+    # A far cache in FP8 beside a window in fp32 (--kv-cache-dtype fp8): sizes in bytes, 1536 per full slot,
+    # 96 and 192 per reduced one -> 16x and 8x the tokens.
+    assert far_block_sizes(16, 384 * 4, [96 * 1, 192 * 1]) == [256, 128]
     for window_block in (1, 16, 32, 128, 512):
         blocks = far_block_sizes(window_block, 384, list(range(8, 385, 8)))
         assert all(b % window_block == 0 and b * f <= window_block * 384 or b == window_block

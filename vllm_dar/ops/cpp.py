@@ -92,11 +92,11 @@ def dar_paged_attention_cpp(query: Tensor, key: Tensor, value: Tensor, output: T
     """``vllm_dar.ops.paged.dar_paged_attention`` for the whole batch in one kernel call.
 
     query [T, H, D]; key, value [T, J, D]; output [T, H, D] with each token's rows contiguous (any token stride;
-    query, key, value are copied only if theirs are not); caches in the query dtype with dense blocks
-    (``dense_blocks``); block tables, ``query_start_loc`` and ``seq_lens`` as lists or host tensors (int32 and
-    contiguous, as vLLM keeps them: used as they are; anything else is converted per call); both caches in the
-    query dtype or both in one FP8 dtype (``k_scale`` / ``v_scale``: their scales). ``rows_per_item``:
-    (query, head) rows per work item. The op itself checks dtypes, shapes and strides
+    query, key, value are copied only if theirs are not); caches with dense blocks (``dense_blocks``); block
+    tables, ``query_start_loc`` and ``seq_lens`` as lists or host tensors (int32 and contiguous, as vLLM keeps them:
+    used as they are; anything else is converted per call); both caches in the query dtype, the far cache in FP8,
+    or both in one FP8 dtype (``k_scale`` / ``v_scale``: FP8 caches' scales). ``rows_per_item``: (query, head) rows
+    per work item. The op itself checks dtypes, shapes and strides
     (``check_attention_args``), naming the argument.
     """
     if not _rows_contiguous(query):
@@ -114,9 +114,9 @@ def write_kv_cpp(key: Tensor, value: Tensor, *, window_cache: Tensor, window_slo
     """``vllm_dar.ops.paged.write_kv`` in one kernel call (same semantics; the reduction sums in fp32; FP8 caches
     store exactly what ``vllm_dar.kv_dtype.quantize`` gives).
 
-    key, value [T, J, D] in the caches' dtype or, for FP8 caches, fp32 / bf16 (copied only if a token's [J, D] is
-    not contiguous); slots [T]
-    int64 (vLLM's; anything else is converted); caches with dense blocks (``dense_blocks``). The op itself checks
+    key, value [T, J, D] fp32 / bf16 (copied only if a token's [J, D] is not contiguous); caches in the pairs of
+    dtypes ``dar_paged_attention_cpp`` takes; slots [T] int64 (vLLM's; anything else is converted); caches with
+    dense blocks (``dense_blocks``). The op itself checks
     dtypes, shapes and strides, naming the argument.
     """
     if not (_rows_contiguous(key) and _rows_contiguous(value)):

@@ -10,9 +10,11 @@ Two caches per DAR layer, both in our own layout ``[num_blocks, heads, block_siz
   scheduler freed or never allocated (null), so only those positions are ever read;
 * the **far cache** holds reduced K/V (``G`` projection groups, ``rk + rv``) of every token.
 
-Both caches are in the model dtype, or both in one FP8 dtype (``--kv-cache-dtype fp8*``): then a cache stores
-keys and reduced keys as ``vllm_dar.kv_dtype.quantize(x, dtype, k_scale)``, values and reduced values with
-``v_scale``, and reads them back times the scale. The chunk's own K/V come from the forward pass, not the cache.
+Each cache is in the model dtype or in an FP8 dtype (``--kv-cache-dtype fp8*``; the pairs served:
+``vllm_dar.kv_dtype.cache_dtypes``): an FP8 cache stores keys and reduced keys as
+``vllm_dar.kv_dtype.quantize(x, dtype, k_scale)``, values and reduced values with ``v_scale``, and reads them back
+times the scale. The chunk's own K/V come from the forward pass, not the cache, rounded as the window cache would
+store them.
 
 A query at position ``t`` sees ``s <= t`` at full width when ``t - s < window`` or ``s < sink_tokens``, and at
 reduced width otherwise; one softmax runs over both sets (``vllm_dar.reference.dar_attention``, which the

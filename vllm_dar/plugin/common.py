@@ -41,7 +41,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_dar.config import DarConfigError, far_block_sizes
-from vllm_dar.kv_dtype import KV_CACHE_DTYPES
+from vllm_dar.kv_dtype import KV_CACHE_DTYPES, cache_dtypes
 from vllm_dar.ops import DarOps, cpp, select_ops
 from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
 
@@ -136,16 +136,19 @@ class DarLayer:
     sink_tokens: int
     proj: PagedProjections  # this tensor-parallel rank's projections, on the layer's device
     ops: DarOps  # the cache write and attention it runs
-    cache_dtype: torch.dtype | None  # FP8 dtype both caches are read as (vLLM allocates them uint8); None: as given
+    window_dtype: torch.dtype | None  # FP8 dtype the window cache is read as (vLLM allocates it uint8); None: as given
+    far_dtype: torch.dtype | None  # the same for the far cache (vllm_dar.kv_dtype.cache_dtypes)
     all_reduce_far: bool  # the projection group spans the tensor-parallel ranks: reduced K/V are partial sums
 
 
-def _far_block_sizes(vllm_config, model: DarModel, layer, tp_size: int) -> list[int]:
+def _far_block_sizes(vllm_config, model: DarModel, layer, tp_size: int, window_itemsize: int,
+                     far_itemsize: int) -> list[int]:
     cfg = model.cfg
     shards = cfg.far_shards(tp_size)
-    far = [cfg.layer(i).reduced_elems() // shards for i in range(cfg.shape.num_layers)]  # what this rank holds
-    return far_block_sizes(dar_block_size(vllm_config), layer.num_kv_heads * (layer.head_size + layer.head_size_v),
-                           far)
+    far = [cfg.layer(i).reduced_elems() // shards * far_itemsize  # a slot's bytes on this rank
+           for i in range(cfg.shape.num_layers)]
+    slot = layer.num_kv_heads * (layer.head_size + layer.head_size_v) * window_itemsize
+    return far_block_sizes(dar_block_size(vllm_config), slot, far)
 
 
 def write_across_ranks(ops: DarOps, key: torch.Tensor, value: torch.Tensor, *, window_cache: torch.Tensor,
@@ -203,11 +206,18 @@ class DarImplMixin:
         lay = model.cfg.layer(index)
         proj = shard_projections(model.projections[index], tp_size, get_tensor_model_parallel_rank())
         far_name = f"{name}.dar_far"
+        window_dtype, far_dtype = cache_dtypes(vc.cache_config.cache_dtype)
+
+        def storage(dt):  # what vLLM allocates a cache as: FP8 ones uint8 (the layer's), the others the model dtype
+            return vc.model_config.dtype if dt is None else layer.kv_cache_torch_dtype
+
+        window_storage, far_storage = storage(window_dtype), storage(far_dtype)
+        far_block = _far_block_sizes(vc, model, layer, tp_size, window_storage.itemsize, far_storage.itemsize)[index]
         DarFarCache(far_name, groups=proj.groups, key_rank=lay.key_rank, value_rank=lay.value_rank,
-                    dtype=layer.kv_cache_torch_dtype, block_size=_far_block_sizes(vc, model, layer, tp_size)[index],
-                    backend=self.far_backend, static_forward_context=context)
+                    dtype=far_storage, block_size=far_block, backend=self.far_backend,
+                    static_forward_context=context)
         layer.get_kv_cache_spec = functools.partial(window_spec, layer, window=lay.window,
-                                                    sink_tokens=lay.sink_tokens)
+                                                    sink_tokens=lay.sink_tokens, dtype=window_storage)
         layer.attn_backend = self.window_backend
         ops = select_ops(self.ops_kind)
         all_reduce_far = model.cfg.far_shards(tp_size) != tp_size
@@ -215,29 +225,29 @@ class DarImplMixin:
             raise DarConfigError(f"vllm-dar: tensor_parallel_size={tp_size} with joint projections: the ranks' "
                                  "far-cache write (write_across_ranks) synchronises with the host, which CUDA graphs "
                                  "cannot capture; convert with --head-sharing per_head for tensor parallelism on GPUs")
-        cache_dtype = KV_CACHE_DTYPES[vc.cache_config.cache_dtype]
-        if cache_dtype is not None and ops.name == "triton":
+        if far_dtype is not None and ops.name == "triton":
             raise DarConfigError(f"vllm-dar: kv_cache_dtype={vc.cache_config.cache_dtype!r}: the DAR Triton "
                                  "kernels read caches in the model dtype only; use 'auto' on this platform")
-        if cache_dtype is not None and ops.name == "cpp" and not (
+        if window_dtype is not None and ops.name == "cpp" and not (
                 cpp.simd() != "none" and self.head_size % 16 == 0 and self.head_size <= 128):
-            raise DarConfigError(f"vllm-dar: kv_cache_dtype={vc.cache_config.cache_dtype!r}: the C++ DAR op reads "
-                                 "FP8 caches with AVX-512 or AVX2 and head_dim a multiple of 16, <= 128 (here "
-                                 f"{cpp.simd()}, head_dim {self.head_size}); VLLM_DAR_OPS=reference reads them "
-                                 "anywhere, slowly")
-        log_summary(vc.model_config.model, model, layer.kv_cache_torch_dtype.itemsize,
-                    vc.model_config.max_model_len, ops=ops.name, block_size=dar_block_size(vc), tp_size=tp_size)
+            raise DarConfigError(f"vllm-dar: kv_cache_dtype={vc.cache_config.cache_dtype!r} with "
+                                 "VLLM_DAR_FP8_WINDOW=1: the C++ DAR op reads an FP8 window cache with AVX-512 or "
+                                 f"AVX2 and head_dim a multiple of 16, <= 128 (here {cpp.simd()}, head_dim "
+                                 f"{self.head_size}); unset VLLM_DAR_FP8_WINDOW (far cache only in FP8) or use "
+                                 "VLLM_DAR_OPS=reference (anywhere, slowly)")
+        log_summary(vc.model_config.model, model, window_storage.itemsize, vc.model_config.max_model_len,
+                    ops=ops.name, block_size=dar_block_size(vc), tp_size=tp_size, far_bytes=far_storage.itemsize)
         device = layer._k_scale.device  # the layer's buffers live where its KV cache will (the worker's device)
         return DarLayer(index=index, far_name=far_name, window=lay.window, sink_tokens=lay.sink_tokens,
                         proj=PagedProjections.from_layer(proj, self.num_heads).to(device), ops=ops,
-                        cache_dtype=cache_dtype, all_reduce_far=all_reduce_far)
+                        window_dtype=window_dtype, far_dtype=far_dtype, all_reduce_far=all_reduce_far)
 
     def _caches(self, window_cache: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's (window cache, far cache), as the ops read them (FP8 views of vLLM's uint8 tensors);
         ``ctx``: the step's forward context."""
         far = ctx.no_compile_layers[self.dar.far_name].kv_cache
-        dt = self.dar.cache_dtype
-        return (window_cache, far) if dt is None else (window_cache.view(dt), far.view(dt))
+        wd, fd = self.dar.window_dtype, self.dar.far_dtype
+        return (window_cache if wd is None else window_cache.view(wd)), (far if fd is None else far.view(fd))
 
     def _dar_write(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                    slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:

@@ -165,22 +165,24 @@ _logged: set[str] = set()
 
 
 def log_summary(model_dir: str, model: DarModel, dtype_bytes: int, context: int, *, ops: str,
-                block_size: int, tp_size: int = 1) -> None:
-    """One line per process: layers, windows, ranks, and KV bytes per token against full attention; under
-    tensor parallelism also what one rank holds."""
+                block_size: int, tp_size: int = 1, far_bytes: int | None = None) -> None:
+    """One line per process: layers, windows, ranks, and KV bytes per token against full attention at
+    ``dtype_bytes`` per element (the window cache's, and full attention's), the far cache at ``far_bytes``
+    (default the same); under tensor parallelism also what one rank holds."""
     if model_dir in _logged:
         return
     _logged.add(model_dir)
     cfg, s = model.cfg, model.cfg.shape
+    far_bytes = dtype_bytes if far_bytes is None else far_bytes
     full = s.kv_bytes_per_token(dtype_bytes)
-    dar = cfg.kv_bytes_per_token(context, dtype_bytes)
-    reduced_only = cfg.far_elems_per_token() * dtype_bytes
+    dar = cfg.kv_bytes_per_token(context, dtype_bytes, far_bytes)
+    reduced_only = cfg.far_elems_per_token() * far_bytes
     logger.info("vllm-dar: DAR backend for %s (%s); KV bytes/token at %d context: %.0f vs %d full (%.3fx); "
-                "far cache alone %d bytes/token; window blocks of %d tokens (VLLM_DAR_BLOCK_SIZE); ops: %s "
-                "(VLLM_DAR_OPS)", model_dir, cfg.describe(), context, dar, full, dar / full, reduced_only,
-                block_size, ops)
+                "far cache alone %d bytes/token (%d per element, window %d); window blocks of %d tokens "
+                "(VLLM_DAR_BLOCK_SIZE); ops: %s (VLLM_DAR_OPS)", model_dir, cfg.describe(), context, dar, full,
+                dar / full, reduced_only, far_bytes, dtype_bytes, block_size, ops)
     if tp_size > 1:
-        rank = cfg.rank_kv_bytes_per_token(context, dtype_bytes, tp_size)
+        rank = cfg.rank_kv_bytes_per_token(context, dtype_bytes, tp_size, far_bytes)
         how = ("split by KV head" if cfg.far_shards(tp_size) > 1 else
                "whole on every rank (one projection group spans the ranks; reduced K/V all-reduced)")
         logger.info("vllm-dar: tensor parallel size %d: one rank holds %.0f KV bytes/token at %d context vs %.0f "

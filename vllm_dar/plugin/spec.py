@@ -202,11 +202,13 @@ def dar_block_size(vllm_config: VllmConfig) -> int:
     return envs.VLLM_DAR_BLOCK_SIZE
 
 
-def window_spec(layer, vllm_config: VllmConfig, *, window: int, sink_tokens: int) -> DarWindowSpec:
-    """The DAR window spec of an ``Attention`` layer (installed as the layer's ``get_kv_cache_spec``)."""
+def window_spec(layer, vllm_config: VllmConfig, *, window: int, sink_tokens: int,
+                dtype: torch.dtype) -> DarWindowSpec:
+    """The DAR window spec of an ``Attention`` layer (installed as the layer's ``get_kv_cache_spec``); ``dtype``:
+    what vLLM allocates the window cache as (the model dtype, or uint8 for FP8: ``vllm_dar.kv_dtype``)."""
     return DarWindowSpec(block_size=dar_block_size(vllm_config), num_kv_heads=layer.num_kv_heads,
                          head_size=layer.head_size, head_size_v=layer.head_size_v,
-                         dtype=layer.kv_cache_torch_dtype, sliding_window=max(window, 1), sink_tokens=sink_tokens,
+                         dtype=dtype, sliding_window=max(window, 1), sink_tokens=sink_tokens,
                          replay_tail=bool(vllm_config.cache_config.enable_prefix_caching))
 
 

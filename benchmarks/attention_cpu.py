@@ -148,8 +148,10 @@ class Batch:
         self.stock_cache, self.table = paged(BLOCK, J, 2 * D)
         self.kv_cache_dtype = self.stock_kv_cache_dtype = kv_cache_dtype
         fp8 = kv_dtype.KV_CACHE_DTYPES[kv_cache_dtype]
-        if fp8 is not None:  # DAR's caches stored in FP8 (scales 1.0, vLLM's default)
-            self.window_cache = kv_dtype.quantize(self.window_cache, fp8)
+        self.window_fp8, _ = kv_dtype.cache_dtypes(kv_cache_dtype)  # the window's too with VLLM_DAR_FP8_WINDOW=1
+        if fp8 is not None:  # DAR's caches stored in FP8 as the plugin serves them (scales 1.0, vLLM's default)
+            if self.window_fp8 is not None:
+                self.window_cache = kv_dtype.quantize(self.window_cache, fp8)
             self.far_cache = kv_dtype.quantize(self.far_cache, fp8)
             if harness.fp8_kv_unsupported() is None:  # stock's too, as vLLM allocates it; else stock runs unquantized
                 self.stock_cache = kv_dtype.quantize(self.stock_cache, fp8).view(torch.uint8)
@@ -205,7 +207,8 @@ class Batch:
         """Cache bytes a decode step must read (``vllm_dar.config``'s byte model: no block rounding)."""
         def size(kv_cache_dtype: str) -> int:  # bytes per cached element
             return 1 if kv_cache_dtype != "auto" else self.dtype.itemsize
-        dar = [self.layer.config().decode_bytes(s, size(self.kv_cache_dtype)) for s, _ in self.reqs]
+        window = 1 if self.window_fp8 is not None else self.dtype.itemsize
+        dar = [self.layer.config().decode_bytes(s, window, size(self.kv_cache_dtype)) for s, _ in self.reqs]
         stock = [self.layer.config().decode_bytes(s, size(self.stock_kv_cache_dtype)) for s, _ in self.reqs]
         return {"dar": sum(b.dar for b in dar), "stock": sum(b.full for b in stock)}
 
@@ -272,6 +275,7 @@ def run(args) -> dict:
                   + (f"  bound dar {row['dar_bound_us']:.0f} stock {row['stock_bound_us']:.0f} us"
                      if "dar_bound_us" in row else ""), file=sys.stderr, flush=True)
     return {"threads": args.threads, "simd": cpp.simd(), "stock_fp8_refusal": harness.fp8_kv_unsupported(),
+            "fp8_window": kv_dtype.cache_dtypes(args.kv_cache_dtype)[0] is not None,
             "timing": "median process CPU time per call, summed over the layers",
             "kernel_load_s": build_s, "bandwidth": bw, "model": args.model,
             "layers": [vars(lay) | {"far_block": lay.far_block} for lay in layers],
@@ -305,7 +309,8 @@ def main() -> None:
                     "model's one layer")
     ap.add_argument("--configs", help="comma-separated config names (default: all)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=sorted(kv_dtype.KV_CACHE_DTYPES),
-                    help="every cache's storage, DAR's and stock's, as vLLM's --kv-cache-dtype (FP8 scales 1.0)")
+                    help="the caches' storage as vLLM's --kv-cache-dtype serves it (FP8 scales 1.0): stock's whole "
+                         "cache, DAR's far cache, and its window too with VLLM_DAR_FP8_WINDOW=1")
     args = ap.parse_args()
     if args.profile:
         return profile(args.profile, args.dtype, args.model)

@@ -5,8 +5,9 @@ dtype="float32", kv_cache_memory_bytes=--kv-gib GiB, enable_prefix_caching=False
 fixed KV memory, because automatic sizing on CPU is noisy; ``VLLM_CPU_KVCACHE_SPACE`` is unset, as it would
 override it in whole GiB) with vLLM's default scheduler settings (or ``--max-num-batched-tokens``). ``--engines``:
 ``stock`` (``--stock``), ``dar`` (``--dar``), and each with ``-fp8`` (``kv_cache_dtype="fp8"``: one byte per
-element, ``vllm_dar.kv_dtype``). Two figures per engine, beside the KV bytes per token they imply and the byte
-model's (``vllm_dar.config``, at the cache's element size):
+element; for DAR the far cache only, ``vllm_dar.kv_dtype.cache_dtypes``), and ``dar-fp8-window`` (both DAR caches
+in FP8: ``VLLM_DAR_FP8_WINDOW=1``). Two figures per engine, beside the KV bytes per token they imply and the byte
+model's (``vllm_dar.config``, at each cache's element size):
 
 * ``kv_capacity_tokens``: vLLM's own capacity, ``llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens``,
   which the engine core sends back to the frontend; it is the number behind the "CPU KV cache size: N tokens"
@@ -44,32 +45,46 @@ MAX_MODEL_LEN = 4096 + 64
 DTYPE = "float32"  # the dtype every engine here serves (and caches K/V) in
 
 
-def bytes_per_token(model: str, kv_gib: int, capacity_tokens: int, itemsize: int) -> dict:
-    """KV bytes per token of a ``MAX_MODEL_LEN`` sequence at ``itemsize`` bytes per element (the engine's
-    cache dtype, whatever the checkpoint's): what vLLM's capacity figure implies (the fixed KV memory over the
-    logged tokens: block rounding, the window's tails and page padding included) and the theoretical figure of
-    ``vllm_dar.config``'s byte model (stock: full K/V; DAR: reduced K/V of every token + full width for window
-    and sinks)."""
+def cache_itemsizes(model: str, kv_cache_dtype: str, model_itemsize: int) -> tuple[int, int]:
+    """(window or full-attention cache, far cache) bytes per element an engine of ``model`` (stock or DAR)
+    stores at ``kv_cache_dtype`` with activations of ``model_itemsize`` bytes (``vllm_dar.kv_dtype``: FP8 is one
+    byte; stock FP8 covers its whole cache, DAR's the far cache and, with ``VLLM_DAR_FP8_WINDOW=1``, the
+    window)."""
+    from vllm_dar.checkpoint import read_config
+    from vllm_dar.kv_dtype import KV_CACHE_DTYPES, cache_dtypes
+
+    if "dar" not in read_config(model):
+        return (1, 1) if KV_CACHE_DTYPES[kv_cache_dtype] else (model_itemsize, model_itemsize)
+    window, far = cache_dtypes(kv_cache_dtype)
+    return (1 if window else model_itemsize), (1 if far else model_itemsize)
+
+
+def bytes_per_token(model: str, kv_gib: int, capacity_tokens: int, itemsizes: tuple[int, int]) -> dict:
+    """KV bytes per token of a ``MAX_MODEL_LEN`` sequence at ``itemsizes`` bytes per element (``cache_itemsizes``:
+    the engine's cache dtypes, whatever the checkpoint's): what vLLM's capacity figure implies (the fixed KV memory
+    over the logged tokens: block rounding, the window's tails and page padding included) and the theoretical
+    figure of ``vllm_dar.config``'s byte model (stock: full K/V; DAR: reduced K/V of every token + full width for
+    window and sinks); ``bytes_per_token_full``: full attention at the window's element size."""
     from vllm_dar.checkpoint import read_config
     from vllm_dar.config import ModelShape
 
-    full = ModelShape.from_hf_config(read_config(model)).kv_bytes_per_token(itemsize)
+    full = ModelShape.from_hf_config(read_config(model)).kv_bytes_per_token(itemsizes[0])
     return {"bytes_per_token_allocated": kv_gib * 2 ** 30 / capacity_tokens,
-            "bytes_per_token_theoretical": layout_bytes_per_token(model, MAX_MODEL_LEN, itemsize),
+            "bytes_per_token_theoretical": layout_bytes_per_token(model, MAX_MODEL_LEN, itemsizes),
             "bytes_per_token_full": full}
 
 
-def layout_bytes_per_token(model: str, context: int, itemsize: int) -> float:
+def layout_bytes_per_token(model: str, context: int, itemsizes: tuple[int, int]) -> float:
     """The byte model's K/V bytes per token of a ``context``-token sequence (``vllm_dar.config``; full
-    attention for a model without a ``dar`` section)."""
+    attention for a model without a ``dar`` section), caches at ``itemsizes`` (``cache_itemsizes``)."""
     from vllm_dar.checkpoint import read_config
     from vllm_dar.config import DarConfig, ModelShape
 
     raw = read_config(model)
     shape = ModelShape.from_hf_config(raw)
     if "dar" not in raw:
-        return shape.kv_bytes_per_token(itemsize)
-    return DarConfig.from_json(raw["dar"], shape).kv_bytes_per_token(context, itemsize)
+        return shape.kv_bytes_per_token(itemsizes[0])
+    return DarConfig.from_json(raw["dar"], shape).kv_bytes_per_token(context, *itemsizes)
 
 
 def held(steps: list[dict], *, num_blocks: int, block_bytes: float, tokens: float) -> dict | None:
@@ -86,7 +101,7 @@ def held(steps: list[dict], *, num_blocks: int, block_bytes: float, tokens: floa
             "steps": sum(s["gen"] == most for s in pure)}
 
 
-ENGINES = ("stock", "dar", "stock-fp8", "dar-fp8")
+ENGINES = ("stock", "dar", "stock-fp8", "dar-fp8", "dar-fp8-window")
 
 
 def measure(*, model: str, kv_gib: float, requests: int, prompt_len: int, max_tokens: int,
@@ -115,12 +130,12 @@ def measure(*, model: str, kv_gib: float, requests: int, prompt_len: int, max_to
         m = [o.metrics for o in outs]
         cache = config.cache_config
         tokens = prompt_len + max_tokens / 2
-        itemsize = 1 if kv_cache_dtype.startswith("fp8") else config.model_config.dtype.itemsize  # "auto": served
+        itemsizes = cache_itemsizes(model, kv_cache_dtype, config.model_config.dtype.itemsize)  # as served
         return {
             "held": held(recorder.steps, num_blocks=cache.num_gpu_blocks,
                          block_bytes=kv_gib * 2**30 / cache.num_gpu_blocks, tokens=tokens),
-            "bytes_per_token_theoretical_held": layout_bytes_per_token(model, round(tokens), itemsize),
-            **bytes_per_token(model, kv_gib, cache.kv_cache_size_tokens, itemsize),
+            "bytes_per_token_theoretical_held": layout_bytes_per_token(model, round(tokens), itemsizes),
+            **bytes_per_token(model, kv_gib, cache.kv_cache_size_tokens, itemsizes),
             "kv_capacity_tokens": cache.kv_cache_size_tokens,
             "kv_max_concurrency_logged": cache.kv_cache_max_concurrency,
             "num_blocks": cache.num_gpu_blocks,
@@ -139,10 +154,11 @@ def spawn(args: argparse.Namespace, engine: str) -> dict:
     model = args.dar if engine.startswith("dar") else args.stock
     argv = ["--worker", model, "--kv-gib", str(args.kv_gib), "--requests", str(args.requests),
             "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens),
-            "--kv-cache-dtype", "fp8" if engine.endswith("-fp8") else "auto"]
+            "--kv-cache-dtype", "fp8" if "-fp8" in engine else "auto"]
     if args.max_num_batched_tokens is not None:
         argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    return harness.run_worker(__file__, argv, show_output=not args.json)[0]
+    env = harness.dar_engine_env(None, fp8_window=engine == "dar-fp8-window")
+    return harness.run_worker(__file__, argv, env=env, show_output=not args.json)[0]
 
 
 def main() -> None:
@@ -175,6 +191,7 @@ def main() -> None:
     models = {e: spawn(args, e) for e in engines}
     keys = ("kv_capacity_tokens", "max_concurrent")
     pairs = [("dar", "stock"), ("stock-fp8", "stock"), ("dar-fp8", "stock"), ("dar-fp8", "dar"),
+             ("dar-fp8-window", "dar"), ("dar-fp8-window", "stock-fp8"),
              ("dar-fp8", "stock-fp8")]
     ratios = {f"{a}/{b}": {k: models[a][k] / models[b][k] for k in keys} for a, b in pairs
               if a in models and b in models}

@@ -34,9 +34,11 @@ def source_model() -> str:
     return envs.VLLM_DAR_MODEL or os.path.join(MODELS, "smollm2-135m-f32")
 
 
-def dar_engine_env(ops: str | None) -> dict[str, str]:
-    """A DAR engine's environment: this process's, with ``VLLM_DAR_OPS=ops`` when ``ops`` is given."""
-    return {**os.environ, "VLLM_DAR_OPS": ops} if ops else dict(os.environ)
+def dar_engine_env(ops: str | None, *, fp8_window: bool = False) -> dict[str, str]:
+    """A DAR engine's environment: this process's, with ``VLLM_DAR_OPS=ops`` when ``ops`` is given and
+    ``VLLM_DAR_FP8_WINDOW`` set to ``fp8_window`` (FP8 caches: the window's too, ``vllm_dar.kv_dtype``)."""
+    env = {**os.environ, "VLLM_DAR_FP8_WINDOW": "1" if fp8_window else "0"}
+    return {**env, "VLLM_DAR_OPS": ops} if ops else env
 
 
 def dar_ops(ops: str | None) -> str:

@@ -1,6 +1,7 @@
 """Decode speed of stock vLLM, stock vLLM with its FP8 KV cache, a DAR model and a DAR model with FP8 caches:
 same prompts, same KV memory, same served dtype (``--dtype``: fp32 by default, or bf16, vLLM's default serving
-dtype; K/V cached in it, or in FP8 for ``fp8`` and ``dar-fp8``), each engine in a fresh process.
+dtype; K/V cached in it, or in FP8: ``fp8`` stock's whole cache, ``dar-fp8`` DAR's far cache, ``dar-fp8-window``
+both DAR caches, ``vllm_dar.kv_dtype.cache_dtypes``), each engine in a fresh process.
 
 Per context ``C`` and batch ``B``, per engine: time per decode step (``tpot_s``, over engine steps that decode
 the whole batch and hold no prefill), decode and output tokens/s, time to first token (at ``B = 1``: one
@@ -34,20 +35,24 @@ from vllm_dar import envs
 from vllm_dar.checkpoint import read_config
 from vllm_dar.config import DarConfig, ModelShape
 
-ENGINES = ("stock", "fp8", "dar", "dar-fp8")
-KV_DTYPE = {"stock": "auto", "fp8": "fp8", "dar": "auto", "dar-fp8": "fp8"}
+ENGINES = ("stock", "fp8", "dar", "dar-fp8", "dar-fp8-window")
+KV_DTYPE = {"stock": "auto", "fp8": "fp8", "dar": "auto", "dar-fp8": "fp8", "dar-fp8-window": "fp8"}
 DTYPES = {"float32": 4, "bfloat16": 2}  # served dtype -> bytes per element of weights and of an "auto" KV cache
 MAX_POSITIONS = 8192  # SmolLM2's RoPE table: a position past it aborts the engine (index out of bounds)
 
 
 def is_dar(engine: str) -> bool:
-    """Whether ``engine`` serves ``--dar`` (``dar``, ``dar-fp8``) rather than ``--stock``."""
+    """Whether ``engine`` serves ``--dar`` (``dar``, ``dar-fp8``, ``dar-fp8-window``) rather than ``--stock``."""
     return engine.startswith("dar")
 
 
-def kv_itemsize(engine: str, dtype: str) -> int:
-    """Bytes per cached element: the served dtype's ("auto"), or 1 for vLLM's FP8 cache."""
-    return 1 if KV_DTYPE[engine] == "fp8" else DTYPES[dtype]
+def kv_itemsizes(engine: str, dtype: str) -> tuple[int, int]:
+    """Bytes per cached element (window or full-attention cache, far cache): the served dtype's ("auto"), or 1
+    where FP8 stores it (module docstring)."""
+    size = DTYPES[dtype]
+    if KV_DTYPE[engine] != "fp8":
+        return size, size
+    return (size, 1) if engine == "dar-fp8" else (1, 1)
 
 
 # ---------------------------------------------------------------- K/V bytes (vllm_dar.config's byte model)
@@ -64,7 +69,10 @@ def kv_model(engine: str, model_dir: str) -> DarConfig | ModelShape:
 
 def kv_bytes_per_request(engine: str, model_dir: str, context: int, dtype: str) -> int:
     """K/V bytes one request of ``context`` tokens holds in ``engine``'s cache (no block rounding)."""
-    return kv_model(engine, model_dir).kv_elems(context) * kv_itemsize(engine, dtype)
+    model, (size, far_size) = kv_model(engine, model_dir), kv_itemsizes(engine, dtype)
+    if isinstance(model, ModelShape):
+        return model.kv_elems(context) * size
+    return round(model.kv_bytes_per_token(context, size, far_size) * context)
 
 
 def decode_read_bytes(engine: str, model_dir: str, context: int, batch: int, dtype: str) -> dict[str, int]:
@@ -72,9 +80,9 @@ def decode_read_bytes(engine: str, model_dir: str, context: int, batch: int, dty
     ``per_request``, and for DAR its fp32 ``projections`` (once per step); ``total``."""
     model = kv_model(engine, model_dir)
     if isinstance(model, DarConfig):
-        b = model.decode_bytes(context, kv_itemsize(engine, dtype))
+        b = model.decode_bytes(context, *kv_itemsizes(engine, dtype))
         return {"per_request": b.dar, "projections": b.projections, "total": batch * b.dar + b.projections}
-    per = model.kv_elems(context) * kv_itemsize(engine, dtype)
+    per = model.kv_elems(context) * kv_itemsizes(engine, dtype)[0]
     return {"per_request": per, "projections": 0, "total": batch * per}
 
 
@@ -148,7 +156,7 @@ def spawn(args: argparse.Namespace, engine: str, context: int, batches: list[int
     argv = ["--worker", engine, "--model", model, "--contexts", str(context),
             "--batches", ",".join(map(str, batches)), "--decode-tokens", str(args.decode_tokens),
             "--kv-gib", str(args.kv_gib), "--dtype", args.dtype]
-    env = harness.dar_engine_env(args.dar_ops) if is_dar(engine) else None
+    env = harness.dar_engine_env(args.dar_ops, fp8_window=engine == "dar-fp8-window") if is_dar(engine) else None
     t0 = time.time()
     result, lines = harness.run_worker(__file__, argv, env=env, log_name=f"throughput-{engine}-{context}")
     # the plugin's start-up line (DAR ops, window block size, KV bytes per token), for the record
@@ -217,6 +225,8 @@ def summarise(args, runs: dict, bandwidth: float) -> dict:
             row["tpot_ratio_fp8"] = ratio(row, "fp8", "stock")
             row["tpot_ratio_dar_fp8"] = ratio(row, "dar-fp8", "stock")
             row["tpot_ratio_dar_fp8_to_dar"] = ratio(row, "dar-fp8", "dar")
+            row["tpot_ratio_dar_fp8_window"] = ratio(row, "dar-fp8-window", "stock")
+            row["tpot_ratio_dar_fp8_window_to_dar"] = ratio(row, "dar-fp8-window", "dar")
             row["bound_ratio"] = ratio(row, "dar", "stock", "bound_s")
             row["same_decode_batch"] = len({row[e]["decode_batch"] for e in args.engines}) == 1
             row["max_batch_ratio"] = ratio(row, "dar", "stock", "max_batch_logged")
@@ -245,7 +255,8 @@ def table(result: dict) -> str:
         for e in result["settings"].get("engines", ENGINES):
             r = row[e]
             rel = {"stock": 1.0 if r["tpot_s"] else None, "fp8": row["tpot_ratio_fp8"],
-                   "dar": row["tpot_ratio"], "dar-fp8": row.get("tpot_ratio_dar_fp8")}[e]
+                   "dar": row["tpot_ratio"], "dar-fp8": row.get("tpot_ratio_dar_fp8"),
+                   "dar-fp8-window": row.get("tpot_ratio_dar_fp8_window")}[e]
             rows.append([row["context"], row["batch"], e, r["decode_batch"],
                          fmt(r["tpot_s"] and r["tpot_s"] * 1e3, ".1f"), f"{r['bound']['seconds'] * 1e3:.1f}",
                          fmt(r["tpot_over_bound"], ".1f"), fmt(r["decode_tok_s"], ".1f"),
@@ -263,7 +274,8 @@ def plot(result: dict, path: str) -> bool:
     if plt is None:
         return False
     fig, (ax, cap) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"stock": "tab:blue", "fp8": "tab:orange", "dar": "tab:green", "dar-fp8": "tab:red"}
+    colors = {"stock": "tab:blue", "fp8": "tab:orange", "dar": "tab:green", "dar-fp8": "tab:red",
+              "dar-fp8-window": "tab:purple"}
     batches = sorted({r["batch"] for r in result["configs"]})
     marks = dict(zip(batches, "os^vD"))
     for e in result["settings"].get("engines", ENGINES):
@@ -307,7 +319,7 @@ def main() -> int:
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                     help="served dtype of every engine (K/V cached in it, or FP8 for fp8)")
     ap.add_argument("--engines", default=",".join(ENGINES),
-                    help="a subset of stock,fp8,dar,dar-fp8 (ratios need stock)")
+                    help=f"a subset of {','.join(ENGINES)} (ratios need stock)")
     ap.add_argument("--dar-ops", choices=envs.OPS_KINDS, default=None,
                     help="VLLM_DAR_OPS for the DAR engine (default: the environment's, else the plugin's)")
     ap.add_argument("--bw-threads", type=int, default=None,

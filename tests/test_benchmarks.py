@@ -107,6 +107,9 @@ def test_kv_bytes_match_shapes_and_dar_config(tmp_path):
     # DAR: reduced K/V (2 + 3 per KV head) of all 100 tokens + full width of window 4 + 1 sink, per layer, fp32
     assert tp.kv_bytes_per_request("dar", path, 100, "float32") == 2 * (100 * 2 * 5 + 5 * 2 * 2 * 8) * 4
     assert tp.kv_bytes_per_request("dar", path, 100, "bfloat16") == cfg.kv_elems(100) * 2
+    # FP8: DAR's far cache at one byte beside the window in the served dtype; both at one byte with the window flag
+    assert tp.kv_bytes_per_request("dar-fp8", path, 100, "float32") == 2 * (100 * 2 * 5 + 5 * 2 * 2 * 8 * 4)
+    assert tp.kv_bytes_per_request("dar-fp8-window", path, 100, "float32") == cfg.kv_elems(100)
 
 
 def test_decode_bound_reads_the_byte_model(tmp_path):
@@ -126,10 +129,30 @@ def test_capacity_theory_uses_the_served_dtype(tmp_path):
     """A bf16 checkpoint served in fp32 caches 4 bytes per element: the theoretical figure follows the
     engine."""
     path, cfg = dar_dir(tmp_path, dtype="bfloat16")
-    r = capacity.bytes_per_token(path, 1, 2**20, itemsize=4)
+    r = capacity.bytes_per_token(path, 1, 2**20, itemsizes=(4, 4))
     assert r["bytes_per_token_theoretical"] == cfg.kv_bytes_per_token(capacity.MAX_MODEL_LEN, 4)
     assert r["bytes_per_token_full"] == 2 * 2 * 2 * 8 * 4
     assert r["bytes_per_token_allocated"] == 2**30 / 2**20
+
+
+def test_capacity_itemsizes_follow_the_fp8_layout(tmp_path, monkeypatch):
+    """FP8 covers a stock model's whole cache, a DAR model's far cache, and its window too with
+    VLLM_DAR_FP8_WINDOW=1 (vllm_dar.kv_dtype.cache_dtypes); the theory prices each cache at its own size."""
+    path, cfg = dar_dir(tmp_path)
+    stock = os.path.join(tmp_path, "stock")
+    os.makedirs(stock)
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    raw.pop("dar")
+    with open(os.path.join(stock, "config.json"), "w") as f:
+        json.dump(raw, f)
+    monkeypatch.delenv("VLLM_DAR_FP8_WINDOW", raising=False)
+    assert capacity.cache_itemsizes(stock, "fp8", 4) == (1, 1) and capacity.cache_itemsizes(stock, "auto", 4) == (4, 4)
+    assert capacity.cache_itemsizes(path, "fp8", 4) == (4, 1) and capacity.cache_itemsizes(path, "auto", 2) == (2, 2)
+    r = capacity.bytes_per_token(path, 1, 2**20, itemsizes=(4, 1))
+    assert r["bytes_per_token_theoretical"] == cfg.kv_bytes_per_token(capacity.MAX_MODEL_LEN, 4, 1)
+    monkeypatch.setenv("VLLM_DAR_FP8_WINDOW", "1")
+    assert capacity.cache_itemsizes(path, "fp8", 4) == (1, 1)
 
 
 def test_capacity_held_reads_the_most_running_pure_decode_steps():

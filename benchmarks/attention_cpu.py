@@ -63,10 +63,11 @@ class Layer:
     window: int = 64
     sinks: int = 4
 
-    @property
-    def far_block(self) -> int:
-        """The plugin's far block: the page of a window block (``vllm_dar.config.far_block_sizes``)."""
-        return far_block_sizes(WBLOCK, 2 * self.J * self.D, [self.groups * (self.rk + self.rv)])[0]
+    def far_block(self, window_itemsize: int = 1, far_itemsize: int = 1) -> int:
+        """The plugin's far block: the page of a window block (``vllm_dar.config.far_block_sizes``), with the
+        caches' element sizes (an FP8 far cache beside a wider window holds more positions per page)."""
+        return far_block_sizes(WBLOCK, 2 * self.J * self.D * window_itemsize,
+                               [self.groups * (self.rk + self.rv) * far_itemsize])[0]
 
     def config(self) -> DarConfig:
         """This layer as a one-layer DarConfig (the byte model)."""
@@ -143,12 +144,13 @@ class Batch:
                 table[r, :n], at = perm[at: at + n], at + n
             return rnd(sum(nblk) + 1, heads, block, width), table
 
-        self.window_cache, self.window_table = paged(WBLOCK, J, 2 * D)
-        self.far_cache, self.far_table = paged(layer.far_block, G, rk + rv)
-        self.stock_cache, self.table = paged(BLOCK, J, 2 * D)
-        self.kv_cache_dtype = self.stock_kv_cache_dtype = kv_cache_dtype
         fp8 = kv_dtype.KV_CACHE_DTYPES[kv_cache_dtype]
         self.window_fp8, _ = kv_dtype.cache_dtypes(kv_cache_dtype)  # the window's too with VLLM_DAR_FP8_WINDOW=1
+        self.window_cache, self.window_table = paged(WBLOCK, J, 2 * D)
+        self.far_cache, self.far_table = paged(layer.far_block(1 if self.window_fp8 else dtype.itemsize,
+                                                               1 if fp8 else dtype.itemsize), G, rk + rv)
+        self.stock_cache, self.table = paged(BLOCK, J, 2 * D)
+        self.kv_cache_dtype = self.stock_kv_cache_dtype = kv_cache_dtype
         if fp8 is not None:  # DAR's caches stored in FP8 as the plugin serves them (scales 1.0, vLLM's default)
             if self.window_fp8 is not None:
                 self.window_cache = kv_dtype.quantize(self.window_cache, fp8)
@@ -278,7 +280,7 @@ def run(args) -> dict:
             "fp8_window": kv_dtype.cache_dtypes(args.kv_cache_dtype)[0] is not None,
             "timing": "median process CPU time per call, summed over the layers",
             "kernel_load_s": build_s, "bandwidth": bw, "model": args.model,
-            "layers": [vars(lay) | {"far_block": lay.far_block} for lay in layers],
+            "layers": [vars(lay) | {"far_block": lay.far_block()} for lay in layers],
             "block": BLOCK, "window_block": WBLOCK, "rows": rows}
 
 

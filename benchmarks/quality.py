@@ -71,14 +71,16 @@ ROWS = {
                              dict(window=64, key_rank=48, value_rank=48, sink_tokens=4, schedule="calibrated",
                                   head_sharing="joint", method="fit")),
 }
-# FP8 KV cache rows: name -> (the row whose model they evaluate, the FP8 format both caches store); their
-# kv_fraction counts one byte per element against a 16-bit cache (vLLM's default dtype): half the row's.
+# FP8 KV cache rows: name -> (the row whose model they evaluate, the FP8 format both caches store: for DAR rows,
+# what --kv-cache-dtype serves with VLLM_DAR_FP8_WINDOW=1); their kv_fraction counts one byte per element against
+# a 16-bit cache (vLLM's default dtype): half the row's.
 FP8_ROWS = {"full-fp8": ("full", "fp8_e4m3"), "full-fp8-e5m2": ("full", "fp8_e5m2"),
             "calibrated-joint-fp8": ("calibrated-joint", "fp8_e4m3"),
             "calibrated-joint-fp8-e5m2": ("calibrated-joint", "fp8_e5m2"),
             "calibrated-joint-fp8-far": ("calibrated-joint", "fp8_e4m3")}
-# FP8 rows whose window cache stays in the model dtype (only the far cache in FP8): a simulation of a layout the
-# plugin does not serve yet; kv_fraction counts the far cache's bytes at one byte and the window's at two.
+# FP8 rows whose window cache stays in the model dtype (only the far cache in FP8): what --kv-cache-dtype fp8
+# serves by default (vllm_dar.kv_dtype.cache_dtypes); kv_fraction counts the far cache's bytes at one byte and the
+# window's at two.
 FP8_FAR_ONLY = {"calibrated-joint-fp8-far"}
 # Healed rows: name -> the row whose conversion they start from (same schedule, so the same KV bytes).
 HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform",

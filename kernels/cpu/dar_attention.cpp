@@ -8,9 +8,9 @@
 //  * full width ({s <= t: t - s < w or s < S}): cached sinks and window history from the window cache, the
 //    chunk's own positions from the fresh key/value (rounded once per call as an FP8 window cache stores them,
 //    so that a token's output does not depend on how its prompt was chunked); row-wise dot products at width D;
-//  * reduced width ([S, t - w]): per far block, scores (q Q_h) . k~ for every row, one online-softmax rescale
-//    per block and row, values accumulated at width rv; projected up by U_h once per row at the end. The next
-//    far block is prefetched into L2 while this one computes.
+//  * reduced width ([S, t - w]): per far block (or span of one, for caches widened into scratch), scores
+//    (q Q_h) . k~ for every row, one online-softmax rescale per span and row, values accumulated at width rv;
+//    projected up by U_h once per row at the end. The next span is prefetched into L2 while this one computes.
 // bf16 and FP8 caches are widened to fp32 on load (FP8 times the layer's k_scale / v_scale); all arithmetic is
 // fp32; the output is written in the query dtype. The vector paths are written once against simd16.h's 16-lane
 // type (AVX-512, or AVX2 + FMA + F16C); an FP8 window cache needs the vector full-width path (D a multiple of 16,
@@ -211,6 +211,10 @@ template <typename T, typename WT, typename FT> struct Args {
   int64_t H, J, G, D, rk, rv, Bw, Bf, window, sinks;
   float scale, ks, vs;
 };
+
+// Widened (fp32) far-cache elements one span holds at most: 24 KB, an fp32 window page of SmolLM2 (16 slots of
+// 3 x 128), which is what an fp32 far block holds.
+constexpr int64_t kWidenFloats = 6144;
 
 struct Scratch {
   std::vector<float> qf, qr, m, l, acc_f, acc_r, sc, fs, kt, rows, vb;
@@ -458,10 +462,12 @@ template <typename CT>
 static void widen_fp8(const CT* src, int64_t ns, int64_t rk, int64_t rv, float ks, float vs, float* rows) {
   const int64_t C = rk + rv;
 #ifdef DAR_SIMD16
-  if (rk % 16 == 0 && rv % 16 == 0) {  // the recipe's ranks: whole 16-wide tiles
+  if (rk % 16 == 0 && rv % 16 == 0) {  // the recipe's ranks: whole 16-wide tiles (no division per tile)
     const V16 vk = set1(ks), vv = set1(vs);
-    for (int64_t e = 0; e < ns * C; e += 16)
-      storeu(rows + e, mul(load(src + e), e % C < rk ? vk : vv));
+    for (int64_t x = 0; x < ns; ++x, src += C, rows += C) {
+      for (int64_t c = 0; c < rk; c += 16) storeu(rows + c, mul(load(src + c), vk));
+      for (int64_t c = rk; c < C; c += 16) storeu(rows + c, mul(load(src + c), vv));
+    }
     return;
   }
 #endif
@@ -561,21 +567,28 @@ static void run_item(const Args<T, WT, FT>& a, int64_t r, int64_t g, int64_t q0,
   for (int64_t hh = 0; hh < hpg; ++hh)
     project(w.qr.data() + hh * ldq, hpg * ldq, w.qf.data() + hh * D, hpg * D, qn, a.q_proj + (g * hpg + hh) * D * rk,
             D, rk, rk);
-  // Reduced width: positions [S, lo) per row, far block by far block; one rescale per block and row.
-  for (int64_t b = a.sinks / Bf; b * Bf < max_lo; ++b) {
-    const int64_t s0 = std::max(a.sinks, b * Bf), s1 = std::min(max_lo, (b + 1) * Bf), ns = s1 - s0;
-    if (ns <= 0) continue;
-    // The block's rows [ns, C]: read in place when fp32, widened into scratch when bf16 or FP8 (times the scales).
-    const FT* src = a.fcache + a.ftable[r * a.mf + b] * a.fbs + (g * Bf + s0 % Bf) * C;
-    // The next block's rows, while this one computes (block ids jump, so the hardware prefetcher cannot), into
+  // Reduced width: positions [S, lo) per row, in spans of at most seg positions inside one far block; one rescale
+  // per span and row. An fp32 cache is read in place a block at a time (its block is one window page); other dtypes
+  // are widened into scratch, in spans of at most kWidenFloats fp32 elements, so that the widened rows stay in L1
+  // where a block holds more positions (an FP8 far block beside an fp32 window holds 4x an fp32 one's).
+  constexpr bool in_place = std::is_same<FT, float>::value;
+  const int64_t seg = in_place ? Bf : std::min(Bf, std::max<int64_t>(16, kWidenFloats / C / 16 * 16));
+  auto span_end = [&](int64_t s) { return std::min({max_lo, (s / Bf + 1) * Bf, s + seg}); };
+  auto span_rows = [&](int64_t s) { return a.fcache + a.ftable[r * a.mf + s / Bf] * a.fbs + (g * Bf + s % Bf) * C; };
+  for (int64_t s0 = a.sinks, s1; s0 < max_lo; s0 = s1) {
+    s1 = span_end(s0);
+    const int64_t ns = s1 - s0;
+    // The span's rows [ns, C]: read in place when fp32, widened into scratch when bf16 or FP8 (times the scales).
+    const FT* src = span_rows(s0);
+    // The next span's rows, while this one computes (block ids jump, so the hardware prefetcher cannot), into
     // L2 (prefetcht2): prefetching into L1 stalls on the line-fill buffers.
-    if ((b + 1) * Bf < max_lo) {
-      const char* nx = reinterpret_cast<const char*>(a.fcache + a.ftable[r * a.mf + b + 1] * a.fbs + g * Bf * C);
-      const int64_t bytes = std::min(Bf, max_lo - (b + 1) * Bf) * C * static_cast<int64_t>(sizeof(FT));
+    if (s1 < max_lo) {
+      const char* nx = reinterpret_cast<const char*>(span_rows(s1));
+      const int64_t bytes = (span_end(s1) - s1) * C * static_cast<int64_t>(sizeof(FT));
       for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(nx + o, 0, 1);
     }
     const float* rows = w.rows.data();  // [ns, C] fp32: the cache rows themselves when it is fp32
-    if constexpr (std::is_same<FT, float>::value) {
+    if constexpr (in_place) {
       rows = src;
     } else if constexpr (is_fp8<FT>) {
       widen_fp8(src, ns, rk, rv, a.ks, a.vs, w.rows.data());
@@ -584,12 +597,12 @@ static void run_item(const Args<T, WT, FT>& a, int64_t r, int64_t g, int64_t q0,
       for (int64_t e = 0; e < ns * C; ++e) w.rows[e] = f32(src[e]);
     }
     far_scores(rows, C, ns, rk, w.qr.data(), ldq, nrow, w.sc.data(), lds, w.kt.data(), ldk);
-    // Rows see a prefix of the block (nv positions, non-decreasing with the row: rows are query-major); the
-    // weights past a row's prefix are zeroed, so the rows that see the block [first, nrow) take their values
+    // Rows see a prefix of the span (nv positions, non-decreasing with the row: rows are query-major); the
+    // weights past a row's prefix are zeroed, so the rows that see the span [first, nrow) take their values
     // together (accumulate shares each value row among them).
     int64_t first = nrow, nmax = 0;
     for (int64_t row = 0; row < nrow; ++row) {
-      const int64_t nv = std::min(ns, w.lo[row] - s0);  // visible prefix of this block
+      const int64_t nv = std::min(ns, w.lo[row] - s0);  // visible prefix of this span
       if (nv <= 0) continue;
       first = std::min(first, row);
       nmax = std::max(nmax, nv);

@@ -146,9 +146,9 @@ class Batch:
 
         fp8 = kv_dtype.KV_CACHE_DTYPES[kv_cache_dtype]
         self.window_fp8, _ = kv_dtype.cache_dtypes(kv_cache_dtype)  # the window's too with VLLM_DAR_FP8_WINDOW=1
+        self.itemsizes = kv_dtype.cache_itemsizes(kv_cache_dtype, dtype.itemsize)  # (window, far) as served
         self.window_cache, self.window_table = paged(WBLOCK, J, 2 * D)
-        self.far_cache, self.far_table = paged(layer.far_block(1 if self.window_fp8 else dtype.itemsize,
-                                                               1 if fp8 else dtype.itemsize), G, rk + rv)
+        self.far_cache, self.far_table = paged(layer.far_block(*self.itemsizes), G, rk + rv)
         self.stock_cache, self.table = paged(BLOCK, J, 2 * D)
         self.kv_cache_dtype = self.stock_kv_cache_dtype = kv_cache_dtype
         if fp8 is not None:  # DAR's caches stored in FP8 as the plugin serves them (scales 1.0, vLLM's default)
@@ -207,11 +207,9 @@ class Batch:
 
     def bytes_read(self) -> dict:
         """Cache bytes a decode step must read (``vllm_dar.config``'s byte model: no block rounding)."""
-        def size(kv_cache_dtype: str) -> int:  # bytes per cached element
-            return 1 if kv_cache_dtype != "auto" else self.dtype.itemsize
-        window = 1 if self.window_fp8 is not None else self.dtype.itemsize
-        dar = [self.layer.config().decode_bytes(s, window, size(self.kv_cache_dtype)) for s, _ in self.reqs]
-        stock = [self.layer.config().decode_bytes(s, size(self.stock_kv_cache_dtype)) for s, _ in self.reqs]
+        stock_size, _ = kv_dtype.cache_itemsizes(self.stock_kv_cache_dtype, self.dtype.itemsize, dar=False)
+        dar = [self.layer.config().decode_bytes(s, *self.itemsizes) for s, _ in self.reqs]
+        stock = [self.layer.config().decode_bytes(s, stock_size) for s, _ in self.reqs]
         return {"dar": sum(b.dar for b in dar), "stock": sum(b.full for b in stock)}
 
 

@@ -51,12 +51,9 @@ def cache_itemsizes(model: str, kv_cache_dtype: str, model_itemsize: int) -> tup
     byte; stock FP8 covers its whole cache, DAR's the far cache and, with ``VLLM_DAR_FP8_WINDOW=1``, the
     window)."""
     from vllm_dar.checkpoint import read_config
-    from vllm_dar.kv_dtype import KV_CACHE_DTYPES, cache_dtypes
+    from vllm_dar.kv_dtype import cache_itemsizes as itemsizes
 
-    if "dar" not in read_config(model):
-        return (1, 1) if KV_CACHE_DTYPES[kv_cache_dtype] else (model_itemsize, model_itemsize)
-    window, far = cache_dtypes(kv_cache_dtype)
-    return (1 if window else model_itemsize), (1 if far else model_itemsize)
+    return itemsizes(kv_cache_dtype, model_itemsize, dar="dar" in read_config(model))
 
 
 def bytes_per_token(model: str, kv_gib: int, capacity_tokens: int, itemsizes: tuple[int, int]) -> dict:

@@ -31,7 +31,7 @@ import time
 
 import harness
 
-from vllm_dar import envs
+from vllm_dar import envs, kv_dtype
 from vllm_dar.checkpoint import read_config
 from vllm_dar.config import DarConfig, ModelShape
 
@@ -49,10 +49,8 @@ def is_dar(engine: str) -> bool:
 def kv_itemsizes(engine: str, dtype: str) -> tuple[int, int]:
     """Bytes per cached element (window or full-attention cache, far cache): the served dtype's ("auto"), or 1
     where FP8 stores it (module docstring)."""
-    size = DTYPES[dtype]
-    if KV_DTYPE[engine] != "fp8":
-        return size, size
-    return (size, 1) if engine == "dar-fp8" else (1, 1)
+    return kv_dtype.cache_itemsizes(KV_DTYPE[engine], DTYPES[dtype], dar=is_dar(engine),
+                                    fp8_window=engine == "dar-fp8-window")
 
 
 # ---------------------------------------------------------------- K/V bytes (vllm_dar.config's byte model)

@@ -220,3 +220,16 @@ def test_fp8_window_flag_chooses_the_cache_dtypes(monkeypatch):
     monkeypatch.setenv("VLLM_DAR_FP8_WINDOW", "yes")
     with pytest.raises(ValueError, match="VLLM_DAR_FP8_WINDOW='yes': expected 0 or 1"):
         cache_dtypes("fp8")
+
+
+def test_cache_itemsizes_follow_the_layout(monkeypatch):
+    """Bytes per element of (window, far) as served: a stock model's one cache FP8 wholly; DAR's far cache, and
+    its window with the flag (given, or the environment's)."""
+    from vllm_dar.kv_dtype import cache_itemsizes
+
+    monkeypatch.delenv("VLLM_DAR_FP8_WINDOW", raising=False)
+    assert cache_itemsizes("auto", 4) == (4, 4) and cache_itemsizes("fp8", 4) == (4, 1)
+    assert cache_itemsizes("fp8", 2, fp8_window=True) == (1, 1)
+    assert cache_itemsizes("fp8_e5m2", 4, dar=False) == (1, 1) and cache_itemsizes("auto", 2, dar=False) == (2, 2)
+    monkeypatch.setenv("VLLM_DAR_FP8_WINDOW", "1")
+    assert cache_itemsizes("fp8", 4) == (1, 1) and cache_itemsizes("fp8", 4, fp8_window=False) == (4, 1)

@@ -38,11 +38,24 @@ KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def cache_dtypes(kv_cache_dtype: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+def cache_dtypes(kv_cache_dtype: str, fp8_window: bool | None = None) -> tuple[torch.dtype | None, torch.dtype | None]:
     """(window cache, far cache) dtypes for vLLM's ``--kv-cache-dtype`` (a key of ``KV_CACHE_DTYPES``; None: the
-    model dtype): an FP8 dtype stores the far cache, and the window cache too under ``VLLM_DAR_FP8_WINDOW=1``."""
+    model dtype): an FP8 dtype stores the far cache, and the window cache too under ``fp8_window`` (None: the
+    environment's ``VLLM_DAR_FP8_WINDOW``)."""
     far = KV_CACHE_DTYPES[kv_cache_dtype]
-    return (far if far is not None and envs.VLLM_DAR_FP8_WINDOW else None), far
+    fp8_window = envs.VLLM_DAR_FP8_WINDOW if fp8_window is None else fp8_window
+    return (far if far is not None and fp8_window else None), far
+
+
+def cache_itemsizes(kv_cache_dtype: str, model_itemsize: int, *, dar: bool = True,
+                    fp8_window: bool | None = None) -> tuple[int, int]:
+    """Bytes per element of (the window cache, the far cache) that ``cache_dtypes`` gives, activations of
+    ``model_itemsize`` bytes; ``dar=False``: a stock model's one cache, FP8 wholly (both entries alike)."""
+    if not dar:
+        size = 1 if KV_CACHE_DTYPES[kv_cache_dtype] is not None else model_itemsize
+        return size, size
+    window, far = cache_dtypes(kv_cache_dtype, fp8_window)
+    return (model_itemsize if window is None else 1), (model_itemsize if far is None else 1)
 
 
 def is_fp8(dtype: torch.dtype) -> bool:

@@ -62,8 +62,8 @@ static void write_token(const T* k, const T* v, int64_t ws, int64_t fs, WT* wcac
 
 // key / value [T, J, D] (each token's [J, D] contiguous, any token stride); window_cache [NBw, J, Bw, 2D] and
 // far_cache [NBf, G, Bf, rk + rv] (dense blocks, block stride stride(0)), in the pairs of dtypes
-// dispatch_with_caches takes (k_scale / v_scale: the FP8 caches' scales); window_slots, far_slots [T] int64 flat slots (block * block_size +
-// offset); k_down [G, Dg, rk], v_down [G, Dg, rv] fp32 contiguous, Dg = J / G * D.
+// dispatch_with_caches takes (k_scale / v_scale: the FP8 caches' scales); window_slots, far_slots [T] int64 flat
+// slots (block * block_size + offset); k_down [G, Dg, rk], v_down [G, Dg, rv] fp32 contiguous, Dg = J / G * D.
 void dar_write(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& wcache, const torch::Tensor& wslots,
                torch::Tensor& fcache, const torch::Tensor& fslots, const torch::Tensor& k_down,
                const torch::Tensor& v_down, double k_scale, double v_scale) {

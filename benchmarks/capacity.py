@@ -6,7 +6,10 @@ fixed KV memory, because automatic sizing on CPU is noisy; ``VLLM_CPU_KVCACHE_SP
 override it in whole GiB) with vLLM's default scheduler settings (or ``--max-num-batched-tokens``). ``--engines``:
 ``stock`` (``--stock``), ``dar`` (``--dar``), and each with ``-fp8`` (``kv_cache_dtype="fp8"``: one byte per
 element; for DAR the far cache only, ``vllm_dar.kv_dtype.cache_dtypes``), and ``dar-fp8-window`` (both DAR caches
-in FP8: ``VLLM_DAR_FP8_WINDOW=1``). Two figures per engine, beside the KV bytes per token they imply and the byte
+in FP8: ``VLLM_DAR_FP8_WINDOW=1``), and ``dar-budget``: ``--dar`` with per-layer token budgets (``--budget F``
+and ``--budget-schedule``, as ``vllm-dar budget`` sets them, on a hard-linked copy in a temporary folder;
+``vllm_dar.config.BudgetConfig``: a request gives most of its far cache back once its prompt is prefilled).
+Two figures per engine, beside the KV bytes per token they imply and the byte
 model's (``vllm_dar.config``, at each cache's element size):
 
 * ``kv_capacity_tokens``: vLLM's own capacity, ``llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens``,
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 
 import harness
 
@@ -98,7 +102,7 @@ def held(steps: list[dict], *, num_blocks: int, block_bytes: float, tokens: floa
             "steps": sum(s["gen"] == most for s in pure)}
 
 
-ENGINES = ("stock", "dar", "stock-fp8", "dar-fp8", "dar-fp8-window")
+ENGINES = ("stock", "dar", "stock-fp8", "dar-fp8", "dar-fp8-window", "dar-budget")
 
 
 def measure(*, model: str, kv_gib: float, requests: int, prompt_len: int, max_tokens: int,
@@ -146,9 +150,26 @@ def measure(*, model: str, kv_gib: float, requests: int, prompt_len: int, max_to
         shutdown_llm(llm)
 
 
+def budget_copy(dar: str, folder: str, budget: str, schedule: str) -> str:
+    """``dar`` with token budgets ``budget`` (``--token-budget``'s syntax) in ``folder``: files hard-linked,
+    config.json rewritten (``vllm_dar.checkpoint.set_budget`` replaces it, never the shared file)."""
+    import shutil
+
+    from vllm_dar.checkpoint import read_config, set_budget
+    from vllm_dar.config import BudgetConfig, ModelShape, parse_budget
+
+    out = os.path.join(folder, "dar-budget")
+    shutil.copytree(dar, out, copy_function=os.link)
+    layers = ModelShape.from_hf_config(read_config(dar)).num_layers
+    set_budget(out, BudgetConfig.make(parse_budget(budget), layers, schedule=schedule))
+    return out
+
+
 def spawn(args: argparse.Namespace, engine: str) -> dict:
     """One engine of ``ENGINES`` (``measure``) in a fresh interpreter; its log is shown unless ``--json``."""
     model = args.dar if engine.startswith("dar") else args.stock
+    if engine == "dar-budget":
+        model = budget_copy(args.dar, args.tmp, args.budget, args.budget_schedule)
     argv = ["--worker", model, "--kv-gib", str(args.kv_gib), "--requests", str(args.requests),
             "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens),
             "--kv-cache-dtype", "fp8" if "-fp8" in engine else "auto"]
@@ -169,6 +190,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="must exceed --requests - 1 (see docstring)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: vLLM's")
     p.add_argument("--quick", action="store_true", help="1024-token prompts, 8 requests")
+    p.add_argument("--budget", default="0.1", metavar="F",
+                   help="dar-budget: distant prompt tokens kept (vllm-dar budget --token-budget) (%(default)s)")
+    p.add_argument("--budget-schedule", default="pyramid", choices=["pyramid", "uniform"])
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     harness.add_worker_args(p)
     args = p.parse_args()
@@ -185,16 +209,20 @@ def main() -> None:
     engines = args.engines.split(",")
     if unknown := set(engines) - set(ENGINES):
         p.error(f"--engines: unknown {sorted(unknown)}; expected some of {', '.join(ENGINES)}")
-    models = {e: spawn(args, e) for e in engines}
+    with tempfile.TemporaryDirectory(prefix="vllm-dar-capacity-", dir=os.path.dirname(os.path.abspath(args.dar))
+                                     ) as args.tmp:  # beside --dar: hard links need the same file system
+        models = {e: spawn(args, e) for e in engines}
     keys = ("kv_capacity_tokens", "max_concurrent")
-    pairs = [("dar", "stock"), ("stock-fp8", "stock"), ("dar-fp8", "stock"), ("dar-fp8", "dar"),
+    pairs = [("dar", "stock"), ("dar-budget", "dar"), ("dar-budget", "stock"), ("stock-fp8", "stock"),
+             ("dar-fp8", "stock"), ("dar-fp8", "dar"),
              ("dar-fp8-window", "dar"), ("dar-fp8-window", "stock-fp8"),
              ("dar-fp8", "stock-fp8")]
     ratios = {f"{a}/{b}": {k: models[a][k] / models[b][k] for k in keys} for a, b in pairs
               if a in models and b in models}
     result = {
         "settings": {k: getattr(args, k) for k in ("stock", "dar", "engines", "kv_gib", "requests", "prompt_len",
-                                                    "max_tokens", "max_num_batched_tokens")},
+                                                    "max_tokens", "max_num_batched_tokens", "budget",
+                                                    "budget_schedule")},
         **models,
         "ratios": ratios,
     }

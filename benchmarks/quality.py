@@ -15,6 +15,12 @@ is the trained model's, still compared with the original full model. ``delta_by_
 full model over the first and the second half of the window's positions.
 ``--merge`` puts the rows into an existing results JSON (same model and held-out text), replacing same-named rows.
 
+Token budgets (``vllm_dar.config.BudgetConfig``): ``--prefix P`` scores every row on each window's continuation
+after a ``P``-token prompt (teacher-forced, exactly what a request prefilled with the prompt then decoding gets),
+and reports KV bytes right after the prompt; the ``budget-*`` rows (``BUDGET_ROWS``) need it: the recipe with
+per-layer budgets of distant prompt tokens (pyramid, uniform, or none kept: window and sinks only), e.g.
+``--rows full calibrated-joint budget-pyramid-0.1 budget-uniform-0.1 budget-none --prefix 1536``.
+
 Domains (``vllm_dar.data.DOMAINS``): ``--eval-domains docs code release-notes licenses`` also scores every row on
 each domain's held-out windows (``licenses`` is never calibrated or trained on); ``--train-domains`` sets the text
 calibration and healing read (default: the documentation only, as the main table).
@@ -22,6 +28,7 @@ calibration and healing read (default: the documentation only, as the main table
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +38,7 @@ import time
 import harness
 import torch
 
+from vllm_dar.config import BudgetConfig
 from vllm_dar.convert import calibrate_model, plan
 from vllm_dar.data import DOMAINS, domain_split, mixed_train_files, split_files, token_windows
 from vllm_dar.evaluate import perplexity
@@ -82,6 +90,13 @@ FP8_ROWS = {"full-fp8": ("full", "fp8_e4m3"), "full-fp8-e5m2": ("full", "fp8_e5m
 # serves by default (vllm_dar.kv_dtype.cache_dtypes); kv_fraction counts the far cache's bytes at one byte and the
 # window's at two.
 FP8_FAR_ONLY = {"calibrated-joint-fp8-far"}
+# Token-budget rows: name -> (the row whose conversion they evaluate, budget schedule, mean fraction of the
+# candidates kept); need --prefix. budget-none keeps no candidate: the window and the sinks only (StreamingLLM-like).
+BUDGET_ROWS = {"budget-pyramid-0.1": ("calibrated-joint", "pyramid", 0.1),
+               "budget-uniform-0.1": ("calibrated-joint", "uniform", 0.1),
+               "budget-pyramid-0.2": ("calibrated-joint", "pyramid", 0.2),
+               "budget-uniform-0.2": ("calibrated-joint", "uniform", 0.2),
+               "budget-none": ("calibrated-joint", "uniform", 0.0)}
 # Healed rows: name -> the row whose conversion they start from (same schedule, so the same KV bytes).
 HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform",
              "heal-calibrated-joint-fit": "calibrated-joint-fit",
@@ -93,13 +108,15 @@ HEAL_WEIGHTS = {"heal-qkvo-calibrated-joint-fit": "qkvo"}
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=harness.source_model(), help="full-attention model (VLLM_DAR_MODEL)")
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *HEAL_ROWS, *FP8_ROWS],
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=[*ROWS, *HEAL_ROWS, *FP8_ROWS, *BUDGET_ROWS],
                     help="default: every row except the (slow) heal rows")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--wide-eval-windows", type=int, default=0,
                     help="also score every row on this many held-out windows (the first --eval-windows of them are "
                          "the main table's); recorded as the row's 'wide'")
+    ap.add_argument("--prefix", type=int, default=None, metavar="P",
+                    help="score each window's continuation after a P-token prompt (needed by the budget rows)")
     ap.add_argument("--calib-tokens", type=int, default=8 * 2048)
     ap.add_argument("--eval-domains", nargs="+", choices=list(DOMAINS), default=[],
                     help="also score every row on --eval-windows held-out windows of each of these text domains "
@@ -125,6 +142,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--render", metavar="JSON", help="print the markdown table of a saved --json result and exit")
     a = ap.parse_args()
+    if a.prefix is None and any(r in BUDGET_ROWS for r in a.rows):
+        ap.error("the budget rows evict at a prompt's end: give --prefix P")
     if a.render:
         with open(a.render) as f:
             print(markdown(json.load(f)))
@@ -146,17 +165,19 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(a.model)
     windows = token_windows(tok, split_files()[1], context=a.context, max_windows=a.eval_windows)
     shape = model_shape(model)
-    full = perplexity(model, windows)
+    full = perplexity(model, windows, prefix=a.prefix)
     wide_windows = token_windows(tok, split_files()[1], context=a.context, max_windows=a.wide_eval_windows) \
         if a.wide_eval_windows else None
-    wide_full = perplexity(model, wide_windows) if wide_windows else None
+    wide_full = perplexity(model, wide_windows, prefix=a.prefix) if wide_windows else None
+    bytes_at = a.prefix or a.context  # KV bytes are counted right after the prompt
     domain_windows = {d: token_windows(tok, domain_split(d)[1], context=a.context, max_windows=a.eval_windows)
                       for d in a.eval_domains}
-    domain_full = {d: perplexity(model, w) for d, w in domain_windows.items()}
+    domain_full = {d: perplexity(model, w, prefix=a.prefix) for d, w in domain_windows.items()}
     results = []
     for name in a.rows:
         start = HEAL_ROWS.get(name)
         evaluates, fp8 = FP8_ROWS.get(name, (None, None))
+        evaluates, budget = (BUDGET_ROWS[name][0], BUDGET_ROWS[name][1:]) if name in BUDGET_ROWS else (evaluates, None)
         kv_dtype = KV_CACHE_DTYPES[fp8] if fp8 else None
         desc, kw = ROWS[start or evaluates or name]
         far_only = name in FP8_FAR_ONLY
@@ -166,7 +187,7 @@ def main() -> int:
         t = time.time()
         cost = None
         if kw is None and kv_dtype is not None:
-            res = perplexity(model, windows, reference_argmax=full["argmax"], kv_dtype=kv_dtype)
+            res = perplexity(model, windows, reference_argmax=full["argmax"], kv_dtype=kv_dtype, prefix=a.prefix)
             frac = 0.5
         elif kw is None:
             res, frac = full, 1.0
@@ -176,6 +197,10 @@ def main() -> int:
                 kw["kv_budget"] = a.kv_budget or plan_fraction(shape, a.context)
             _, stats, _ = stats_for(kw["sink_tokens"])
             cfg, proj = plan(shape, stats, context=a.context, **kw)
+            if budget is not None:
+                schedule, mean = budget
+                cfg = dataclasses.replace(cfg, budget=BudgetConfig.make(mean, shape.num_layers, schedule=schedule))
+                desc = f"{desc}; {cfg.budget.describe()}, mean {mean} of the candidates"
             cost = {"calib_tokens": a.calib_tokens, "convert_minutes": round((time.time() - t) / 60, 2)}
             restore = None
             if start is not None:
@@ -187,16 +212,17 @@ def main() -> int:
                 cost.update(heal_cost, starts_from=start)
             elif kw.get("method") == "fit":
                 cost["starts_from"] = name.removesuffix("-fit") if name != "fit" else "dar"
-            frac = cfg.kv_fraction(a.context)
+            frac = cfg.kv_fraction(bytes_at)
             if kv_dtype is not None:  # one byte per element against two; far only: the far cache's share
-                far = cfg.far_elems_per_token() / cfg.kv_bytes_per_token(a.context, 1)
+                far = cfg.far_elems_per_token() / cfg.kv_bytes_per_token(bytes_at, 1)
                 frac *= 1 - 0.5 * far if far_only else 0.5
             res = perplexity(model, windows, cfg=cfg, projections=proj, reference_argmax=full["argmax"],
-                             kv_dtype=kv_dtype, far_only=far_only)
+                             kv_dtype=kv_dtype, far_only=far_only, prefix=a.prefix)
             if wide_windows:
-                res["wide"] = perplexity(model, wide_windows, cfg=cfg, projections=proj, kv_dtype=kv_dtype)
+                res["wide"] = perplexity(model, wide_windows, cfg=cfg, projections=proj, kv_dtype=kv_dtype,
+                                         prefix=a.prefix)
             res["domains"] = {d: perplexity(model, w, cfg=cfg, projections=proj, kv_dtype=kv_dtype,
-                                            far_only=far_only) for d, w in domain_windows.items()}
+                                            far_only=far_only, prefix=a.prefix) for d, w in domain_windows.items()}
             if restore is not None:  # later rows start from the source weights
                 model.load_state_dict(restore)
         row = {"row": name, "setting": desc, "perplexity": round(res["perplexity"], 3),
@@ -210,7 +236,7 @@ def main() -> int:
                            "delta_vs_full": round(w["perplexity"] / wide_full["perplexity"] - 1, 4),
                            "delta_by_half": delta_by_half(w, wide_full)}
         if domain_windows:
-            scored = res.get("domains") or {d: perplexity(model, w, kv_dtype=kv_dtype) if kv_dtype else
+            scored = res.get("domains") or {d: perplexity(model, w, kv_dtype=kv_dtype, prefix=a.prefix) if kv_dtype else
                                             domain_full[d] for d, w in domain_windows.items()}
             row["domains"] = {d: {"perplexity": round(r["perplexity"], 3),
                                   "full_perplexity": round(domain_full[d]["perplexity"], 3),
@@ -231,6 +257,8 @@ def main() -> int:
            "seconds": round(time.time() - t0, 1)}
     out["threads"] = a.threads
     out["train_domains"] = a.train_domains
+    if a.prefix is not None:
+        out["prefix"] = a.prefix  # rows score the continuation; kv_fraction is right after the prompt
     if a.merge:
         out = merge(a.merge, out)
     if a.json:

@@ -16,7 +16,9 @@ How
     replaced, if any, then ``vllm_dar.plugin.model.select_cuda_backend``: on CUDA, for a model with a ``dar``
     section, an unset backend becomes CUSTOM (logged), CUSTOM stays, and any other choice is refused at
     start-up, naming ``--attention-backend CUSTOM``. Models without ``dar`` and other platforms are untouched
-    (on CPU the ``CPU_ATTN`` override serves DAR). Installing imports only that light vLLM module.
+    (on CPU the ``CPU_ATTN`` override serves DAR). The same hook turns chunked prefill and prefix caching off
+    for a model with token budgets (``vllm_dar.plugin.model.configure_budgets``, logged; every platform): the
+    engine-level config has no other per-model seam either. Installing imports only that light vLLM module.
 Remove when
     vLLM gives plugins a per-model backend choice (a config callback for general plugins, or a backend named
     by the model's config), or the map and its caller change shape: ``test_backend_selection_target_unchanged``
@@ -43,9 +45,10 @@ def _hook(previous: type | None) -> type:
                 previous.verify_and_update_config(vllm_config)
             from vllm.platforms import current_platform
 
-            from vllm_dar.plugin.model import select_cuda_backend
+            from vllm_dar.plugin.model import configure_budgets, select_cuda_backend
 
             select_cuda_backend(vllm_config, on_cuda=current_platform.is_cuda())
+            configure_budgets(vllm_config)
 
     setattr(DarBackendSelection, _MARK, True)
     return DarBackendSelection

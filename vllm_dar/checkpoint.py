@@ -13,7 +13,7 @@ import shutil
 import torch
 
 from ._fs import atomic_dir
-from .config import DarConfig, DarConfigError, ModelShape, read_json
+from .config import BudgetConfig, DarConfig, DarConfigError, ModelShape, read_json
 from .reference import LayerProjections
 
 _FIELDS = ("q_proj", "k_down", "v_down", "v_up")
@@ -158,3 +158,28 @@ def _check_projections(cfg: DarConfig, projections: list[LayerProjections]) -> N
         for name, shape in expected_shapes(cfg, i).items():
             if tuple(getattr(p, name).shape) != shape:
                 raise DarConfigError(f"layers.{i}.{name}: shape {tuple(getattr(p, name).shape)} != {shape}")
+
+
+def set_budget(model_dir: str, budget: BudgetConfig | None) -> DarConfig:
+    """Replace (``None``: remove) the token budgets of the DAR-converted checkpoint at ``model_dir``, in place:
+    nothing else in the checkpoint changes, and ``config.json`` is replaced atomically (written beside it, then
+    renamed over it), so a killed run leaves the old or the new file. Returns the new, validated config."""
+    raw = read_config(model_dir)
+    if "dar" not in raw:
+        raise DarConfigError(f"{model_dir}: config.json has no dar section (convert the model first: vllm-dar "
+                             "convert)")
+    cfg = DarConfig.from_json(raw["dar"], ModelShape.from_hf_config(raw))
+    cfg = DarConfig(**{**cfg.__dict__, "budget": budget})  # validated against the model's layers
+    raw["dar"] = cfg.to_json()
+    path = os.path.join(model_dir, "config.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(raw, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return cfg

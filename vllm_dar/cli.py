@@ -14,13 +14,57 @@ def _cmd_prepare_model(a) -> dict:
 
 
 def _cmd_convert(a) -> dict:
+    from .checkpoint import read_config
+    from .config import ModelShape
     from .convert import convert
     from .convert.recipe import FIELDS
 
+    budget = _budget_from_args(a, ModelShape.from_hf_config(read_config(a.src)).num_layers)  # refused before work
     cfg = convert(a.src, a.out, **{f: getattr(a, f) for f in FIELDS}, calib_files=a.calib, force=a.force,
-                  progress=not a.quiet, device=a.device)
+                  progress=not a.quiet, device=a.device, budget=budget)
     return {"out": a.out, "dar": cfg.describe(), "kv_fraction": round(cfg.kv_fraction(a.context), 4),
             "kv_fraction_reserved": round(cfg.reserved_fraction(a.context), 4)}
+
+
+def _budget_from_args(a, num_layers: int):
+    """The ``BudgetConfig`` of ``--token-budget`` and its companions, or None when it was not given."""
+    from .config import BudgetConfig, parse_budget
+
+    if a.token_budget is None:
+        return None
+    return BudgetConfig.make(parse_budget(a.token_budget), num_layers, schedule=a.budget_schedule,
+                             beta=a.budget_beta, observation_window=a.observation_window, pooling=a.pooling,
+                             pool_kernel=a.pool_kernel)
+
+
+def _cmd_budget(a) -> dict:
+    from .checkpoint import read_config, set_budget
+    from .config import ModelShape
+
+    if (a.token_budget is None) == (not a.clear):
+        raise ValueError("give --token-budget F (set budgets) or --clear (remove them)")
+    shape = ModelShape.from_hf_config(read_config(a.model))
+    cfg = set_budget(a.model, None if a.clear else _budget_from_args(a, shape.num_layers))
+    out = {"model": a.model, "dar": cfg.describe()}
+    if cfg.budget is not None:
+        out.update(per_layer=list(cfg.budget.per_layer),
+                   kv_fraction_at_4096=round(cfg.kv_fraction(4096), 4))
+    return out
+
+
+def _add_budget_options(s) -> None:
+    s.add_argument("--token-budget", default=None, metavar="F",
+                   help="distant prompt tokens each layer keeps (PyramidKV/SnapKV selection at the end of the prompt): "
+                        "a fraction of a layer's candidates averaged over layers (0.1; 0: window and sinks only), or "
+                        "an integer N: N tokens per layer on average")
+    s.add_argument("--budget-schedule", default="pyramid", choices=["pyramid", "uniform"],
+                   help="pyramid: more in lower layers, linear down to mean/beta in the top one; uniform: the same "
+                        "in every layer (%(default)s)")
+    s.add_argument("--budget-beta", type=float, default=20.0, help="pyramid: top layer keeps mean/beta (%(default)s)")
+    s.add_argument("--observation-window", type=int, default=32,
+                   help="the last W prompt queries score the candidates (%(default)s)")
+    s.add_argument("--pooling", default="max", choices=["max", "avg"], help="score pooling (%(default)s)")
+    s.add_argument("--pool-kernel", type=int, default=7, help="odd pooling width (%(default)s)")
 
 
 def _cmd_compare(a) -> dict:
@@ -74,11 +118,14 @@ def _cmd_eval(a) -> dict:
     from .evaluate import kv_report, load_for_eval, perplexity
 
     model, tokenizer, cfg, proj = load_for_eval(a.model, a.dtype)
-    result = perplexity(model, _text_windows(tokenizer, a), cfg=cfg, projections=proj, progress=not a.quiet)
+    result = perplexity(model, _text_windows(tokenizer, a), cfg=cfg, projections=proj, progress=not a.quiet,
+                        prefix=a.prefix)
     del result["argmax"]
     result.pop("position_nll", None)  # per-position tensor: the CLI prints JSON
     result.update(kv_report(cfg, model.config, a.context, model.dtype))
     result.update(model=a.model, engine="hf", context=a.context, dtype=str(model.dtype).removeprefix("torch."))
+    if a.prefix is not None:
+        result["prefix"] = a.prefix
     return result
 
 
@@ -136,6 +183,7 @@ def _add_convert(sub) -> None:
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.add_argument("--device", type=_device, default="cpu",
                    help="where the calibration forward passes run, in fp32 (cpu, cuda); fitting runs on the CPU")
+    _add_budget_options(s)
     s.set_defaults(fn=_cmd_convert)
 
 
@@ -185,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_compare(sub)
 
+    s = sub.add_parser("budget", help="set or remove the per-layer token budgets of a DAR-converted checkpoint in "
+                       "place (no reconversion)")
+    s.add_argument("model", help="a DAR-converted checkpoint")
+    _add_budget_options(s)
+    s.add_argument("--clear", action="store_true", help="remove the budgets (every distant token kept)")
+    s.set_defaults(fn=_cmd_budget)
+
     s = sub.add_parser("heal", help="distil the full model into a DAR-converted one (trains the projections, "
                        "optionally attention weights)")
     s.add_argument("dar_dir", help="a DAR-converted checkpoint (vllm-dar convert)")
@@ -230,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--text", nargs="+", required=True, metavar="FILE")
             s.add_argument("--context", type=int, default=2048)
             s.add_argument("--max-windows", type=int, default=None)
+            s.add_argument("--prefix", type=int, default=None, metavar="P",
+                           help="score only each window's continuation after a P-token prompt (hf engine; needed "
+                                "for token budgets, which evict at the prompt's end)")
         else:
             s.add_argument("--prompt-file", required=True)
             s.add_argument("--max-tokens", type=int, default=32)

@@ -11,7 +11,8 @@ On disk (``config.json``)::
       "projection_file": "dar/projections.safetensors",
       "window": [64, 64, ...],         # per layer: full-width recent positions, current token included (0: none)
       "key_rank": [16, ...],           # per layer: reduced key width per projection group
-      "value_rank": [16, ...]          # per layer: reduced value width per projection group
+      "value_rank": [16, ...],         # per layer: reduced value width per projection group
+      "budget": {...}                  # optional: per-layer token budgets of distant tokens (BudgetConfig)
     }
 
 Every error names the field and the bad value, so a malformed section fails loudly at load time.
@@ -54,6 +55,7 @@ reduced K/V, all-reduced from the ranks' partial projections) (``DarConfig.far_s
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -231,6 +233,180 @@ class LayerDar:
         return (context - full) * self.reduced_elems() + full * self.slot_elems
 
 
+BUDGET_KINDS = ("fraction", "tokens")
+BUDGET_SCHEDULES = ("pyramid", "uniform", "explicit")
+POOLINGS = ("max", "avg")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Per-layer token budgets (PyramidKV, arXiv 2406.02069): how many of a request's distant prompt tokens each
+    layer keeps in its far cache, chosen SnapKV-style. On disk, the ``dar`` section's ``budget`` object::
+
+        "budget": {
+          "kind": "fraction",          # per_layer holds fractions of a layer's candidates kept ("tokens": counts)
+          "per_layer": [0.19, ...],    # one per layer: the budget the engine applies
+          "observation_window": 32,    # the last W prompt queries score the candidates
+          "pooling": "max",            # "max" | "avg": 1-D pooling of the scores along positions
+          "pool_kernel": 7,            # odd pooling width
+          "schedule": "pyramid",       # how per_layer was made (pyramid | uniform | explicit; informational)
+          "mean": 0.1,                 # the mean budget asked for (informational)
+          "beta": 20                   # pyramid's min = mean / beta (informational)
+        }
+
+    Semantics, for a request whose prompt has ``P`` tokens, in layer ``l`` (window ``w``, ``S`` sinks):
+
+    * *protected*: the sinks (full width), and the last ``T = max(w - 1, W)`` prompt positions (the next token's
+      window, and the observation window itself); every generated token is kept too;
+    * *candidates*: positions ``[S, c)``, ``c = P - T`` (``candidates``); the layer keeps ``kept(l, n)`` of its
+      ``n`` candidates per projection group, those of the highest pooled score
+      (``vllm_dar.reference.select_kept``), and the far cache forgets the rest once the prompt is processed.
+    * *served* (``kept_span``): the kept entries are moved to the far-cache slots of positions ``[s0, c)``, just
+      below the positions kept in place, where ``s0`` is ``c - kept`` rounded down to the far cache's block
+      (``Bf`` tokens); the blocks below ``s0`` go back to vLLM's pool. So a layer keeps the ``c - s0 >= kept``
+      best candidates (the partial block's slots are allocated anyway), and nothing when no whole block would
+      be freed (``s0 <= S``). ``far_block=1`` is the exact budget.
+
+    Selection happens once per request, at the end of its prompt; positions that become distant later (the
+    protected tail, generated tokens) are kept at reduced width as without budgets. ``fraction`` 0 keeps no
+    candidate (window and sinks only, StreamingLLM-like); fraction 1 keeps every one (plain DAR).
+    """
+
+    kind: str
+    per_layer: tuple
+    observation_window: int = 32
+    pooling: str = "max"
+    pool_kernel: int = 7
+    schedule: str = "explicit"
+    mean: float | None = None
+    beta: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in BUDGET_KINDS:
+            raise DarConfigError(f"dar.budget.kind: {self.kind!r} is not one of {BUDGET_KINDS}")
+        if not isinstance(self.per_layer, tuple) or not self.per_layer:
+            raise DarConfigError(f"dar.budget.per_layer: expected a list of numbers, got {self.per_layer!r}")
+        for i, v in enumerate(self.per_layer):
+            if self.kind == "fraction" and not (_is_number(v) and 0 <= v <= 1):
+                raise DarConfigError(f"dar.budget.per_layer[{i}]: {v!r} must be a fraction in [0, 1] "
+                                     "(kind fraction)")
+            if self.kind == "tokens" and not (_is_int(v) and v >= 0):
+                raise DarConfigError(f"dar.budget.per_layer[{i}]: {v!r} must be an integer >= 0 (kind tokens)")
+        if not _is_int(self.observation_window) or self.observation_window < 1:
+            raise DarConfigError(f"dar.budget.observation_window: {self.observation_window!r} must be an "
+                                 "integer >= 1")
+        if self.pooling not in POOLINGS:
+            raise DarConfigError(f"dar.budget.pooling: {self.pooling!r} is not one of {POOLINGS}")
+        if not _is_int(self.pool_kernel) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise DarConfigError(f"dar.budget.pool_kernel: {self.pool_kernel!r} must be an odd integer >= 1")
+        if self.schedule not in BUDGET_SCHEDULES:
+            raise DarConfigError(f"dar.budget.schedule: {self.schedule!r} is not one of {BUDGET_SCHEDULES}")
+        for name in ("mean", "beta"):
+            v = getattr(self, name)
+            if v is not None and not (_is_number(v) and v >= 0):
+                raise DarConfigError(f"dar.budget.{name}: {v!r} must be a number >= 0")
+
+    def protected(self, window: int) -> int:
+        """Prompt positions at the end of the prompt never evicted in a layer of ``window``: ``max(w - 1, W)``."""
+        return max(window - 1, self.observation_window)
+
+    def candidates(self, prompt_len: int, window: int, sink_tokens: int) -> int:
+        """Candidates of a layer for a ``prompt_len``-token prompt: positions ``[S, P - T)`` (class docstring)."""
+        return max(0, prompt_len - self.protected(window) - sink_tokens)
+
+    def kept(self, layer: int, candidates: int) -> int:
+        """Candidates layer ``layer`` keeps out of ``candidates``: ``floor(f n + 1/2)`` for a fraction ``f``,
+        ``min(N, n)`` for a count ``N`` (the engine and the reference both call this)."""
+        b = self.per_layer[layer]
+        if self.kind == "fraction":
+            return min(candidates, int(b * candidates + 0.5))
+        return min(candidates, b)
+
+    def kept_span(self, layer: int, prompt_len: int, window: int, sink_tokens: int, far_block: int = 1
+                  ) -> tuple[int, int]:
+        """``(s0, c)``: after a ``prompt_len``-token prompt, layer ``layer``'s far cache holds its kept candidates
+        at the slots of positions ``[s0, c)`` and nothing below ``s0``; ``(0, c)`` when it evicts nothing (class
+        docstring). The engine's scheduler (``vllm_dar.plugin.spec.DarFarManager``), its compaction and the
+        reference all take the span from here."""
+        n = self.candidates(prompt_len, window, sink_tokens)
+        c = sink_tokens + n
+        s0 = (c - self.kept(layer, n)) // far_block * far_block
+        return (0, c) if s0 <= sink_tokens else (s0, c)
+
+    @classmethod
+    def make(cls, mean: float, num_layers: int, *, schedule: str = "pyramid", beta: float = 20.0,
+             **kw) -> BudgetConfig:
+        """Budgets of mean ``mean`` over ``num_layers`` layers: a fraction in [0, 1] when ``mean`` is a float, a
+        token count when it is an int (see ``parse_budget``). ``pyramid`` (PyramidKV's schedule): linear from
+        the lowest layer's ``2 mean - mean / beta`` down to the highest layer's ``mean / beta`` (when the top
+        exceeds what a layer can keep, a fraction's 1: the top is 1 and the bottom ``2 mean - 1``); ``uniform``:
+        ``mean`` in every layer."""
+        kind = "tokens" if _is_int(mean) else "fraction"
+        if not _is_number(mean) or mean < 0 or (kind == "fraction" and mean > 1):
+            raise DarConfigError(f"--token-budget: {mean!r} must be a fraction in [0, 1] or a token count >= 1")
+        if schedule == "uniform" or num_layers == 1:
+            values = [float(mean)] * num_layers
+        elif schedule == "pyramid":
+            if not _is_number(beta) or beta < 1:
+                raise DarConfigError(f"--budget-beta: {beta!r} must be a number >= 1")
+            lo = mean / beta
+            hi = 2 * mean - lo
+            if kind == "fraction" and hi > 1:
+                hi, lo = 1.0, 2 * mean - 1
+            values = [hi - (hi - lo) * i / (num_layers - 1) for i in range(num_layers)]
+        else:
+            raise DarConfigError(f"--budget-schedule: {schedule!r} is not one of pyramid, uniform")
+        per_layer = tuple(round(v) for v in values) if kind == "tokens" else tuple(round(v, 6) for v in values)
+        return cls(kind=kind, per_layer=per_layer, schedule=schedule, mean=mean,
+                   beta=beta if schedule == "pyramid" else None, **kw)
+
+    def to_json(self) -> dict:
+        d = {"kind": self.kind, "per_layer": list(self.per_layer), "observation_window": self.observation_window,
+             "pooling": self.pooling, "pool_kernel": self.pool_kernel, "schedule": self.schedule}
+        d.update({k: getattr(self, k) for k in ("mean", "beta") if getattr(self, k) is not None})
+        return d
+
+    @classmethod
+    def from_json(cls, section, num_layers: int) -> BudgetConfig:
+        if not isinstance(section, dict):
+            raise DarConfigError(f"dar.budget: expected an object, got {type(section).__name__}")
+        known = {"kind", "per_layer", "observation_window", "pooling", "pool_kernel", "schedule", "mean", "beta"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise DarConfigError(f"dar.budget: unknown field(s) {unknown}")
+        for required in ("kind", "per_layer"):
+            if required not in section:
+                raise DarConfigError(f"dar.budget.{required}: missing")
+        per_layer = section["per_layer"]
+        if not isinstance(per_layer, list) or len(per_layer) != num_layers:
+            raise DarConfigError(f"dar.budget.per_layer: expected a list of {num_layers} numbers (one per layer), "
+                                 f"got {per_layer!r}")
+        return cls(**{**section, "per_layer": tuple(per_layer)})
+
+    def describe(self) -> str:
+        v = self.per_layer
+        span = f"{v[0]}" if len(set(v)) == 1 else f"{v[0]}..{v[-1]}"
+        return f"token budget {self.kind} {span} ({self.schedule}), observation window {self.observation_window}"
+
+
+def parse_budget(text: str) -> float | int:
+    """``--token-budget``: a fraction in [0, 1] (``0.1``; ``0`` keeps no distant prompt token) or an integer
+    token count >= 1 (``512``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise DarConfigError(f"--token-budget: {text!r} is not a number") from None
+    if value >= 1 and value == int(value) and "." not in text and "e" not in text.lower():
+        return int(value)
+    if not 0 <= value <= 1:
+        raise DarConfigError(f"--token-budget: {text!r} must be a fraction in [0, 1] or an integer token count")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class DecodeBytes:
     """Bytes one decode step moves (``DarConfig.decode_bytes``): ``dar`` and ``full``, the K/V one sequence
@@ -253,6 +429,7 @@ class DarConfig:
     method: str = "pca"
     projection_file: str = PROJECTION_FILE
     format_version: int = FORMAT_VERSION
+    budget: BudgetConfig | None = None  # per-layer token budgets of distant tokens (None: every token kept)
     extra: dict = field(default_factory=dict)  # informational (calibration record); never read by the server
 
     def __post_init__(self):
@@ -271,6 +448,9 @@ class DarConfig:
             raise DarConfigError(f"dar.method: {self.method!r} must be a string")
         if not isinstance(self.extra, dict):
             raise DarConfigError(f"dar.extra: {self.extra!r} must be an object")
+        if self.budget is not None and len(self.budget.per_layer) != s.num_layers:
+            raise DarConfigError(f"dar.budget.per_layer: {len(self.budget.per_layer)} values for a model with "
+                                 f"{s.num_layers} layers")
         limit = self.group_dim
         for name, lo in (("window", 0), ("key_rank", 1), ("value_rank", 1)):
             values = getattr(self, name)
@@ -300,9 +480,33 @@ class DarConfig:
                         self.groups, self.group_dim)
 
     # ---- bytes (the byte model of the module docstring) ----
+    def evicted_positions(self, context: int, far_blocks: list[int] | None = None) -> list[int]:
+        """Per layer, the candidates the far cache forgets under token budgets for a request whose prompt is its
+        first ``context`` tokens (``BudgetConfig.kept_span``), at far blocks of ``far_blocks`` tokens (default:
+        the served layout's in the model dtype, ``far_block_tokens``; all 1: the exact budgets); all 0 without
+        budgets."""
+        n = self.shape.num_layers
+        if self.budget is None:
+            return [0] * n
+        far_blocks = self.far_block_tokens() if far_blocks is None else far_blocks
+        spans = [self.budget.kept_span(i, context, self.window[i], self.sink_tokens, far_blocks[i])
+                 for i in range(n)]
+        return [max(0, s0 - self.sink_tokens) for s0, _ in spans]
+
+    def far_block_tokens(self, window_block: int = PRICED_BLOCK_SIZE, window_itemsize: int = 1,
+                         far_itemsize: int = 1) -> list[int]:
+        """Tokens per far-cache block of each layer as one process serves this model (``far_block_sizes``), at
+        ``window_block``-token window blocks and the caches' element sizes (only their ratio matters)."""
+        slot = self.layer(0).slot_elems * window_itemsize
+        return far_block_sizes(window_block, slot, [self.layer(i).reduced_elems() * far_itemsize
+                                                    for i in range(self.shape.num_layers)])
+
     def kv_elems(self, context: int) -> int:
-        """K/V elements the DAR caches hold for one sequence of ``context`` tokens, all layers."""
-        return sum(self.layer(i).held_elems(context) for i in range(self.shape.num_layers))
+        """K/V elements the DAR caches hold for one sequence of ``context`` tokens, all layers (with token
+        budgets: a request right after its ``context``-token prompt, less ``evicted_positions``, as served)."""
+        evicted = self.evicted_positions(context)
+        return sum(self.layer(i).held_elems(context) - evicted[i] * self.layer(i).reduced_elems()
+                   for i in range(self.shape.num_layers))
 
     def kv_fraction(self, context: int) -> float:
         """``kv_elems`` over what full attention holds for the same sequence."""
@@ -322,7 +526,8 @@ class DarConfig:
     def rank_kv_bytes_per_token(self, context: int, itemsize: int, tp_size: int,
                                 far_itemsize: int | None = None) -> float:
         """``kv_bytes_per_token`` as one of ``tp_size`` tensor-parallel ranks holds it (module docstring)."""
-        far = context * self.far_elems_per_token()
+        evicted = self.evicted_positions(context)
+        far = sum((context - evicted[i]) * self.layer(i).reduced_elems() for i in range(self.shape.num_layers))
         window = self.kv_elems(context) - far
         far_itemsize = itemsize if far_itemsize is None else far_itemsize
         return (window * itemsize / tp_size + far * far_itemsize / self.far_shards(tp_size)) / context
@@ -349,8 +554,9 @@ class DarConfig:
         heads = s.num_heads + s.num_kv_heads  # Q_h, U_h per query head; K_g, V_g: G groups of J D / G inputs
         proj = sum(heads * s.head_dim * (lay.key_rank + lay.value_rank) for lay in layers)
         far_itemsize = itemsize if far_itemsize is None else far_itemsize
-        read = [(lay.read_elems(context), (context - lay.full_positions(context)) * lay.reduced_elems())
-                for lay in layers]  # (all, far) elements read
+        evicted = [n * lay.reduced_elems() for n, lay in zip(self.evicted_positions(context), layers)]
+        read = [(lay.read_elems(context) - ev, (context - lay.full_positions(context)) * lay.reduced_elems() - ev)
+                for lay, ev in zip(layers, evicted)]  # (all, far) elements read
         return DecodeBytes(dar=sum((n - far) * itemsize + far * far_itemsize for n, far in read),
                            full=s.kv_elems(context) * itemsize, projections=proj * PROJECTION_ITEMSIZE)
 
@@ -366,6 +572,8 @@ class DarConfig:
             "key_rank": list(self.key_rank),
             "value_rank": list(self.value_rank),
         }
+        if self.budget is not None:
+            d["budget"] = self.budget.to_json()
         if self.extra:
             d["extra"] = self.extra
         return d
@@ -375,7 +583,7 @@ class DarConfig:
         if not isinstance(section, dict):
             raise DarConfigError(f"dar: expected an object, got {type(section).__name__}")
         known = {"format_version", "method", "head_sharing", "sink_tokens", "projection_file",
-                 "window", "key_rank", "value_rank", "extra"}
+                 "window", "key_rank", "value_rank", "budget", "extra"}
         unknown = sorted(set(section) - known)
         if unknown:
             raise DarConfigError(f"dar: unknown field(s) {unknown}")
@@ -386,6 +594,8 @@ class DarConfig:
         for name in ("window", "key_rank", "value_rank"):
             v = kw[name]
             kw[name] = tuple(v) if isinstance(v, list) else v
+        if "budget" in kw:
+            kw["budget"] = BudgetConfig.from_json(kw["budget"], shape.num_layers)
         return cls(shape=shape, **kw)
 
     @classmethod
@@ -406,5 +616,5 @@ class DarConfig:
             return str(v[0]) if len(set(v)) == 1 else f"{min(v)}..{max(v)}"
         return (f"{self.shape.num_layers} layers, window {span(self.window)}, key rank {span(self.key_rank)}, "
                 f"value rank {span(self.value_rank)}, {self.sink_tokens} sink tokens, {self.head_sharing}, "
-                f"method {self.method}")
+                f"method {self.method}" + (f", {self.budget.describe()}" if self.budget is not None else ""))
 

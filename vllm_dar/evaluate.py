@@ -28,34 +28,44 @@ def kv_report(cfg: DarConfig | None, model_config, context: int, dtype: torch.dt
             "kv_fraction": round(cfg.kv_fraction(context), 5), "full_kv_bytes_per_token": full}
 
 
-def _dar_context(model, cfg, projections, kv_dtype=None, far_only=False):
+def _dar_context(model, cfg, projections, kv_dtype=None, far_only=False, prompt_len=None):
     if cfg is None and kv_dtype is None:
         return contextlib.nullcontext()
-    return dar_attention_enabled(model, cfg, projections, kv_dtype, far_only)
+    return dar_attention_enabled(model, cfg, projections, kv_dtype, far_only, prompt_len)
 
 
 @torch.no_grad()
 def perplexity(model, windows: list[list[int]], *, cfg: DarConfig | None = None, projections=None,
                reference_argmax: list[torch.Tensor] | None = None, progress: bool = True,
-               kv_dtype: torch.dtype | None = None, far_only: bool = False) -> dict:
-    """Token-level perplexity of ``model`` over ``windows`` (each scored from its first token).
+               kv_dtype: torch.dtype | None = None, far_only: bool = False, prefix: int | None = None) -> dict:
+    """Token-level perplexity of ``model`` over ``windows`` (each scored from its first token; with ``prefix``
+    ``P``, each window is a ``P``-token prompt and its continuation, and only the continuation's tokens are
+    scored: what a request prefilled with the prompt then decoding the continuation gets, teacher-forced. A
+    ``cfg`` with token budgets needs ``prefix``: it evicts at the prompt's end, and a window scored from its first
+    token would hide that).
 
-    The result's ``argmax`` holds the greedy next-token choice at every position; given another model's
+    The result's ``argmax`` holds the greedy next-token choice at every scored position; given another model's
     (``reference_argmax``), ``top1_agreement`` is the fraction of positions where both choose the same token
     (teacher-forced greedy agreement). When every window has the same length, ``position_nll`` [T-1] is the mean
     NLL of the prediction at each position (position t predicts token t+1). ``kv_dtype``: K/V as an FP8 KV cache
     of that dtype holds them (``vllm_dar.reference.dar_attention_sdpa``; with ``cfg=None``, the full model's;
     ``far_only``: only the reduced K/V).
     """
+    if cfg is not None and cfg.budget is not None and prefix is None:
+        raise ValueError("token budgets evict at the end of a prompt: score a continuation (--prefix P)")
+    first = 0 if prefix is None else prefix - 1  # the first scored prediction: position P - 1 predicts token P
+    if prefix is not None and any(not 1 <= prefix < len(w) for w in windows):
+        raise ValueError(f"--prefix {prefix}: every window must be longer than the prefix (got lengths "
+                         f"{sorted({len(w) for w in windows})})")
     nll, count, same = 0.0, 0, 0
     argmax, by_position = [], []
-    with _dar_context(model, cfg, projections, kv_dtype, far_only):
+    with _dar_context(model, cfg, projections, kv_dtype, far_only, prefix):
         for i, ids in enumerate(tqdm(windows, desc="scoring", unit="window", disable=not progress)):
             x = torch.tensor([ids])
-            logits = model(x, use_cache=False).logits[0, :-1].float()  # [T-1, V]
-            by_position.append(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none"))
+            logits = model(x, use_cache=False).logits[0, first:-1].float()  # [T-1-first, V]
+            by_position.append(torch.nn.functional.cross_entropy(logits, x[0, first + 1:], reduction="none"))
             nll += float(by_position[-1].sum())
-            count += len(ids) - 1
+            count += len(ids) - 1 - first
             argmax.append(logits.argmax(-1))
             if reference_argmax is not None:
                 same += int((argmax[-1] == reference_argmax[i]).sum())

@@ -43,6 +43,7 @@ publishes it in one swap); ``resume`` then ends where an uninterrupted run would
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import pickle
@@ -229,7 +230,8 @@ def distill_loss(model, ids: Tensor, cfg: DarConfig, layers: list[LayerProjectio
     teacher = model if teacher is None else teacher
     with torch.no_grad():
         t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state[:, start:]  # [B, N, hidden]
-    with dar_attention_enabled(model, cfg, layers):
+    # Token budgets (an inference-time eviction, kept in the healed checkpoint's config) are not trained under.
+    with dar_attention_enabled(model, dataclasses.replace(cfg, budget=None), layers):
         s_hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, start:]
     head = model.lm_head
     if head.bias is not None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import SUPPORTED_ARCHITECTURES, DarConfig, DarConfigError, ModelShape
-from .reference import LayerProjections, dar_attention_sdpa
+from .reference import LayerProjections, dar_attention_sdpa, select_kept
 
 ATTN_NAME = "vllm_dar"
 _STATE = "_vllm_dar_state"
@@ -92,26 +92,51 @@ def _attention_state(model, states: list[Callable]):
 
 
 def _dar_layer_fn(window: int, sink_tokens: int, proj: LayerProjections | None, kv_dtype: torch.dtype | None = None,
-                  far_only: bool = False):
+                  far_only: bool = False, budget=None, layer: int = 0, prompt_len: int | None = None,
+                  far_block: int = 1):
+    """One layer's attention. With a token ``budget`` (``vllm_dar.config.BudgetConfig``) the layer selects what
+    its far cache keeps at the end of the prompt (``vllm_dar.reference.select_kept``, at the served far cache's
+    ``far_block``) and hides the rest from later queries: ``prompt_len`` given, every call is one teacher-forced
+    pass over prompt and continuation and selects from its own queries; ``None``, the first call is the prompt
+    (a generation's prefill) and its selection holds for the calls after it."""
+    made: dict = {}
+
     def fn(module, q, k, v, scaling):
+        evicted, p_len = None, 0
+        if budget is not None and proj is not None:
+            p_len = prompt_len if prompt_len is not None else made.setdefault("prompt_len", k.shape[2])
+            if prompt_len is not None or "evicted" not in made:
+                if q.shape[2] != k.shape[2] or k.shape[2] < p_len:
+                    raise RuntimeError(f"token budgets: the selecting call must hold the whole prompt ({p_len} "
+                                       f"positions) as queries and keys, got {q.shape[2]} and {k.shape[2]}")
+                made["evicted"] = select_kept(q, k, proj, budget, layer, window=window, sink_tokens=sink_tokens,
+                                              prompt_len=p_len, scale=scaling, far_block=far_block)
+            evicted = made["evicted"]
         out = dar_attention_sdpa(q, k, v, proj, window=window, sink_tokens=sink_tokens, scale=scaling,
-                                 kv_dtype=kv_dtype, far_only=far_only)
+                                 kv_dtype=kv_dtype, far_only=far_only, evicted=evicted, prompt_len=p_len)
         return out.transpose(1, 2).contiguous(), None  # transformers wants [B, Tq, H, D]
     return fn
 
 
 @contextlib.contextmanager
 def dar_attention_enabled(model, cfg: DarConfig | None, projections: list[LayerProjections] | None,
-                          kv_dtype: torch.dtype | None = None, far_only: bool = False):
+                          kv_dtype: torch.dtype | None = None, far_only: bool = False,
+                          prompt_len: int | None = None):
     """Run ``model`` with reference DAR attention (``cfg=None``: standard attention through the same path);
     ``kv_dtype``: K/V read back as an FP8 KV cache of that dtype stores them (``far_only``: the reduced K/V
-    only; ``dar_attention_sdpa``)."""
+    only; ``dar_attention_sdpa``). A ``cfg`` with token budgets selects at the end of the prompt: at
+    ``prompt_len`` in every forward pass (teacher-forced scoring), or, ``None``, at the end of the first forward
+    pass of the block (one generation's prompt; ``_dar_layer_fn``); it keeps what the served far cache keeps,
+    whose blocks are those of one process serving the model in its dtype (``DarConfig.far_block_tokens``)."""
     n = len(attention_modules(model))
     if cfg is None:
         states = [_dar_layer_fn(0, 0, None, kv_dtype) for _ in range(n)]
     else:
-        states = [_dar_layer_fn(cfg.window[i], cfg.sink_tokens, projections[i], kv_dtype, far_only)
-                  for i in range(n)]
+        itemsize = next(model.parameters()).dtype.itemsize
+        far_blocks = cfg.far_block_tokens(window_itemsize=1 if kv_dtype is not None and not far_only else itemsize,
+                                          far_itemsize=1 if kv_dtype is not None else itemsize)
+        states = [_dar_layer_fn(cfg.window[i], cfg.sink_tokens, projections[i], kv_dtype, far_only, cfg.budget, i,
+                                prompt_len, far_blocks[i]) for i in range(n)]
     with _attention_state(model, states):
         yield model
 

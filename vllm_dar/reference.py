@@ -11,6 +11,12 @@ position ``t`` and a key/value at position ``s <= t``:
 One softmax runs over both sets, with the model's usual scale. ``window = 0`` reduces every position (the paper's
 "uniform" ablation) except the sinks. Projections act on post-RoPE queries and keys.
 
+**Token budgets** (``vllm_dar.config.BudgetConfig``): at the end of a ``P``-token prompt each layer keeps only
+``kept`` of its candidate distant positions per projection group (``select_kept``); queries after the prompt
+(positions ``>= P``) then see the other candidates nowhere (``evicted``). Queries inside the prompt see every
+position: the prompt is prefilled before selection. This is exactly prefill-then-decode, so teacher-forced
+scoring of a continuation in one pass measures what a served request gets.
+
 Shapes: ``B`` batch, ``H`` query heads, ``J`` KV heads, ``G`` projection groups (``J`` per-head, 1 joint),
 ``D`` head_dim, ``Dg = D * J / G``, ``rk``/``rv`` key/value ranks, ``Tq`` queries, ``Tk`` keys.
 """
@@ -87,6 +93,87 @@ def dar_masks(tq: int, tk: int, *, window: int, sink_tokens: int, q_offset: int 
     return full, causal & ~full
 
 
+def select_kept(q: Tensor, k: Tensor, proj: LayerProjections, budget, layer: int, *, window: int,
+                sink_tokens: int, prompt_len: int, scale: float | None = None, far_block: int = 1) -> Tensor:
+    """SnapKV selection at reduced width: which candidate positions layer ``layer``'s far cache forgets.
+
+    q: [B, H, >= P, D], k: [B, J, >= P, D] (post-RoPE; only the first ``P = prompt_len`` positions are read).
+    Returns ``evicted`` [B, G, P] bool: True at the candidates (``budget.candidates``: ``[S, P - T)``) that group
+    ``g`` does not keep; False everywhere else.
+
+    Score of candidate ``s`` for group ``g``: the softmax over the candidates of each observation query's reduced
+    score ``(q Q_j) . (k_s K_g) * scale`` (the last ``min(W, P)`` prompt queries, every query head of the group),
+    summed over those queries and heads, then pooled along positions (``budget.pooling`` over
+    ``budget.pool_kernel`` neighbours, edges not padded into the mean or max). The group keeps the ``c - s0``
+    candidates of highest pooled score (ties to the lower position), ``budget.kept_span`` at far blocks of
+    ``far_block`` tokens (1: exactly ``budget.kept(layer, n)``; the served far cache's block: what the engine
+    keeps).
+    Normalising over the candidates alone, not over every key a query sees as SnapKV does, makes a score depend
+    only on the far cache and the queries, so the engine computes it from what it holds.
+    """
+    b, _, _, d = q.shape
+    g = proj.groups
+    n = budget.candidates(prompt_len, window, sink_tokens)
+    evicted = torch.zeros(b, g, prompt_len, dtype=torch.bool, device=q.device)
+    s0, c = budget.kept_span(layer, prompt_len, window, sink_tokens, far_block)
+    if s0 == 0:
+        return evicted
+    keep = c - s0
+    scale = d ** -0.5 if scale is None else scale
+    p = proj.to(dtype=torch.float32, device=q.device)
+    w_obs = min(budget.observation_window, prompt_len)
+    qr = reduce_queries(q[:, :, prompt_len - w_obs:prompt_len].float(), p.q_proj)  # [B, H, W, rk]
+    kr = reduce_kv(k[:, :, sink_tokens:sink_tokens + n].float(), p.k_down)  # [B, G, n, rk]
+    order = kept_order(snap_scores(qr, kr, scale, budget.pooling, budget.pool_kernel), keep)  # [B, G, keep]
+    kept = torch.zeros(b, g, n, dtype=torch.bool, device=q.device).scatter_(-1, order, True)
+    evicted[..., sink_tokens:sink_tokens + n] = ~kept
+    return evicted
+
+
+def snap_scores(qr: Tensor, kr: Tensor, scale: float, pooling: str, kernel: int) -> Tensor:
+    """Pooled SnapKV scores of ``select_kept``: reduced observation queries qr [B, H, W, rk] against reduced
+    candidate keys kr [B, G, n, rk] (head h reads group ``h // (H / G)``) -> [B, G, n] fp32."""
+    b, h, _, _ = qr.shape
+    g, n = kr.shape[1], kr.shape[2]
+    kr = kr.float().repeat_interleave(h // g, dim=1)  # [B, H, n, rk]
+    probs = torch.softmax(torch.matmul(qr.float(), kr.transpose(-1, -2)) * scale, dim=-1)  # [B, H, W, n]
+    return pool_scores(probs.sum(2).reshape(b, g, h // g, n).sum(2), pooling, kernel)
+
+
+def kept_order(score: Tensor, keep: int) -> Tensor:
+    """Indices [..., keep] of the ``keep`` highest scores along the last axis, ascending (positions in order);
+    ties go to the lower index (a stable sort), in the reference and the engine alike."""
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :keep]
+    return torch.sort(order, dim=-1).values
+
+
+def pool_scores(score: Tensor, pooling: str, kernel: int) -> Tensor:
+    """1-D pooling of [..., n] scores along the last axis, stride 1, same length: ``max`` or ``avg`` over the
+    ``kernel`` neighbours inside ``[0, n)`` (the average divides by how many are inside)."""
+    if kernel == 1:
+        return score
+    shape, x = score.shape, score.reshape(-1, 1, score.shape[-1])
+    pad = kernel // 2
+    if pooling == "max":
+        out = torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=pad)
+    else:
+        out = torch.nn.functional.avg_pool1d(x, kernel, stride=1, padding=pad, count_include_pad=False)
+    return out.reshape(shape)
+
+
+def evicted_pairs(evicted: Tensor, heads: int, q_pos: Tensor, prompt_len: int, k0: int, k1: int) -> Tensor:
+    """[B, H, Tq, k1 - k0] bool: the pairs of queries at ``q_pos`` [Tq] and keys at ``[k0, k1)`` that an
+    ``evicted`` [B, G, P] selection hides: evicted keys, for queries at ``>= prompt_len`` (a group's heads share
+    its selection)."""
+    b, g, p = evicted.shape
+    ev = torch.zeros(b, g, k1 - k0, dtype=torch.bool, device=evicted.device)
+    if k0 < p:
+        ev[..., :min(k1, p) - k0] = evicted[..., k0:min(k1, p)]
+    ev = ev.repeat_interleave(heads // g, dim=1)  # [B, H, k1 - k0]
+    after = (q_pos >= prompt_len).to(evicted.device)  # [Tq]
+    return ev.unsqueeze(2) & after.view(1, 1, -1, 1)
+
+
 def dar_attention(
     q: Tensor,
     k: Tensor,
@@ -98,15 +185,18 @@ def dar_attention(
     scale: float | None = None,
     q_offset: int | Tensor | None = None,
     return_lse: bool = False,
+    evicted: Tensor | None = None,
+    prompt_len: int = 0,
 ):
     """DAR attention. q: [B, H, Tq, D]; k, v: [B, J, Tk, D] (full-width, post-RoPE) -> [B, H, Tq, D].
 
     ``q_offset`` is the position of the first query (default ``Tk - Tq``: the queries are the last tokens), or a
-    [Tq] tensor with each query's position.
+    [Tq] tensor with each query's position. ``evicted`` [B, G, P] (``select_kept``): reduced pairs on those
+    positions are hidden from queries at positions ``>= prompt_len`` (token budgets).
     ``proj=None`` means standard causal attention. Computes in fp32 and returns the input dtype; with
     ``return_lse`` also the natural-log sum of exponentiated scores, [B, H, Tq] fp32.
     """
-    b, h, tq, d = q.shape
+    _, h, tq, d = q.shape
     j, tk = k.shape[1], k.shape[2]
     rep = h // j
     scale = d ** -0.5 if scale is None else scale
@@ -114,6 +204,9 @@ def dar_attention(
     if proj is None:
         window, sink_tokens = 1 << 62, 0  # every causal pair at full width
     full, red = dar_masks(tq, tk, window=window, sink_tokens=sink_tokens, q_offset=q_offset, device=q.device)
+    if evicted is not None and proj is not None:
+        q_pos = q_offset if isinstance(q_offset, Tensor) else torch.arange(q_offset, q_offset + tq)
+        red = red & ~evicted_pairs(evicted, h, q_pos, prompt_len, 0, tk)  # [B, H, Tq, Tk]
 
     qf, kf, vf = q.float(), k.float(), v.float()
     s_full = torch.matmul(qf, kf.repeat_interleave(rep, dim=1).transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
@@ -156,7 +249,8 @@ def reconstruct_kv(k: Tensor, v: Tensor, proj: LayerProjections,
 
 def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections | None, *, window: int,
                        sink_tokens: int = 0, scale: float | None = None, chunk: int = 128,
-                       kv_dtype: torch.dtype | None = None, far_only: bool = False) -> Tensor:
+                       kv_dtype: torch.dtype | None = None, far_only: bool = False,
+                       evicted: Tensor | None = None, prompt_len: int = 0) -> Tensor:
     """Same result as ``dar_attention`` (queries are the last Tq positions), through fused SDPA calls over
     the concatenated keys ``[k; k~]`` with a mask that picks, per pair, the full or the reduced copy.
     q: [B, H, Tq, D], k, v: [B, J, Tk, D] -> [B, H, Tq, D] in q's dtype (computed in fp32, unless an autocast
@@ -172,7 +266,8 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
     ``kv_dtype`` (an FP8 dtype or None): every key and value, full width and reduced, read back as an FP8 cache
     of that dtype stores it (scale 1, vLLM's default), the query's own position included, as the served ops
     do (they round the chunk's own K/V as the window cache stores them). ``far_only``:
-    only the reduced K/V (a far cache in FP8, the window cache in the model dtype)."""
+    only the reduced K/V (a far cache in FP8, the window cache in the model dtype). ``evicted``, ``prompt_len``:
+    token budgets, as ``dar_attention``."""
     tq, tk = q.shape[2], k.shape[2]
     qf, kf, vf = q.float(), k.float(), v.float()
     if proj is not None:  # from the unrounded K/V: the far cache stores reduced K/V of the layer's own K/V
@@ -197,6 +292,10 @@ def dar_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, proj: LayerProjections |
         keys = torch.cat([kf[:, :, s] for s in full_idx] + [k_rec[:, :, sinks:red_end]], dim=2)
         values = torch.cat([vf[:, :, s] for s in full_idx] + [v_rec[:, :, sinks:red_end]], dim=2)
         mask = torch.cat([full[a:b, s] for s in full_idx] + [red[a:b, sinks:red_end]], dim=1)
+        if evicted is not None and last >= prompt_len:
+            hide = evicted_pairs(evicted, q.shape[1], torch.arange(first, last + 1), prompt_len, sinks, red_end)
+            mask = mask.expand(q.shape[0], q.shape[1], -1, -1).clone()
+            mask[..., mask.shape[-1] - (red_end - sinks):] &= ~hide
         outs.append(torch.nn.functional.scaled_dot_product_attention(
             qf[:, :, a:b], keys, values, attn_mask=mask, scale=scale, enable_gqa=True))
     return torch.cat(outs, dim=2).to(q.dtype)

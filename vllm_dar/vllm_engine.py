@@ -93,6 +93,12 @@ def vllm_perplexity(model: str, text: list[str], *, context: int, max_windows: i
                     dtype: str | None) -> dict:
     from transformers import AutoTokenizer
 
+    from .config import DarConfig
+
+    cfg = DarConfig.from_model_dir(model) if os.path.isdir(model) else None
+    if cfg is not None and cfg.budget is not None:
+        raise ValueError("token budgets evict at the end of a prompt, and vLLM scores a window as one prompt (every "
+                         "position present): score the continuation with --engine hf --prefix P")
     windows = token_windows(AutoTokenizer.from_pretrained(model), text, context=context, max_windows=max_windows)
     with served(model, max_model_len=context + 1, dtype=dtype) as llm:
         return {**windows_perplexity(llm, windows), "engine": "vllm", "model": model, "context": context}

@@ -8,9 +8,10 @@
 //  * full width ({s <= t: t - s < w or s < S}): cached sinks and window history from the window cache, the
 //    chunk's own positions from the fresh key/value (rounded once per call as an FP8 window cache stores them,
 //    so that a token's output does not depend on how its prompt was chunked); row-wise dot products at width D;
-//  * reduced width ([S, t - w]): per far block (or span of one, for caches widened into scratch), scores
-//    (q Q_h) . k~ for every row, one online-softmax rescale per span and row, values accumulated at width rv;
-//    projected up by U_h once per row at the end. The next span is prefetched into L2 while this one computes.
+//  * reduced width ([S, t - w], from the first real far block under token budgets): per far block (or span of
+//    one, for caches widened into scratch), scores (q Q_h) . k~ for every row, one online-softmax rescale per
+//    span and row, values accumulated at width rv; projected up by U_h once per row at the end. The next span is
+//    prefetched into L2 while this one computes.
 // bf16 and FP8 caches are widened to fp32 on load (FP8 times the layer's k_scale / v_scale); all arithmetic is
 // fp32; the output is written in the query dtype. The vector paths are written once against simd16.h's 16-lane
 // type (AVX-512, or AVX2 + FMA + F16C); an FP8 window cache needs the vector full-width path (D a multiple of 16,
@@ -575,7 +576,12 @@ static void run_item(const Args<T, WT, FT>& a, int64_t r, int64_t g, int64_t q0,
   const int64_t seg = in_place ? Bf : std::min(Bf, std::max<int64_t>(16, kWidenFloats / C / 16 * 16));
   auto span_end = [&](int64_t s) { return std::min({max_lo, (s / Bf + 1) * Bf, s + seg}); };
   auto span_rows = [&](int64_t s) { return a.fcache + a.ftable[r * a.mf + s / Bf] * a.fbs + (g * Bf + s % Bf) * C; };
-  for (int64_t s0 = a.sinks, s1; s0 < max_lo; s0 = s1) {
+  // Token budgets null the far blocks below a compacted prompt's kept span (vllm_dar/ops/paged.py far_start):
+  // far positions start at the request's first real block, never below the sinks.
+  int64_t first_block = 0;
+  const int32_t* frow = a.ftable + r * a.mf;
+  while (first_block < a.mf && first_block * Bf < max_lo && frow[first_block] == 0) ++first_block;
+  for (int64_t s0 = std::max(a.sinks, first_block * Bf), s1; s0 < max_lo; s0 = s1) {
     s1 = span_end(s0);
     const int64_t ns = s1 - s0;
     // The span's rows [ns, C]: read in place when fp32, widened into scratch when bf16 or FP8 (times the scales).

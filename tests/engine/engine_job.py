@@ -7,8 +7,8 @@ JOB: {"model": DIR, "engine": {LLM kwargs}, "max_tokens": N, "runs": [[prompt to
 "score": [[token ids], ...] (optional: windows scored by prompt log-probabilities, after the runs),
 "processes": bool}.
 Runs are generated one after another on the same engine (the second run of a repeated prompt can hit the
-prefix cache). OUT: {"runs": [[{"tokens": [...], "cached": num_cached_tokens, "logprobs": [...] | null}, ...],
-...],
+prefix cache). OUT: {"runs": [[{"tokens": [...], "cached": num_cached_tokens, "logprobs": [...] | null,
+"interval"/"preemptions" (``interval``)}, ...], ...],
 "kv_capacity_tokens": vLLM's logged KV cache capacity, "score": vllm_engine.windows_perplexity's result | null}.
 A separate process per engine: one engine's settings never leak into the next. Inside it, the engine core
 and the worker run in that one process (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor "uni": vLLM and the plugin
@@ -27,6 +27,15 @@ def logprobs(completion) -> list[float] | None:
     if completion.logprobs is None:
         return None
     return [step[tok].logprob for tok, step in zip(completion.token_ids, completion.logprobs)]
+
+
+def interval(output) -> dict:
+    """With per-request stats (``"disable_log_stats": false``): the request's [scheduled, last token] times on
+    the engine core's clock and its preemptions (the intervals' overlap is how many ran at once)."""
+    m = output.metrics
+    if m is None or not getattr(m, "scheduled_ts", 0):
+        return {}
+    return {"interval": [m.scheduled_ts, m.last_token_ts], "preemptions": m.num_preemptions}
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -50,7 +59,7 @@ def main(job_path: str, out_path: str) -> None:
         for prompts in job["runs"]:
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             runs.append([{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens or 0,
-                          "logprobs": logprobs(o.outputs[0])} for o in outs])
+                          "logprobs": logprobs(o.outputs[0]), **interval(o)} for o in outs])
         score = windows_perplexity(llm, job["score"]) if job.get("score") else None
         capacity = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
     finally:

@@ -2,10 +2,12 @@
 manager."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -145,3 +147,35 @@ def test_far_block_sizes_fit_the_window_page():
         assert all(b % window_block == 0 and b * f <= window_block * 384 or b == window_block
                    for b, f in zip(blocks, range(8, 385, 8)))
         assert math.lcm(*blocks) <= 1024
+
+
+def test_far_manager_frees_the_blocks_below_a_compacted_prompt():
+    """Token budget 0.25 of the candidates, window 6, 3 sinks, W 4, far blocks of 4: a 40-token prompt has
+    candidates [3, 35) (32), keeps 8, so s0 = 27 // 4 * 4 = 24. Nothing is freed during the prefill step; once
+    it is processed, blocks 0-5 go back to the pool; decoding appends blocks as usual; a preempted request that
+    comes back is compacted at its new prefill end (prompt + output so far)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_dar.plugin.spec import DarFarManager, DarFarSpec
+
+    spec = DarFarSpec(block_size=4, num_kv_heads=1, head_size=8, dtype=torch.float32, window=6, sink_tokens=3,
+                      budget_kind="fraction", budget=0.25, observation_window=4)
+    assert isinstance(spec, FullAttentionSpec) and spec.evict_below(40) == 24 and spec.evict_below(8) == 0
+    # vLLM puts layers whose specs merge in one KV cache group (one block table): equal budgets only
+    assert DarFarSpec.merge([spec, spec]) == spec
+    with pytest.raises(ValueError):
+        DarFarSpec.merge([spec, dataclasses.replace(spec, budget=0.5)])
+    manager = _manager(DarFarManager, spec)
+    _step(manager, 40, 0, 40)
+    assert _real(manager) == [True] * 10 and manager.block_pool.get_num_free_blocks() == 63 - 10
+    _step(manager, 41, 40, 41)  # the prefill step was processed: compaction done in the worker
+    assert _real(manager) == [False] * 6 + [True] * 5
+    assert manager.block_pool.get_num_free_blocks() == 63 - 5
+    for n in range(42, 50):
+        _step(manager, n, n - 1, n)  # vLLM's prefill_end grows with a decoding request: no second eviction
+    assert _real(manager) == [False] * 6 + [True] * 7
+    manager.free("r")
+    assert manager.block_pool.get_num_free_blocks() == 63
+    _step(manager, 49, 0, 49)  # resumed: recomputes 49 tokens; candidates [3, 44), keeps 10 -> s0 = 32
+    _step(manager, 50, 49, 50)
+    assert _real(manager) == [False] * 8 + [True] * 5

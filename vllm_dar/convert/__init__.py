@@ -12,7 +12,7 @@ import time
 import torch
 
 from ..checkpoint import write_converted
-from ..config import PRICED_BLOCK_SIZE, DarConfig, DarConfigError, ModelShape
+from ..config import PRICED_BLOCK_SIZE, BudgetConfig, DarConfig, DarConfigError, ModelShape
 from ..data import split_files, token_windows
 from ..hf import load_model
 from .calibrate import LayerStats, calibrate
@@ -134,6 +134,7 @@ def convert(
     force: bool = False,
     progress: bool = True,
     device: str = "cpu",
+    budget: BudgetConfig | None = None,
 ) -> DarConfig:
     """Convert the Hugging Face checkpoint ``src`` into a DAR-converted checkpoint at ``out``.
 
@@ -141,6 +142,7 @@ def convert(
     calibration part of python3.11-doc's sources); ``device``: where the calibration forward passes run
     (fp32; fitting and scheduling run on the CPU). Every setting is validated before the minutes-long
     calibration, and nothing is written on an error. The returned config's ``extra`` records the calibration.
+    ``budget``: per-layer token budgets written into the ``dar`` section (``vllm-dar budget`` changes them later).
     """
     recipe = Recipe(window=window, key_rank=key_rank, value_rank=value_rank, sink_tokens=sink_tokens,
                     schedule=schedule, method=method, head_sharing=head_sharing, kv_budget=kv_budget,
@@ -151,6 +153,9 @@ def convert(
 
     shape = ModelShape.from_hf_config(read_config(src))
     recipe.check(shape)
+    if budget is not None and len(budget.per_layer) != shape.num_layers:
+        raise DarConfigError(f"dar.budget.per_layer: {len(budget.per_layer)} values for a model with "
+                             f"{shape.num_layers} layers")
     t0 = time.time()
     model, stats, record = calibrate_model(src, calib_files=calib_files, calib_tokens=calib_tokens,
                                            context=context, sink_tokens=sink_tokens, progress=progress,
@@ -163,6 +168,6 @@ def convert(
                                 qk_reg=qk_reg, fit_steps=fit_steps, progress=progress)
     record.update(cfg.extra, seconds=round(time.time() - t0, 1), kv_fraction_at_context=round(
         cfg.kv_fraction(context), 4), reserved_fraction_at_context=round(cfg.reserved_fraction(context), 4))
-    cfg = DarConfig(**{**cfg.__dict__, "extra": record})
+    cfg = DarConfig(**{**cfg.__dict__, "extra": record, "budget": budget})
     write_converted(src, out, cfg, projections, force=force)
     return cfg

@@ -8,7 +8,10 @@ Two caches per DAR layer, both in our own layout ``[num_blocks, heads, block_siz
 * the **window cache** holds full-width K/V (``J`` heads, ``D + D``) of the sink tokens and of the window
   before the chunk (the chunk's own K/V come from the forward pass); its block table may list blocks the
   scheduler freed or never allocated (null), so only those positions are ever read;
-* the **far cache** holds reduced K/V (``G`` projection groups, ``rk + rv``) of every token.
+* the **far cache** holds reduced K/V (``G`` projection groups, ``rk + rv``) of every token; under token budgets
+  (``vllm_dar.config.BudgetConfig``) a request's far table starts with null blocks (block 0) below its kept
+  span once its prompt is compacted (``compact_prompts``), and its far positions start at its first real block
+  (``far_start``): the slots of ``[s0, c)`` then hold the kept candidates, whatever their positions were.
 
 Each cache is in the model dtype or in an FP8 dtype (``--kv-cache-dtype fp8*``; the pairs served:
 ``vllm_dar.kv_dtype.cache_dtypes``): an FP8 cache stores keys and reduced keys as
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor
 
 from vllm_dar.kv_dtype import dequantize, quantize, round_trip
-from vllm_dar.reference import LayerProjections
+from vllm_dar.reference import LayerProjections, kept_order, snap_scores
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,68 @@ def gather_positions(cache: Tensor, block_row: Tensor, positions: Tensor) -> Ten
     return cache[blocks, :, positions % block_size, :]
 
 
+def far_start(far_row: Tensor, block_size: int, sink_tokens: int) -> int:
+    """The first far position a request's cache holds: that of its first block that is not vLLM's null block
+    (token budgets null the blocks below a compacted prompt's kept span), never below the sinks (read at full
+    width from the window cache)."""
+    real = torch.nonzero(far_row != 0)
+    return max(sink_tokens, (int(real[0]) if real.numel() else 0) * block_size)
+
+
+def compact_prompts(query: Tensor, *, far_cache: Tensor, far_table: Tensor, query_start_loc: list[int] | Tensor,
+                    seq_lens: list[int] | Tensor, is_prefilling: list[bool] | Tensor, proj: PagedProjections, budget,
+                    layer: int, window: int, sink_tokens: int, scale: float, k_scale: float = 1.0) -> dict[int, int]:
+    """Token budgets, after one layer's attention of a step: each request whose prompt this step prefilled whole
+    (a budget model's prompts are never chunked: ``vllm_dar.plugin.model.configure_budgets``) keeps its best
+    candidates in the far cache at the slots of ``[s0, c)`` (``BudgetConfig.kept_span`` at this cache's block),
+    each group its own, in position order. Returns ``{row: s0}`` for every request prefilled in this step (0:
+    nothing evicted): from the next step on its reads must start at ``s0``, which ``far_start`` finds where the
+    table's entries below ``s0`` are the null block (the scheduler frees those blocks once the step is processed:
+    ``vllm_dar.plugin.spec.DarFarManager``; the worker's own table never learns it, so the plugin reads through a
+    copy it nulls: ``vllm_dar.plugin.common.DarImplMixin._budget_far_table``).
+
+    Scores are ``vllm_dar.reference.select_kept``'s: this step's last ``W`` queries (query [T, H, D], post-RoPE)
+    reduced by ``proj``, against the reduced keys the far cache holds (read back as stored: FP8 times
+    ``k_scale``); the entries move as stored, unchanged. Runs once per request, a loop over the requests that
+    finish their prompt in this step."""
+    if isinstance(query_start_loc, Tensor):
+        query_start_loc, seq_lens, is_prefilling = (query_start_loc.tolist(), seq_lens.tolist(),
+                                                    is_prefilling.tolist())
+    block = far_cache.shape[2]
+    raw = far_cache.view(torch.uint8) if far_cache.element_size() == 1 else far_cache  # FP8 moves as bytes
+    rk = proj.k_down.shape[-1]
+    starts = {}
+    for r, prefilling in enumerate(is_prefilling[:len(seq_lens)]):
+        a, b, p = query_start_loc[r], query_start_loc[r + 1], seq_lens[r]
+        if not prefilling or b == a or int(far_table[r, 0]) == 0:  # a dummy row (warm-up) has only null blocks
+            continue
+        if b - a != p:
+            raise RuntimeError(f"vllm-dar: token budgets: a prompt of {p} tokens was prefilled in a chunk of {b - a}; "
+                               "budget models need each prompt in one step (chunked prefill and prefix caching "
+                               "off: vllm_dar.plugin.model.configure_budgets)")
+        s0, c = budget.kept_span(layer, p, window, sink_tokens, block)
+        starts[r] = s0
+        if s0 == 0:
+            continue
+        entries = gather_positions(raw, far_table[r], torch.arange(sink_tokens, c))  # [n, G, C] as stored
+        keys = dequantize(entries[..., :rk].view(far_cache.dtype), k_scale).transpose(0, 1)  # [G, n, rk]
+        w = min(budget.observation_window, p)
+        qr = query[b - w:b].float().transpose(0, 1) @ proj.q_proj  # [H, W, rk]
+        score = snap_scores(qr[None], keys[None], scale, budget.pooling, budget.pool_kernel)[0]  # [G, n]
+        order = kept_order(score, c - s0)  # [G, c - s0] ascending
+        kept = torch.gather(entries, 0, order.T.unsqueeze(-1).expand(-1, -1, entries.shape[-1]))  # [c - s0, G, C]
+        dst = torch.arange(s0, c)
+        raw[far_table[r][dst // block], :, dst % block, :] = kept
+    return starts
+
+
+def null_below(far_table: Tensor, starts: Tensor, block_size: int) -> Tensor:
+    """A copy of ``far_table`` [R, max_blocks] whose row ``r`` lists the null block (0) for every block wholly
+    below position ``starts[r]`` (a multiple of ``block_size``; 0: the row unchanged)."""
+    below = torch.arange(far_table.shape[1], device=far_table.device)[None, :] < (starts // block_size)[:, None]
+    return far_table.masked_fill(below, 0)
+
+
 def cached_full_positions(first_query: int, window: int, sink_tokens: int) -> Tensor:
     """History positions (before the chunk's first query) any query of the chunk sees at full width: the sinks,
     then the first query's window. Sorted, distinct, exactly what the window cache retains."""
@@ -132,7 +197,7 @@ def request_attention(q: Tensor, k_new: Tensor, v_new: Tensor, window_cache: Ten
     scores_full = (qf @ k_full.transpose(1, 2) * scale).masked_fill(~full_ok, float("-inf"))  # [H, Tq, Sf]
 
     red_end = max(sink_tokens, seq_len - window)  # the last query reduces positions < seq_len - window
-    red_pos = torch.arange(sink_tokens, red_end)  # [Sr]
+    red_pos = torch.arange(far_start(far_row, far_cache.shape[2], sink_tokens), red_end)  # [Sr]
     if red_pos.numel() == 0:
         probs = torch.softmax(scores_full, dim=-1)
         return (probs @ v_full).transpose(0, 1)  # [Tq, H, D]

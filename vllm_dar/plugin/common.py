@@ -40,10 +40,10 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from vllm_dar.config import DarConfigError, far_block_sizes
+from vllm_dar.config import BudgetConfig, DarConfigError, far_block_sizes
 from vllm_dar.kv_dtype import KV_CACHE_DTYPES, cache_dtypes
 from vllm_dar.ops import DarOps, cpp, select_ops
-from vllm_dar.ops.paged import PagedProjections, reduce_tokens, write_slots
+from vllm_dar.ops.paged import PagedProjections, compact_prompts, null_below, reduce_tokens, write_slots
 
 from .model import DarModel, check_engine, check_layer, log_summary, served_dar_model, shard_projections
 from .spec import DarFarCache, dar_block_size, window_spec
@@ -61,6 +61,7 @@ class DarMetadata:
     query_start_loc: list[int] | torch.Tensor  # R + 1 token offsets of each request's queries
     seq_lens: list[int] | torch.Tensor  # R: cached + scheduled tokens per request
     block_table: torch.Tensor  # [R, max_blocks] block ids of this group
+    is_prefilling: torch.Tensor | None = None  # [R] host bool: the request's prompt is (still) being prefilled
 
 
 class DarMetadataBuilder(AttentionMetadataBuilder[DarMetadata]):
@@ -85,7 +86,8 @@ class DarMetadataBuilder(AttentionMetadataBuilder[DarMetadata]):
         m, r = common_attn_metadata, common_attn_metadata.num_reqs
         query_start_loc, seq_lens = self.offsets(m, r)
         return DarMetadata(num_actual_tokens=m.num_actual_tokens, query_start_loc=query_start_loc,
-                           seq_lens=seq_lens, block_table=self.table(m, r))
+                           seq_lens=seq_lens, block_table=self.table(m, r),
+                           is_prefilling=None if m.is_prefilling is None else m.is_prefilling[:r])
 
 
 class DarBackend(AttentionBackend):
@@ -139,6 +141,7 @@ class DarLayer:
     window_dtype: torch.dtype | None  # FP8 dtype the window cache is read as (vLLM allocates it uint8); None: as given
     far_dtype: torch.dtype | None  # the same for the far cache (vllm_dar.kv_dtype.cache_dtypes)
     all_reduce_far: bool  # the projection group spans the tensor-parallel ranks: reduced K/V are partial sums
+    budget: BudgetConfig | None = None  # token budgets: compact each prompt's far cache after its prefill step
 
 
 def _far_block_sizes(vllm_config, model: DarModel, layer, tp_size: int, window_itemsize: int,
@@ -213,9 +216,13 @@ class DarImplMixin:
 
         window_storage, far_storage = storage(window_dtype), storage(far_dtype)
         far_block = _far_block_sizes(vc, model, layer, tp_size, window_storage.itemsize, far_storage.itemsize)[index]
+        budget = model.cfg.budget
+        far_budget = None if budget is None else {
+            "window": lay.window, "sink_tokens": lay.sink_tokens, "budget_kind": budget.kind,
+            "budget": budget.per_layer[index], "observation_window": budget.observation_window}
         DarFarCache(far_name, groups=proj.groups, key_rank=lay.key_rank, value_rank=lay.value_rank,
                     dtype=far_storage, block_size=far_block, backend=self.far_backend,
-                    static_forward_context=context)
+                    static_forward_context=context, budget=far_budget)
         layer.get_kv_cache_spec = functools.partial(window_spec, layer, window=lay.window,
                                                     sink_tokens=lay.sink_tokens, dtype=window_storage)
         layer.attn_backend = self.window_backend
@@ -225,6 +232,17 @@ class DarImplMixin:
             raise DarConfigError(f"vllm-dar: tensor_parallel_size={tp_size} with joint projections: the ranks' "
                                  "far-cache write (write_across_ranks) synchronises with the host, which CUDA graphs "
                                  "cannot capture; convert with --head-sharing per_head for tensor parallelism on GPUs")
+        if budget is not None and ops.name == "triton":
+            raise DarConfigError("vllm-dar: dar.budget: token budgets are served by the CPU ops (cpp, reference); "
+                                 "the Triton kernels do not read compacted far caches yet. Remove the budgets to "
+                                 "serve this checkpoint here: vllm-dar budget MODEL --clear")
+        if budget is not None and lay.sink_tokens < 1:
+            raise DarConfigError("vllm-dar: dar.budget with sink_tokens=0: token budgets need sink_tokens >= 1 (a "
+                                 "request's sink block, held for its life, is how each step finds its compacted "
+                                 "far cache again); convert with --sink-tokens 1 or more")
+        if budget is not None and tp_size != 1:
+            raise DarConfigError(f"vllm-dar: dar.budget with tensor_parallel_size={tp_size}: token budgets are served "
+                                 "on one rank only (each rank would select on its own heads); use 1")
         if far_dtype is not None and ops.name == "triton":
             raise DarConfigError(f"vllm-dar: kv_cache_dtype={vc.cache_config.cache_dtype!r}: the DAR Triton "
                                  "kernels read caches in the model dtype only; use 'auto' on this platform")
@@ -240,7 +258,8 @@ class DarImplMixin:
         device = layer._k_scale.device  # the layer's buffers live where its KV cache will (the worker's device)
         return DarLayer(index=index, far_name=far_name, window=lay.window, sink_tokens=lay.sink_tokens,
                         proj=PagedProjections.from_layer(proj, self.num_heads).to(device), ops=ops,
-                        window_dtype=window_dtype, far_dtype=far_dtype, all_reduce_far=all_reduce_far)
+                        window_dtype=window_dtype, far_dtype=far_dtype, all_reduce_far=all_reduce_far,
+                        budget=budget)
 
     def _caches(self, window_cache: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's (window cache, far cache), as the ops read them (FP8 views of vLLM's uint8 tensors);
@@ -284,10 +303,34 @@ class DarImplMixin:
         far = ctx.attn_metadata[self.dar.far_name]
         n = attn_metadata.num_actual_tokens
         window_cache, far_cache = self._caches(kv_cache, ctx)
+        budget = self.dar.budget is not None and attn_metadata.is_prefilling is not None
+        far_table = self._budget_far_table(far.block_table, attn_metadata, far_cache) if budget else far.block_table
         self.dar.ops.attend(query[:n], key[:n], value[:n], output[:n], window_cache=window_cache,
                             window_table=attn_metadata.block_table, far_cache=far_cache,
-                            far_table=far.block_table, query_start_loc=attn_metadata.query_start_loc,
+                            far_table=far_table, query_start_loc=attn_metadata.query_start_loc,
                             seq_lens=attn_metadata.seq_lens, proj=self.dar.proj, window=self.dar.window,
                             sink_tokens=self.dar.sink_tokens, scale=self.scale, k_scale=k_scale,
                             v_scale=v_scale)
+        if budget and bool(attn_metadata.is_prefilling.any()):
+            starts = compact_prompts(
+                query[:n], far_cache=far_cache, far_table=far.block_table, query_start_loc=attn_metadata.query_start_loc,
+                seq_lens=attn_metadata.seq_lens, is_prefilling=attn_metadata.is_prefilling, proj=self.dar.proj,
+                budget=self.dar.budget, layer=self.dar.index, window=self.dar.window,
+                sink_tokens=self.dar.sink_tokens, scale=self.scale, k_scale=k_scale)
+            for row, s0 in starts.items():
+                self._kept_from[int(attn_metadata.block_table[row, 0])] = s0
         return output
+
+    def _budget_far_table(self, far_table: torch.Tensor, window: DarMetadata, far_cache: torch.Tensor) -> torch.Tensor:
+        """The far table this layer's attention reads under token budgets: a copy in which each compacted
+        request's blocks below its kept span (``compact_prompts``) are the null block. vLLM tells a worker only of
+        blocks added to a request, so its table still lists the blocks the scheduler freed (and may have given to
+        another request). A request is found again across steps by its first window-cache block, its sinks' (held
+        for its life, so no other running request has it; ``sink_tokens >= 1`` is required): ``_kept_from`` maps
+        that block to the request's kept span start, written when its prompt is compacted, which overwrites what
+        an earlier owner of the block left. A request being prefilled reads its whole far cache."""
+        if getattr(self, "_kept_from", None) is None:  # [blocks of the pool] int32: kept span start (0: none)
+            self._kept_from = torch.zeros(far_cache.shape[0], dtype=torch.int32)
+        starts = self._kept_from[window.block_table[:, 0].long()]
+        starts = starts.masked_fill(window.is_prefilling, 0)
+        return null_below(far_table, starts, far_cache.shape[2])

@@ -63,11 +63,50 @@ def dar_model(model_dir: str) -> DarModel | None:
     return DarModel(cfg, tuple(projections))
 
 
+def has_budget(hf_config) -> bool:
+    """Whether the model's ``dar`` section sets token budgets (read from vLLM's config, before any loading)."""
+    dar = getattr(hf_config, "dar", None)
+    return isinstance(dar, dict) and dar.get("budget") is not None
+
+
+def configure_budgets(vllm_config) -> None:
+    """A model with token budgets compacts each prompt's far cache at the end of the step that prefilled it
+    (``vllm_dar.ops.paged.compact_prompts``), so that step must hold the whole prompt and its far blocks must be
+    its own: chunked prefill and prefix caching go off for it (logged), and ``max_num_batched_tokens`` is raised
+    to ``max_model_len`` where it was below (what vLLM's CPU platform does for MLA models without chunked
+    prefill). Runs while vLLM builds its config (``vllm_dar.patches.dar_backend_selection``); other models are
+    untouched."""
+    model_config = vllm_config.model_config
+    if model_config is None or not has_budget(model_config.hf_config):
+        return
+    sched, cache = vllm_config.scheduler_config, vllm_config.cache_config
+    changed = []
+    if sched.enable_chunked_prefill:
+        sched.enable_chunked_prefill = False
+        changed.append("chunked prefill off")
+    if cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        changed.append("prefix caching off")
+    if sched.max_num_batched_tokens < model_config.max_model_len:
+        changed.append(f"max_num_batched_tokens {sched.max_num_batched_tokens} -> {model_config.max_model_len}")
+        sched.max_num_batched_tokens = model_config.max_model_len
+    if changed:
+        logger.warning("vllm-dar: %s has token budgets (dar.budget): %s (each prompt is prefilled in one step, "
+                       "then its far cache is compacted)", model_config.model, ", ".join(changed))
+
+
 def check_engine(vllm_config) -> None:
     """Refuse engine settings the DAR path does not implement (raises DarConfigError)."""
     cache, parallel = vllm_config.cache_config, vllm_config.parallel_config
     pp = parallel.pipeline_parallel_size
+    sched = vllm_config.scheduler_config
+    budget = vllm_config.model_config is not None and has_budget(vllm_config.model_config.hf_config)
     checks = [
+        (budget and (sched.enable_chunked_prefill or cache.enable_prefix_caching or sched.async_scheduling),
+         ("dar.budget: token budgets need chunked prefill, prefix caching and async scheduling off (each prompt "
+          "prefilled in one step, then compacted; vllm_dar.plugin.model.configure_budgets sets this when vLLM "
+          f"builds its config), got enable_chunked_prefill={sched.enable_chunked_prefill}, enable_prefix_caching="
+          f"{cache.enable_prefix_caching}, async_scheduling={sched.async_scheduling}")),
         (cache.cache_dtype not in KV_CACHE_DTYPES,
          (f"kv_cache_dtype={cache.cache_dtype!r}: the DAR backend stores K/V in the model dtype or in FP8; use "
           f"one of {', '.join(KV_CACHE_DTYPES)}")),

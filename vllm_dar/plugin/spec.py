@@ -21,8 +21,12 @@ A DAR layer ``L`` owns two caches, both counted and paged by vLLM's hybrid alloc
   logged capacity and its admission control both use it.
 * ``L.dar_far``: a ``FullAttentionSpec`` whose key/value head sizes are the reduced ranks, one "head" per
   projection group, holding the reduced K/V of every token (``DarFarCache``, an unattached companion module,
-  the pattern of vLLM's ``DeepseekV4SWACache``). It is where per-layer token budgets (keeping only selected
-  distant tokens, PyramidKV/SnapKV-style) would go: a sparse manager of its own, same layout.
+  the pattern of vLLM's ``DeepseekV4SWACache``). Under per-layer token budgets (``vllm_dar.config.BudgetConfig``,
+  PyramidKV/SnapKV-style) it is a ``DarFarSpec`` managed by ``DarFarManager``: once a request's prompt is
+  processed (its prefill step compacted the kept candidates into the slots of ``[s0, c)``:
+  ``vllm_dar.ops.paged.compact_prompts``), the blocks below ``s0`` are nulled and go back to vLLM's pool, so the
+  scheduler admits more requests; reads start at the first real block (``vllm_dar.ops.paged.far_start``).
+  Admission still counts a request's whole prompt (it is prefilled whole before anything is freed).
 
 Block size: the window cache's waste is up to one block at each end of the tail and one for the sinks, so
 DAR layers use small blocks (``VLLM_DAR_BLOCK_SIZE``, default 16 tokens) unless ``--block-size`` is given; the
@@ -41,12 +45,12 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_utils import resolve_block_hashes
-from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SlidingWindowManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_dar import envs
-from vllm_dar.config import RESERVED_TAILS, window_cache_blocks
+from vllm_dar.config import RESERVED_TAILS, BudgetConfig, window_cache_blocks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,11 +187,74 @@ class DarWindowManager(SlidingWindowManager):
                 req_blocks[i] = sinks[i]
 
 
+@dataclass(frozen=True, kw_only=True)
+class DarFarSpec(FullAttentionSpec):
+    """A far cache under a token budget: one layer's budget (``budget_kind``, ``budget``, ``observation_window``
+    of ``vllm_dar.config.BudgetConfig``) and what it depends on (the layer's ``window``, ``sink_tokens``).
+
+    Layers with equal specs share a KV cache group (one block table; each compacts its own cache with the same
+    span); ``merge`` (vLLM's attempt to put layers with different specs in one group) refuses with the
+    ``ValueError`` vLLM reads as "incompatible": their kept spans differ (``FullAttentionSpec.merge`` would drop
+    the budget fields)."""
+
+    window: int
+    sink_tokens: int
+    budget_kind: str
+    budget: float
+    observation_window: int
+
+    @classmethod
+    def merge(cls, specs: list) -> DarFarSpec:
+        if any(spec != specs[0] for spec in specs):
+            raise ValueError("DAR far caches with different token budgets never share a KV cache group")
+        return specs[0]
+
+    def evict_below(self, prompt_len: int) -> int:
+        """Tokens whose far slots a request frees after its ``prompt_len``-token prompt: ``s0`` of
+        ``BudgetConfig.kept_span`` at this cache's block size (0: none)."""
+        b = BudgetConfig(kind=self.budget_kind, per_layer=(self.budget,), observation_window=self.observation_window)
+        return b.kept_span(0, prompt_len, self.window, self.sink_tokens, self.block_size)[0]
+
+
+class DarFarManager(FullAttentionManager):
+    """Full attention's manager, plus: once a request's prefill step is processed, the blocks below its kept
+    span (``DarFarSpec.evict_below``) become null and go back to the pool (the step's compaction moved the kept
+    candidates above them). The prompt end is the one vLLM's allocation reports when the request gets its
+    first blocks (a new request: its prompt; a preempted one, recomputed: its tokens so far); no prefix caching."""
+
+    def __init__(self, kv_cache_spec: DarFarSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self._prompt_end: dict[str, int] = {}  # request -> its prefill's end, until its blocks below s0 are freed
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks: Sequence,
+                                   total_computed_tokens: int, num_local_computed_tokens: int,
+                                   num_tokens_main_model: int, apply_admission_cap: bool = False,
+                                   prefill_end: int = 0) -> int:
+        if not self.req_to_blocks.get(request_id):  # no blocks yet: its prefill is this allocation's
+            self._prompt_end[request_id] = prefill_end
+        return super().get_num_blocks_to_allocate(request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                                                  num_local_computed_tokens, num_tokens_main_model,
+                                                  apply_admission_cap, prefill_end)
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        end = self._prompt_end.get(request_id)
+        if end is None or processed_computed_tokens < end:
+            return
+        del self._prompt_end[request_id]
+        self._remove_blocks_in_range(request_id, 0, self.kv_cache_spec.evict_below(end) // self.block_size)
+
+    def free(self, request_id: str) -> None:
+        self._prompt_end.pop(request_id, None)
+        super().free(request_id)
+
+
 def _register() -> None:
     # Registering before vLLM's built-in specs would stop them from ever being registered
     # (KVCacheSpecRegistry._ensure_registered only runs on an empty registry).
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(DarWindowSpec, DarWindowManager, uniform_type_base_spec=SlidingWindowSpec)
+    KVCacheSpecRegistry.register(DarFarSpec, DarFarManager, uniform_type_base_spec=FullAttentionSpec)
 
 
 _register()
@@ -220,10 +287,11 @@ class DarFarCache(torch.nn.Module, AttentionLayerBase):
     """
 
     def __init__(self, name: str, *, groups: int, key_rank: int, value_rank: int, dtype: torch.dtype,
-                 block_size: int, backend: type, static_forward_context: dict):
+                 block_size: int, backend: type, static_forward_context: dict, budget: dict | None = None):
         super().__init__()
         self.layer_name, self.groups, self.key_rank, self.value_rank, self.dtype = (
             name, groups, key_rank, value_rank, dtype)
+        self.budget = budget  # DarFarSpec's budget fields (window, sink_tokens, budget_kind, ...); None: no budget
         self.block_size = block_size  # from far_block_sizes: a window page's bytes, padded where they do not divide
         self.backend_cls = backend  # the platform's far backend: its builder makes this group's metadata
         self.kv_cache = torch.tensor([])
@@ -232,8 +300,9 @@ class DarFarCache(torch.nn.Module, AttentionLayerBase):
         static_forward_context[name] = self
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
-        return FullAttentionSpec(block_size=self.block_size, num_kv_heads=self.groups,
-                                 head_size=self.key_rank, head_size_v=self.value_rank, dtype=self.dtype)
+        spec = DarFarSpec if self.budget is not None else FullAttentionSpec
+        return spec(block_size=self.block_size, num_kv_heads=self.groups, head_size=self.key_rank,
+                    head_size_v=self.value_rank, dtype=self.dtype, **(self.budget or {}))
 
     def get_attn_backend(self):
         return self.backend_cls

@@ -96,6 +96,8 @@ BUDGET_ROWS = {"budget-pyramid-0.1": ("calibrated-joint", "pyramid", 0.1),
                "budget-uniform-0.1": ("calibrated-joint", "uniform", 0.1),
                "budget-pyramid-0.2": ("calibrated-joint", "pyramid", 0.2),
                "budget-uniform-0.2": ("calibrated-joint", "uniform", 0.2),
+               "budget-pyramid-0.5": ("calibrated-joint", "pyramid", 0.5),
+               "budget-uniform-0.5": ("calibrated-joint", "uniform", 0.5),
                "budget-none": ("calibrated-joint", "uniform", 0.0)}
 # Healed rows: name -> the row whose conversion they start from (same schedule, so the same KV bytes).
 HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform",

@@ -78,6 +78,10 @@ def compare(stock: str, dar: str, *, settings: CompareSettings = CompareSettings
     cfg = DarConfig.from_model_dir(dar)
     if cfg is None:
         raise ValueError(f"DAR_DIR: {dar} has no dar section; convert it first (vllm-dar convert)")
+    if cfg.budget is not None:  # its perplexity row, prompts scored whole, would hide the eviction
+        raise ValueError(f"DAR_DIR: {dar} has token budgets, which evict at the end of a prompt, and compare scores "
+                         "perplexity over whole prompts; compare it without them (vllm-dar budget on a copy: "
+                         "--clear) and score the budgets with vllm-dar eval --engine hf --prefix P")
     passage_prompt()  # fail on missing documentation text before starting an engine
     logs = log_dir or tempfile.mkdtemp(prefix="vllm-dar-compare-")
     runs = {name: _spawn(name, model, settings, logs, progress=progress)  # raises, logs kept, if one fails

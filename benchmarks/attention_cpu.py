@@ -41,7 +41,7 @@ import torch
 
 from vllm_dar import kv_dtype
 from vllm_dar.checkpoint import load_dar
-from vllm_dar.config import DarConfig, ModelShape, far_block_sizes
+from vllm_dar.config import DarConfig, ModelShape
 from vllm_dar.ops import cpp, paged
 from vllm_dar.ops.paged import PagedProjections
 from vllm_dar.reference import LayerProjections
@@ -64,10 +64,9 @@ class Layer:
     sinks: int = 4
 
     def far_block(self, window_itemsize: int = 1, far_itemsize: int = 1) -> int:
-        """The plugin's far block: the page of a window block (``vllm_dar.config.far_block_sizes``), with the
-        caches' element sizes (an FP8 far cache beside a wider window holds more positions per page)."""
-        return far_block_sizes(WBLOCK, 2 * self.J * self.D * window_itemsize,
-                               [self.groups * (self.rk + self.rv) * far_itemsize])[0]
+        """The plugin's far block: the page of a window block (``DarConfig.far_block_tokens``), with the caches'
+        element sizes (an FP8 far cache beside a wider window holds more positions per page)."""
+        return self.config().far_block_tokens(WBLOCK, window_itemsize, far_itemsize)[0]
 
     def config(self) -> DarConfig:
         """This layer as a one-layer DarConfig (the byte model)."""

@@ -218,10 +218,6 @@ class LayerDar:
         sinks and the window (every position while ``context <= window + sink_tokens``)."""
         return min(context, self.window + self.sink_tokens)
 
-    def held_elems(self, context: int) -> int:
-        """K/V elements the layer's caches hold for one ``context``-token sequence (module docstring)."""
-        return context * self.reduced_elems() + self.full_positions(context) * self.slot_elems
-
     def reserved_full_slots(self, context: int, block_size: int = PRICED_BLOCK_SIZE) -> int:
         """Full-width slots the window cache reserves for one ``context``-token request (module docstring)."""
         blocks = window_cache_blocks(self.window, self.sink_tokens, block_size, RESERVED_TAILS)
@@ -494,19 +490,28 @@ class DarConfig:
         return [max(0, s0 - self.sink_tokens) for s0, _ in spans]
 
     def far_block_tokens(self, window_block: int = PRICED_BLOCK_SIZE, window_itemsize: int = 1,
-                         far_itemsize: int = 1) -> list[int]:
-        """Tokens per far-cache block of each layer as one process serves this model (``far_block_sizes``), at
-        ``window_block``-token window blocks and the caches' element sizes (only their ratio matters)."""
-        slot = self.layer(0).slot_elems * window_itemsize
-        return far_block_sizes(window_block, slot, [self.layer(i).reduced_elems() * far_itemsize
+                         far_itemsize: int = 1, tp_size: int = 1) -> list[int]:
+        """Tokens per far-cache block of each layer as one of ``tp_size`` tensor-parallel ranks serves this model
+        (``far_block_sizes`` over the slots one rank holds: its KV heads' at full width, its share of the reduced
+        ones, ``far_shards``), at ``window_block``-token window blocks and the caches' element sizes (only their
+        ratio matters)."""
+        shards = self.far_shards(tp_size)
+        slot = self.layer(0).slot_elems // tp_size * window_itemsize
+        return far_block_sizes(window_block, slot, [self.layer(i).reduced_elems() // shards * far_itemsize
                                                     for i in range(self.shape.num_layers)])
 
+    def held_split(self, context: int) -> tuple[int, int]:
+        """(window-cache, far-cache) K/V elements the DAR caches hold for one sequence of ``context`` tokens, all
+        layers (with token budgets: a request right after its ``context``-token prompt, less
+        ``evicted_positions``, as served)."""
+        layers = [self.layer(i) for i in range(self.shape.num_layers)]
+        window = sum(lay.full_positions(context) * lay.slot_elems for lay in layers)
+        far = sum((context - n) * lay.reduced_elems() for n, lay in zip(self.evicted_positions(context), layers))
+        return window, far
+
     def kv_elems(self, context: int) -> int:
-        """K/V elements the DAR caches hold for one sequence of ``context`` tokens, all layers (with token
-        budgets: a request right after its ``context``-token prompt, less ``evicted_positions``, as served)."""
-        evicted = self.evicted_positions(context)
-        return sum(self.layer(i).held_elems(context) - evicted[i] * self.layer(i).reduced_elems()
-                   for i in range(self.shape.num_layers))
+        """K/V elements the DAR caches hold for one sequence of ``context`` tokens, all layers (``held_split``)."""
+        return sum(self.held_split(context))
 
     def kv_fraction(self, context: int) -> float:
         """``kv_elems`` over what full attention holds for the same sequence."""
@@ -526,9 +531,7 @@ class DarConfig:
     def rank_kv_bytes_per_token(self, context: int, itemsize: int, tp_size: int,
                                 far_itemsize: int | None = None) -> float:
         """``kv_bytes_per_token`` as one of ``tp_size`` tensor-parallel ranks holds it (module docstring)."""
-        evicted = self.evicted_positions(context)
-        far = sum((context - evicted[i]) * self.layer(i).reduced_elems() for i in range(self.shape.num_layers))
-        window = self.kv_elems(context) - far
+        window, far = self.held_split(context)
         far_itemsize = itemsize if far_itemsize is None else far_itemsize
         return (window * itemsize / tp_size + far * far_itemsize / self.far_shards(tp_size)) / context
 

@@ -40,7 +40,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from vllm_dar.config import BudgetConfig, DarConfigError, far_block_sizes
+from vllm_dar.config import BudgetConfig, DarConfigError
 from vllm_dar.kv_dtype import KV_CACHE_DTYPES, cache_dtypes
 from vllm_dar.ops import DarOps, cpp, select_ops
 from vllm_dar.ops.paged import PagedProjections, compact_prompts, null_below, reduce_tokens, write_slots
@@ -144,16 +144,6 @@ class DarLayer:
     budget: BudgetConfig | None = None  # token budgets: compact each prompt's far cache after its prefill step
 
 
-def _far_block_sizes(vllm_config, model: DarModel, layer, tp_size: int, window_itemsize: int,
-                     far_itemsize: int) -> list[int]:
-    cfg = model.cfg
-    shards = cfg.far_shards(tp_size)
-    far = [cfg.layer(i).reduced_elems() // shards * far_itemsize  # a slot's bytes on this rank
-           for i in range(cfg.shape.num_layers)]
-    slot = layer.num_kv_heads * (layer.head_size + layer.head_size_v) * window_itemsize
-    return far_block_sizes(dar_block_size(vllm_config), slot, far)
-
-
 def write_across_ranks(ops: DarOps, key: torch.Tensor, value: torch.Tensor, *, window_cache: torch.Tensor,
                        window_slots: torch.Tensor, far_cache: torch.Tensor, far_slots: torch.Tensor,
                        proj: PagedProjections, k_scale: float, v_scale: float, all_reduce) -> None:
@@ -215,7 +205,8 @@ class DarImplMixin:
             return vc.model_config.dtype if dt is None else layer.kv_cache_torch_dtype
 
         window_storage, far_storage = storage(window_dtype), storage(far_dtype)
-        far_block = _far_block_sizes(vc, model, layer, tp_size, window_storage.itemsize, far_storage.itemsize)[index]
+        far_block = model.cfg.far_block_tokens(dar_block_size(vc), window_storage.itemsize, far_storage.itemsize,
+                                               tp_size)[index]
         budget = model.cfg.budget
         far_budget = None if budget is None else {
             "window": lay.window, "sink_tokens": lay.sink_tokens, "budget_kind": budget.kind,

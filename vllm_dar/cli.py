@@ -53,6 +53,11 @@ def _cmd_budget(a) -> dict:
 
 
 def _add_budget_options(s) -> None:
+    from dataclasses import fields
+
+    from .config import POOLINGS, PYRAMID_BETA, BudgetConfig
+
+    d = {f.name: f.default for f in fields(BudgetConfig)}
     s.add_argument("--token-budget", default=None, metavar="F",
                    help="distant prompt tokens each layer keeps (PyramidKV/SnapKV selection at the end of the prompt): "
                         "a fraction of a layer's candidates averaged over layers (0.1; 0: window and sinks only), or "
@@ -60,11 +65,12 @@ def _add_budget_options(s) -> None:
     s.add_argument("--budget-schedule", default="pyramid", choices=["pyramid", "uniform"],
                    help="pyramid: more in lower layers, linear down to mean/beta in the top one; uniform: the same "
                         "in every layer (%(default)s)")
-    s.add_argument("--budget-beta", type=float, default=20.0, help="pyramid: top layer keeps mean/beta (%(default)s)")
-    s.add_argument("--observation-window", type=int, default=32,
+    s.add_argument("--budget-beta", type=float, default=PYRAMID_BETA,
+                   help="pyramid: top layer keeps mean/beta (%(default)s)")
+    s.add_argument("--observation-window", type=int, default=d["observation_window"],
                    help="the last W prompt queries score the candidates (%(default)s)")
-    s.add_argument("--pooling", default="max", choices=["max", "avg"], help="score pooling (%(default)s)")
-    s.add_argument("--pool-kernel", type=int, default=7, help="odd pooling width (%(default)s)")
+    s.add_argument("--pooling", default=d["pooling"], choices=POOLINGS, help="score pooling (%(default)s)")
+    s.add_argument("--pool-kernel", type=int, default=d["pool_kernel"], help="odd pooling width (%(default)s)")
 
 
 def _cmd_compare(a) -> dict:

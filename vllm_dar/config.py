@@ -230,6 +230,7 @@ class LayerDar:
 
 
 BUDGET_KINDS = ("fraction", "tokens")
+PYRAMID_BETA = 20.0  # PyramidKV's default: the top layer keeps mean / beta
 BUDGET_SCHEDULES = ("pyramid", "uniform", "explicit")
 POOLINGS = ("max", "avg")
 
@@ -334,7 +335,7 @@ class BudgetConfig:
         return (0, c) if s0 <= sink_tokens else (s0, c)
 
     @classmethod
-    def make(cls, mean: float, num_layers: int, *, schedule: str = "pyramid", beta: float = 20.0,
+    def make(cls, mean: float, num_layers: int, *, schedule: str = "pyramid", beta: float = PYRAMID_BETA,
              **kw) -> BudgetConfig:
         """Budgets of mean ``mean`` over ``num_layers`` layers: a fraction in [0, 1] when ``mean`` is a float, a
         token count when it is an int (see ``parse_budget``). ``pyramid`` (PyramidKV's schedule): linear from

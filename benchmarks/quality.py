@@ -154,6 +154,7 @@ def main() -> int:
 
     t0 = time.time()
     cache = {}
+    plans = {}  # row -> (cfg, projections) of its conversion, for the rows that evaluate it again
 
     def stats_for(sinks):  # calibration per sink setting (sink positions are left out of the fit)
         if sinks not in cache:
@@ -197,8 +198,14 @@ def main() -> int:
             kw = dict(kw)
             if kw.get("schedule") == "calibrated":
                 kw["kv_budget"] = a.kv_budget or plan_fraction(shape, a.context)
-            _, stats, _ = stats_for(kw["sink_tokens"])
-            cfg, proj = plan(shape, stats, context=a.context, **kw)
+            key = evaluates or name
+            if start is None and key in plans:  # an FP8 or budget row of a conversion planned earlier in this run
+                cfg, proj = plans[key]
+            else:
+                _, stats, _ = stats_for(kw["sink_tokens"])
+                cfg, proj = plan(shape, stats, context=a.context, **kw)
+                if start is None:  # heal rows train their projections: never shared
+                    plans[key] = cfg, proj
             if budget is not None:
                 schedule, mean = budget
                 cfg = dataclasses.replace(cfg, budget=BudgetConfig.make(mean, shape.num_layers, schedule=schedule))

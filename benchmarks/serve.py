@@ -36,8 +36,8 @@ serve it, with ``VLLM_DAR_OPS`` from ``--dar-ops`` or the environment). vLLM 0.3
 an FP8 KV cache on x86 with AVX-512 or AMX only (``_get_attn_isa`` in ``vllm/v1/attention/backends/cpu_attn.py``;
 the head size, 64, must be a multiple of 32): on other CPUs stock-fp8 is skipped with a message and the rest runs.
 ``--dtype`` defaults to bfloat16 (vLLM's default serving dtype for these checkpoints); ``--dtype float32`` is the
-old script's setting, and the one to use on a CPU without native bf16 (AVX2 only: stock prefilled ~45 tokens/s in
-bf16 there, ~4x slower than in fp32; README, "vLLM"). For each workload and rate, once ``/health`` answers::
+old script's setting, and the one to use on a CPU without native bf16 (AVX2 only), where bf16 matmuls are
+emulated and the bf16 run's prefills are far slower (README, "vLLM"). For each workload and rate, once ``/health`` answers::
 
     HF_HUB_OFFLINE=1 vllm bench serve --backend vllm --base-url http://127.0.0.1:P --model MODEL \\
         --dataset-name random --random-input-len IN --random-output-len OUT --num-prompts N --request-rate R \\

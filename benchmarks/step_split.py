@@ -1,10 +1,12 @@
-"""Where one engine step goes: stock vs DAR, one prompt, timers on vLLM's model runner, in the same run.
+"""Where one engine step goes: stock vs DAR, timers on vLLM's model runner, in the same run.
 
 Each engine runs in a fresh subprocess with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine core and the model
-runner live in that process, so plain wall-clock wrappers see them) and ``LLM(max_model_len=--context + 512,
-max_num_seqs=4, enable_prefix_caching=False)``, ``VLLM_CPU_KVCACHE_SPACE=--kv-gib``. After a warm-up request,
-one ``--context``-token prompt generates ``--decode-tokens`` tokens (greedy, ``ignore_eos``); the first step
-(the whole prompt in one chunk) is the *prefill step*, the rest *decode steps*. Timed, per step:
+runner live in that process, so plain wall-clock wrappers see them) and ``LLM(max_model_len=--context +
+--decode-tokens + 16, max_num_seqs=max(4, --batch), enable_prefix_caching=False)``, ``VLLM_CPU_KVCACHE_SPACE=--kv-gib``. After a warm-up request,
+``--batch`` prompts of ``--context`` tokens (distinct token ids) generate ``--decode-tokens`` tokens each
+(greedy, ``ignore_eos``, all submitted at once). A step in which every scheduled request gets one token is a
+*decode step* (reported per step); the others, which carry prompt tokens, are *prefill steps* (reported summed:
+at batch 1 the whole prompt is one step). Timed:
 
 * ``step``: ``GPUModelRunner.execute_model`` (what the engine core waits on, sampling excluded);
 * inside it: ``prepare_inputs`` (``_prepare_inputs``: positions, the slot mappings of every KV cache group),
@@ -20,7 +22,11 @@ plain timers (microseconds of overhead each), one process per engine, so compare
 
 Run (about 3 minutes on 2 cores; run it alone)::
 
-    python benchmarks/step_split.py [--save] [--json] [--stock DIR] [--dar DIR] [--context 512] [--dtype float32]
+    python benchmarks/step_split.py [--save] [--json] [--stock DIR] [--dar DIR] [--context 512] [--batch 1]
+        [--decode-tokens 64] [--dtype float32] [--kv-gib 2]
+
+``--batch 48 --context 1024 --decode-tokens 32 --kv-gib 4`` (about 8 minutes) is the decode-heavy serving
+workload's shape at the batch DAR runs it (``serve.py``).
 """
 from __future__ import annotations
 
@@ -61,18 +67,20 @@ def worker(args: argparse.Namespace) -> dict:
     from vllm_dar.vllm_engine import shutdown_llm
 
     acc = {"prefill": collections.defaultdict(float), "decode": collections.defaultdict(float)}
-    state = {"phase": "prefill", "steps": 0}
+    state = {"phase": "prefill", "prefill_steps": 0, "decode_steps": 0}
     runner = gpu_model_runner.GPUModelRunner
     execute = runner.execute_model
 
-    def execute_model(self, *a, **k):  # the step timer also moves the phase on after the first step
+    def execute_model(self, scheduler_output, *a, **k):  # a step is a decode step when every request has one token
+        per_request = scheduler_output.num_scheduled_tokens
+        decode = bool(per_request) and scheduler_output.total_num_scheduled_tokens == len(per_request)
+        state["phase"] = "decode" if decode else "prefill"
         t0 = time.perf_counter()
         try:
-            return execute(self, *a, **k)
+            return execute(self, scheduler_output, *a, **k)
         finally:
             acc[state["phase"]]["step"] += time.perf_counter() - t0
-            state["steps"] += 1
-            state["phase"] = "decode"
+            state["decode_steps" if decode else "prefill_steps"] += 1
 
     runner.execute_model = execute_model
     _wrap(runner, "_prepare_inputs", "prepare_inputs", acc, state)
@@ -98,24 +106,26 @@ def worker(args: argparse.Namespace) -> dict:
         for name in ("forward", "do_kv_cache_update"):
             _wrap(cpu_attn.CPUAttentionBackendImpl, name, "attention", acc, state)
 
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.context + 512, max_num_seqs=4,
-              enable_prefix_caching=False, seed=0)
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.context + args.decode_tokens + 16,
+              max_num_seqs=max(4, args.batch), enable_prefix_caching=False, seed=0)
     try:
-        prompt = [TokensPrompt(prompt_token_ids=[1000 + i % 20000 for i in range(args.context)])]
-        llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+        warm = [TokensPrompt(prompt_token_ids=[1000 + i % 20000 for i in range(args.context)])]
+        llm.generate(warm, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
         for phase in acc.values():
             phase.clear()
-        state.update(phase="prefill", steps=0)
+        state.update(prefill_steps=0, decode_steps=0)
+        prompts = [TokensPrompt(prompt_token_ids=[1000 + (i + 97 * b) % 20000 for i in range(args.context)])
+                   for b in range(args.batch)]
         t0 = time.perf_counter()
-        llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True),
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True),
                      use_tqdm=False)
         wall = time.perf_counter() - t0
-        steps, groups = state["steps"], state.get("groups")
+        prefill_steps, decode_steps, groups = state["prefill_steps"], state["decode_steps"], state.get("groups")
     finally:
         shutdown_llm(llm)
-    decode_steps = steps - 1
-    return {"model": args.model, "dtype": args.dtype, "context": args.context, "kv_cache_groups": groups,
-            "wall_ms_per_token": wall / args.decode_tokens * 1e3, "decode_steps": decode_steps,
+    return {"model": args.model, "dtype": args.dtype, "context": args.context, "batch": args.batch,
+            "kv_cache_groups": groups, "wall_ms_per_token": wall / args.decode_tokens * 1e3,
+            "prefill_steps": prefill_steps, "decode_steps": decode_steps,
             "prefill_ms": {k: acc["prefill"][k] * 1e3 for k in TIMERS},
             "decode_ms_per_step": {k: acc["decode"][k] * 1e3 / max(1, decode_steps) for k in TIMERS}}
 
@@ -123,7 +133,7 @@ def worker(args: argparse.Namespace) -> dict:
 def table(result: dict) -> str:
     engines = [e for e in ("stock", "dar") if e in result]
     rows = []
-    for phase, key in (("prefill step", "prefill_ms"), ("decode step", "decode_ms_per_step")):
+    for phase, key in (("prefill steps", "prefill_ms"), ("decode step", "decode_ms_per_step")):
         for timer in TIMERS:
             vals = [result[e][key][timer] for e in engines]
             ratio = f"{vals[1] / vals[0]:.2f}x" if len(vals) == 2 and vals[0] > 0 else ""
@@ -140,25 +150,29 @@ def main() -> int:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--context", type=int, default=512, help="prompt tokens (default 512)")
     ap.add_argument("--decode-tokens", type=int, default=64, help="tokens generated (default 64)")
+    ap.add_argument("--batch", type=int, default=1, help="prompts submitted at once (default 1)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE of each engine (default 2)")
     ap.add_argument("--engines", default="stock,dar")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
-    ap.add_argument("--save", action="store_true", help="write benchmarks/results/step_split.json")
+    ap.add_argument("--save", action="store_true", help="write benchmarks/results/step_split.json "
+                    "(step_split-CONTEXTxBATCH.json for other shapes)")
     args = ap.parse_args()
     if args.worker:
         harness.write_json(args.out, worker(args))
         return 0
     result = {"settings": {"stock": args.stock, "dar": args.dar, "context": args.context, "dtype": args.dtype,
-                           "decode_tokens": args.decode_tokens, "kv_gib": args.kv_gib,
+                           "decode_tokens": args.decode_tokens, "batch": args.batch, "kv_gib": args.kv_gib,
                            "load_before": os.getloadavg()[0]}}
     for engine in args.engines.split(","):
         model = args.stock if engine == "stock" else args.dar
         argv = ["--worker", engine, "--model", model, "--context", str(args.context), "--decode-tokens",
-                str(args.decode_tokens), "--dtype", args.dtype, "--kv-gib", str(args.kv_gib)]
+                str(args.decode_tokens), "--batch", str(args.batch), "--dtype", args.dtype, "--kv-gib", str(args.kv_gib)]
         result[engine], _ = harness.run_worker(__file__, argv, env=harness.dar_engine_env(None))
     if args.save:
-        harness.write_json(os.path.join(harness.RESULTS, "step_split.json"), result)
+        name = "step_split.json" if (args.batch, args.context) == (1, 512) else \
+            f"step_split-{args.context}x{args.batch}.json"
+        harness.write_json(os.path.join(harness.RESULTS, name), result)
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         print()

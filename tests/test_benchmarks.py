@@ -1,7 +1,7 @@
 """The pure parts of the benchmarks (``benchmarks/harness.py`` and the scripts over it): the max_tokens
 stagger, the decode-step filter, workers in subprocesses, weight bytes, tables, default paths, the K/V
-byte counts, which must be ``vllm_dar.config``'s byte model, and ``serve.py``'s workloads, metrics, summary and
-process handling (against a fake ``vllm``)."""
+byte counts, which must be ``vllm_dar.config``'s byte model, ``serve.py``'s workloads, metrics, summary and
+process handling (against a fake ``vllm``), and ``longcontext.py``'s prompts, scoring and report."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,7 @@ if BENCHMARKS not in sys.path:
     sys.path.append(BENCHMARKS)  # appended: benchmarks/kernels.py must not shadow the tests/kernels package
 import capacity
 import harness
+import longcontext
 import serve
 import throughput as tp
 
@@ -362,3 +363,58 @@ def test_serve_times_out_a_run_and_restarts_its_server(tmp_path, monkeypatch):
     for run in summary["runs"]:
         assert all("--timeout" in e["error"] for e in run["engines"].values())
     assert len((tmp_path / "pids").read_text().split()) == 4  # a fresh server after each failed run
+
+
+def test_longcontext_prompts_plant_the_key_at_its_depth(default_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model)
+    items = longcontext.prompts(tok, [300, 700], [0.0, 0.5, 1.0], 2, seed=3)
+    assert [(p["context"], p["depth"], p["trial"]) for p in items] == [
+        (c, d, t) for c in (300, 700) for d in (0.0, 0.5, 1.0) for t in (0, 1)]
+    for p in items:
+        ids, code = p["ids"], p["code"]
+        assert len(ids) == p["context"] and len(code) == 5 and code[0] != "0"
+        needle = tok(longcontext.NEEDLE.format(code=code), add_special_tokens=False)["input_ids"]
+        question = tok(longcontext.QUESTION.format(first=code[0]), add_special_tokens=False)["input_ids"]
+        assert ids[p["needle_at"]:p["needle_at"] + len(needle)] == needle
+        assert ids[-len(question):] == question
+        fill = p["context"] - len(needle) - len(question)
+        assert p["needle_at"] == round(p["depth"] * fill)  # depth 0: first; depth 1: right before the question
+    assert [p["code"] for p in items] == [p["code"] for p in longcontext.prompts(tok, [300, 700], [0.0, 0.5, 1.0],
+                                                                                  2, seed=3)]
+    assert len({p["code"] for p in items}) > 1
+
+
+def test_longcontext_scores_the_four_digits_after_the_given_one():
+    assert longcontext.score("58213", "8213. Remember it.") == (True, 1.0)
+    assert longcontext.score("58213", " 8 2 1 3") == (True, 1.0)
+    assert longcontext.score("58213", "8218.") == (False, 0.75)
+    assert longcontext.score("58213", "58213") == (False, 0.0)  # repeating the given digit shifts every place
+    assert longcontext.score("58213", ".\n\nThe pass key") == (False, 0.0)
+
+
+def test_longcontext_report_cells_table_bytes_and_plot(tmp_path):
+    items = [{"context": c, "depth": d, "code": "12345"} for c in (100, 200) for d in (0.1, 0.9) for _ in range(2)]
+    answers = ["2345", "2340", "2345", "2345", "9", "2345", "", ""]
+    cells = longcontext.cells(items, answers)
+    assert [(c["context"], c["depth"], c["accuracy"], c["digits"]) for c in cells] == [
+        (100, 0.1, 0.5, 0.875), (100, 0.9, 1.0, 1.0), (200, 0.1, 0.5, 0.5), (200, 0.9, 0.0, 0.0)]
+    path, cfg = dar_dir(tmp_path)
+    dar = longcontext.kv_bytes("dar", path, [100, 200], "float32")
+    assert dar["100"]["bytes"] == cfg.kv_elems(100) * 4
+    assert dar["200"]["fraction_of_stock"] == pytest.approx(cfg.kv_fraction(200))
+    assert longcontext.kv_bytes("full", path, [100], "float32")["100"] == {"bytes": 100 * 64 * 4,
+                                                                           "fraction_of_stock": 1.0}
+    result = {"settings": {"contexts": [100, 200], "depths": [0.1, 0.9], "dtype": "float32", "trials": 2,
+                           "budget": "0.1"},
+              "rows": {"full": {"cells": cells, "kv_bytes": longcontext.kv_bytes("full", path, [100, 200],
+                                                                                 "float32")},
+                       "dar": {"cells": cells, "kv_bytes": dar}}}
+    table = longcontext.table(result)
+    assert "| 100 tokens | 50% (88%) | 100% (100%) |" in table
+    assert f"| dar | 75% / 94% / {cfg.kv_fraction(100):.1%} | 25% / 25% / {cfg.kv_fraction(200):.1%} |" in table
+    if harness.pyplot() is None:
+        pytest.skip("matplotlib is not installed")
+    assert longcontext.plot(result, str(tmp_path / "l.png"))
+    assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"

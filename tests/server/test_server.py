@@ -1,7 +1,8 @@
 """`vllm serve` on a DAR checkpoint, driven by the official ``openai`` client (real server, real model, fp32).
 
-One server per module. Completions must match the Hugging Face DAR reference token for token on a prompt longer
-than the window; chat must answer, and streaming must concatenate to the non-streaming answer.
+Completions must match the Hugging Face DAR reference token for token on a prompt longer than the window; chat
+must answer, and streaming must concatenate to the non-streaming answer. A second server serves a copy with
+per-layer token budgets: its completions must equal the reference that selects and evicts the same way.
 """
 from __future__ import annotations
 
@@ -59,6 +60,36 @@ def test_completion_matches_hf_reference(server, long_prompt):
     model, _, cfg, projections = load_for_eval(server.model, "float32")
     expected = greedy(model, long_prompt, MAX_TOKENS, cfg=cfg, projections=projections)
     assert choice.token_ids == expected
+
+
+@pytest.fixture(scope="module")
+def budget_server(dar_smol, tmp_path_factory):
+    """``vllm serve`` on a copy of dar_smol with pyramid budgets of 25% of the candidates (weights hard-linked)."""
+    from engine.test_budgets import with_budget
+
+    from vllm_dar.config import BudgetConfig
+
+    tmp = tmp_path_factory.mktemp("serve-budget")
+    model = with_budget(dar_smol, tmp / "model", BudgetConfig.make(0.25, 30))
+    proc, port = start_server(model, tmp / "serve.log", "--max-model-len", "1024")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600, log=tmp / "serve.log")
+        yield Server(model, port, tmp / "serve.log")
+    finally:
+        stop_server(proc)
+
+
+def test_budget_model_completion_matches_hf_reference(budget_server, doc_tokens):
+    """A 600-token prompt (window 64, far blocks of 64 tokens: every layer evicts some of its 533 candidates),
+    prefilled in one step as the plugin configures a budget model, which the server's log says."""
+    from engine.test_engine import hf_greedy
+
+    prompt = doc_tokens[:600]
+    out = budget_server.client.completions.create(
+        model=budget_server.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert out.choices[0].token_ids == hf_greedy(budget_server.model, [prompt], MAX_TOKENS)[0]
+    assert "has token budgets (dar.budget)" in budget_server.log.read_text()
 
 
 def _chat(server, **kw):

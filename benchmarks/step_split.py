@@ -2,7 +2,8 @@
 
 Each engine runs in a fresh subprocess with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine core and the model
 runner live in that process, so plain wall-clock wrappers see them) and ``LLM(max_model_len=--context +
---decode-tokens + 16, max_num_seqs=max(4, --batch), enable_prefix_caching=False)``, ``VLLM_CPU_KVCACHE_SPACE=--kv-gib``. After a warm-up request,
+--decode-tokens + 16, max_num_seqs=max(4, --batch), enable_prefix_caching=False)``,
+``VLLM_CPU_KVCACHE_SPACE=--kv-gib``. After a warm-up request,
 ``--batch`` prompts of ``--context`` tokens (distinct token ids) generate ``--decode-tokens`` tokens each
 (greedy, ``ignore_eos``, all submitted at once). A step in which every scheduled request gets one token is a
 *decode step* (reported per step); the others, which carry prompt tokens, are *prefill steps* (reported summed:
@@ -167,7 +168,8 @@ def main() -> int:
     for engine in args.engines.split(","):
         model = args.stock if engine == "stock" else args.dar
         argv = ["--worker", engine, "--model", model, "--context", str(args.context), "--decode-tokens",
-                str(args.decode_tokens), "--batch", str(args.batch), "--dtype", args.dtype, "--kv-gib", str(args.kv_gib)]
+                str(args.decode_tokens), "--batch", str(args.batch), "--dtype", args.dtype, "--kv-gib",
+                str(args.kv_gib)]
         result[engine], _ = harness.run_worker(__file__, argv, env=harness.dar_engine_env(None))
     if args.save:
         name = "step_split.json" if (args.batch, args.context) == (1, 512) else \

@@ -25,15 +25,20 @@ class Server:
         self.client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300)
 
 
+def serving(model: str, log: Path, *args: str):
+    """``vllm serve MODEL *args`` (output in ``log``) once it answers, stopped when the generator closes."""
+    proc, port = start_server(model, log, *args)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600, log=log)
+        yield Server(model, port, log)
+    finally:
+        stop_server(proc)
+
+
 @pytest.fixture(scope="module")
 def server(dar_smol, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    proc, port = start_server(dar_smol, log, "--max-model-len", "1024", "--gpu-memory-utilization", "0.5")
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600, log=log)
-        yield Server(dar_smol, port, log)
-    finally:
-        stop_server(proc)
+    yield from serving(dar_smol, log, "--max-model-len", "1024", "--gpu-memory-utilization", "0.5")
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +76,7 @@ def budget_server(dar_smol, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve-budget")
     model = with_budget(dar_smol, tmp / "model", BudgetConfig.make(0.25, 30))
-    proc, port = start_server(model, tmp / "serve.log", "--max-model-len", "1024")
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600, log=tmp / "serve.log")
-        yield Server(model, port, tmp / "serve.log")
-    finally:
-        stop_server(proc)
+    yield from serving(model, tmp / "serve.log", "--max-model-len", "1024")
 
 
 def test_budget_model_completion_matches_hf_reference(budget_server, doc_tokens):

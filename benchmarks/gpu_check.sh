@@ -53,7 +53,7 @@ EOF
 cat "$OUT/env.txt"
 
 # Time limits on the GPU (8 minutes in all); a dry run in the interpreter takes what it takes.
-if [ "$CUDA" = 1 ]; then LIMIT_TESTS="timeout 270"; LIMIT_BENCH="timeout 180"; else LIMIT_TESTS=""; LIMIT_BENCH=""; fi
+if [ "$CUDA" = 1 ]; then LIMIT_TESTS="timeout 180"; LIMIT_BENCH="timeout 150"; else LIMIT_TESTS=""; LIMIT_BENCH=""; fi
 PARALLEL=()
 if [ "$CUDA" = 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
     PARALLEL=(-n 8)  # Triton compiles each kernel variant once per process; 8 processes share the work

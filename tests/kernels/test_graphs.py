@@ -108,7 +108,15 @@ def test_workspace_grows_and_keeps_old_buffers():
     a = ws.take(DEVICE, 100)
     assert ws.take(DEVICE, 64).data_ptr() == a.data_ptr()  # smaller: the same memory
     b = ws.take(DEVICE, 1000)  # larger: a new buffer; the old one stays allocated (a graph may hold its address)
-    assert b.numel() == 1000 and ws.buffer(DEVICE).numel() == 1024 and len(ws._buffers[DEVICE]) == 2
+    assert b.numel() == 1000 and ws.buffer(DEVICE).numel() == 1024 and len(ws._buffers[ws._key(DEVICE)]) == 2
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="device indices are CUDA's")
+def test_workspace_names_one_device_one_way():
+    """Tensors report ``cuda:0``; callers may say ``cuda``: both must carve from one buffer (found on an H200)."""
+    ws = triton_ops.Workspace()
+    a = ws.take(torch.device("cuda"), 100)
+    assert ws.take(a.device, 100).data_ptr() == a.data_ptr() and ws.buffer("cuda").data_ptr() == a.data_ptr()
 
 
 def _copy_batch(dst, src) -> None:

@@ -66,15 +66,23 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[torch.device, list[Tensor]] = {}
 
+    @staticmethod
+    def _key(device: torch.device | str) -> torch.device:
+        """``cuda`` and ``cuda:0`` name one buffer: a device without an index means the current one."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
     def take(self, device: torch.device, numel: int) -> Tensor:
-        held = self._buffers.setdefault(device, [])
+        held = self._buffers.setdefault(self._key(device), [])
         if not held or held[-1].numel() < numel:
             held.append(torch.empty(triton.next_power_of_2(max(numel, 1)), dtype=torch.float32, device=device))
         return held[-1][:numel]
 
     def buffer(self, device: torch.device) -> Tensor | None:
         """The buffer ``take`` currently carves from (None before the first call on ``device``)."""
-        held = self._buffers.get(device)
+        held = self._buffers.get(self._key(device))
         return held[-1] if held else None
 
 

@@ -220,9 +220,12 @@ def merge_far_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, num_splits, tok, 
 
 @triton.jit
 def project_up(acc_r, v_up_ptr, head, kv_head, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-               VALUE_RANK: tl.constexpr, RV_PAD: tl.constexpr):
+               VALUE_RANK: tl.constexpr, RV_PAD: tl.constexpr, PRECISION: tl.constexpr):
     """acc_r [ROWS, RV_PAD] -> [ROWS, D_PAD]: each row times v_up of its head, once per (token, head). One
-    [ROWS, RV] x [RV, D] dot per query head of this KV head, the other heads' rows zeroed (v_up: [H, RV, D])."""
+    [ROWS, RV] x [RV, D] dot per query head of this KV head, the other heads' rows zeroed (v_up: [H, RV, D]).
+    ``PRECISION``: ``tl.dot``'s input precision. The launcher passes ``tf32`` for 16-bit caches (its 10-bit mantissa
+    is finer than the cached values') and ``ieee`` for fp32 ones: the ieee dot runs on the FMA units and, at
+    64 rows x D=128, made ptxas spill (sm_90; tf32: none)."""
     rv = tl.arange(0, RV_PAD)
     d = tl.arange(0, D_PAD)
     hh = head - kv_head * HEADS  # [ROWS] head within this KV head
@@ -230,7 +233,7 @@ def project_up(acc_r, v_up_ptr, head, kv_head, HEADS: tl.constexpr, HEAD_DIM: tl
     for i in tl.static_range(HEADS):
         u = tl.load(v_up_ptr + (kv_head * HEADS + i) * (VALUE_RANK * HEAD_DIM) + rv[:, None] * HEAD_DIM + d[None, :],
                     mask=(rv < VALUE_RANK)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [RV_PAD, D_PAD]
-        up += tl.dot(tl.where((hh == i)[:, None], acc_r, 0.0), u, input_precision="ieee")
+        up += tl.dot(tl.where((hh == i)[:, None], acc_r, 0.0), u, input_precision=PRECISION)
     return up
 
 
@@ -254,6 +257,7 @@ def dar_full_kernel(
     HEADS: tl.constexpr,  # query heads per KV head (H / J)
     HEADS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, WINDOW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_UPCAST: tl.constexpr,  # see mma
+    UP_PRECISION: tl.constexpr,  # see project_up
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -267,9 +271,13 @@ def dar_full_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q = q.to(window_cache_ptr.dtype.element_ty)  # [ROWS, D_PAD] in the cache dtype: tensor-core dots
 
-    m_i = tl.zeros([BLOCK_M * HEADS_PAD], tl.float32) + NEG_BIG
-    l_i = tl.zeros([BLOCK_M * HEADS_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_M * HEADS_PAD, D_PAD], tl.float32)
+    # The far partials, merged and projected up to full width, are the online softmax's starting state (the merge
+    # is order-free), so no second [ROWS, D_PAD] accumulator lives through the full-width loop.
+    m_i, l_i, acc_r = merge_far_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, num_splits, tok, head, row_ok,
+                                       stride_ps, stride_pt, stride_as, stride_at, stride_ah,
+                                       BLOCK_M * HEADS_PAD, RV_PAD)
+    acc = project_up(acc_r, v_up_ptr, head, kv_head, HEADS, HEAD_DIM, D_PAD, VALUE_RANK, RV_PAD,
+                     UP_PRECISION)  # [ROWS, D_PAD]
     # Full-width keys of the tile: the sinks [0, min(sinks, lo)) and the band [lo, t_last] (window 0: no band).
     lo = tl.where(window > 0, tl.maximum(t_first - window + 1, 0), t_last + 1)
     sink_end = tl.minimum(sink_tokens, lo)
@@ -286,15 +294,7 @@ def dar_full_kernel(
             stride_vj, stride_wb, stride_wj, stride_ws, stride_wtr, HEAD_DIM, D_PAD, WINDOW_BLOCK, BLOCK_N,
             DOT_UPCAST)
 
-    m_r, l_r, acc_r = merge_far_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, num_splits, tok, head, row_ok,
-                                       stride_ps, stride_pt, stride_as, stride_at, stride_ah,
-                                       BLOCK_M * HEADS_PAD, RV_PAD)
-    up = project_up(acc_r, v_up_ptr, head, kv_head, HEADS, HEAD_DIM, D_PAD, VALUE_RANK, RV_PAD)  # [ROWS, D_PAD]
-
-    m = tl.maximum(m_i, m_r)
-    f_full = tl.exp2(m_i - m)
-    f_red = tl.exp2(m_r - m)
-    denom = tl.where(row_ok, l_i * f_full + l_r * f_red, 1.0)
-    out = (acc * f_full[:, None] + up * f_red[:, None]) / denom[:, None]  # [ROWS, D_PAD]
+    denom = tl.where(row_ok, l_i, 1.0)
+    out = acc / denom[:, None]  # [ROWS, D_PAD]
     tl.store(output_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(output_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

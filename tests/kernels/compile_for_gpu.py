@@ -41,7 +41,8 @@ def main() -> int:
     compile_kernel(dar_attention.dar_query_project_kernel, dict(HEAD_DIM=64, D_PAD=64, BLOCK_T=16, **rank))
     rows = {"HEADS": 3, "HEADS_PAD": 4, "BLOCK_M": 4, "VALUE_RANK": 16, "RV_PAD": 16, "DOT_UPCAST": False}  # decode
     compile_kernel(dar_attention.dar_far_kernel, dict(FAR_BLOCK=16, BLOCK_N=64, **rank, **rows))
-    compile_kernel(dar_attention.dar_full_kernel, dict(HEAD_DIM=64, D_PAD=64, WINDOW_BLOCK=16, BLOCK_N=32, **rows))
+    compile_kernel(dar_attention.dar_full_kernel, dict(HEAD_DIM=64, D_PAD=64, WINDOW_BLOCK=16, BLOCK_N=32,
+                                                       UP_PRECISION="tf32", **rows))
     return 0
 
 

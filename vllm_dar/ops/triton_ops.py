@@ -43,8 +43,9 @@ from vllm_dar.kv_dtype import is_fp8
 from vllm_dar.ops.paged import PagedProjections
 
 LOG2E = 1.4426950408889634
-# Keys per inner step. Far: 64 positions x (rk + rv) reduced features, a small tile. Full width: 32 positions x D
-# for K and V plus their 64-bit addresses; 64 made ptxas spill in the prefill tiles at D=64 (sm_80, ptxas -v).
+# Keys per inner step. Far: 64 positions x (rk + rv) reduced features, a small tile (decode: ``_far_plan``).
+# Full width: 32 positions x D for K and V plus their 64-bit addresses; 64 made ptxas spill in the prefill tiles at
+# D=64 (sm_80, ptxas -v).
 FAR_BLOCK_N, FULL_BLOCK_N = 64, 32
 BLOCK_T = 16  # tokens per query-projection program
 DECODE_ROWS, PREFILL_ROWS = 16, 64  # rows (token x head) per attention program
@@ -153,6 +154,18 @@ def num_splits(far_capacity: int, tokens: int, heads: int, rv_pad: int) -> int:
     return max(1, min(by_keys, by_scratch))
 
 
+def _far_plan(rows: int, rk_pad: int, rv_pad: int) -> tuple[int, dict]:
+    """(BLOCK_N, launch options) of the far pass. A decode tile (``DECODE_ROWS``, mostly padding: one token's
+    heads) does little arithmetic per key, so the pass is bound by how many key loads are in flight: fewer warps per
+    program (more programs per SM) and, for wide reduced rows, longer key steps. Chosen by an H200 sweep
+    (``benchmarks/kernels_tune.py``; README, "GPU"); prefill tiles keep Triton's defaults."""
+    if rows != DECODE_ROWS:
+        return FAR_BLOCK_N, {}
+    if rk_pad + rv_pad >= 64:
+        return 128, {"num_warps": 4, "num_stages": 2}
+    return 64, {"num_warps": 2, "num_stages": 2}
+
+
 def _rows_plan(heads: int, rows: int) -> tuple[int, int]:
     """(HEADS_PAD, BLOCK_M) for programs holding all ``heads`` of a group or KV head."""
     heads_pad = triton.next_power_of_2(heads)
@@ -220,6 +233,7 @@ def _launch(query, key, value, output, window_cache, window_table, far_cache, fa
         HEAD_DIM=d, D_PAD=d_pad, KEY_RANK=rk, RK_PAD=rk_pad, BLOCK_T=BLOCK_T)
 
     hp_pad, bm = _rows_plan(h // g, rows)
+    far_block_n, far_options = _far_plan(rows, rk_pad, rv_pad)
     dar_far_kernel[(t // bm + r, g, splits)](
         q_red_ptr=q_red, far_cache_ptr=far_cache, far_table_ptr=far_table, part_max_ptr=part_max,
         part_sum_ptr=part_sum, part_acc_ptr=part_acc, query_start_loc_ptr=qsl, seq_lens_ptr=lens, num_reqs=r,
@@ -229,7 +243,7 @@ def _launch(query, key, value, output, window_cache, window_table, far_cache, fa
         stride_ftr=far_table.stride(0), stride_ps=part_max.stride(0), stride_pt=part_max.stride(1),
         stride_as=part_acc.stride(0), stride_at=part_acc.stride(1), stride_ah=part_acc.stride(2),
         KEY_RANK=rk, VALUE_RANK=rv, RK_PAD=rk_pad, RV_PAD=rv_pad, HEADS=h // g, HEADS_PAD=hp_pad, BLOCK_M=bm,
-        FAR_BLOCK=far_cache.shape[2], BLOCK_N=FAR_BLOCK_N, DOT_UPCAST=upcast)
+        FAR_BLOCK=far_cache.shape[2], BLOCK_N=far_block_n, DOT_UPCAST=upcast, **far_options)
 
     hp_pad, bm = _rows_plan(h // j, rows)
     dar_full_kernel[(t // bm + r, j)](
@@ -244,4 +258,4 @@ def _launch(query, key, value, output, window_cache, window_table, far_cache, fa
         stride_pt=part_max.stride(1), stride_as=part_acc.stride(0), stride_at=part_acc.stride(1),
         stride_ah=part_acc.stride(2), HEAD_DIM=d, D_PAD=d_pad, VALUE_RANK=rv, RV_PAD=rv_pad, HEADS=h // j,
         HEADS_PAD=hp_pad, BLOCK_M=bm, WINDOW_BLOCK=window_cache.shape[2], BLOCK_N=FULL_BLOCK_N,
-        DOT_UPCAST=upcast)
+        DOT_UPCAST=upcast, UP_PRECISION="ieee" if window_cache.dtype == torch.float32 else "tf32")

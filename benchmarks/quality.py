@@ -38,6 +38,7 @@ import time
 import harness
 import torch
 
+from vllm_dar._fs import atomic_file
 from vllm_dar.config import BudgetConfig
 from vllm_dar.convert import calibrate_model, plan
 from vllm_dar.data import DOMAINS, domain_split, mixed_train_files, split_files, token_windows
@@ -329,11 +330,9 @@ def merge(path: str, out: dict) -> dict:
         new = {r["row"]: r for r in out["rows"]}
         rows = [new.pop(r["row"], r) for r in old["rows"]] + list(new.values())
         merged = {**old, "rows": rows}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_file(path) as tmp, open(tmp, "w") as f:
             json.dump(merged, f, indent=1)
             f.write("\n")
-        os.replace(tmp, path)
     return merged
 
 

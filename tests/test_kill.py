@@ -261,3 +261,18 @@ def test_prepare_model_killed(default_model, tmp_path):
     assert files - {OLD} == set(os.listdir(default_model)) - {OLD}, (rc, files)
     assert run_all([Job(args)]) == [0] and OLD not in os.listdir(out)
     assert same_bytes(os.path.join(out, "model.safetensors"), os.path.join(default_model, "model.safetensors"))
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    from vllm_dar._fs import atomic_file
+
+    path = tmp_path / "config.json"
+    path.write_text("old")
+    with atomic_file(str(path)) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["config.json"]
+    with pytest.raises(RuntimeError), atomic_file(str(path)) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("the writer failed")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["config.json"]  # old kept, no *.tmp left

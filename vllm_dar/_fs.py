@@ -95,6 +95,22 @@ def atomic_dir(out: str, *, force: bool = False, prefix: str = ".vllm-dar-"):
         shutil.rmtree(stage, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str, *, tmp: str | None = None):
+    """Yield a path to write ``path``'s new contents to (``tmp``, default ``<path>.<pid>.tmp`` beside it); on
+    success it is flushed to disk and renamed over ``path``, so a reader or a kill sees the old file or the new one,
+    never part of one. On an error the temporary file is removed; a kill leaves it (named ``*.tmp``)."""
+    tmp = tmp or f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def discard(path: str, *, prefix: str = ".vllm-dar-") -> None:
     """Remove the folder ``path``: renamed into a staging folder first, so a kill never leaves part of it."""
     stage = _staging(path, prefix)

@@ -12,7 +12,7 @@ import shutil
 
 import torch
 
-from ._fs import atomic_dir
+from ._fs import atomic_dir, atomic_file
 from .config import BudgetConfig, DarConfig, DarConfigError, ModelShape, read_json
 from .reference import LayerProjections
 
@@ -172,14 +172,6 @@ def set_budget(model_dir: str, budget: BudgetConfig | None) -> DarConfig:
     cfg = DarConfig(**{**cfg.__dict__, "budget": budget})  # validated against the model's layers
     raw["dar"] = cfg.to_json()
     path = os.path.join(model_dir, "config.json")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(raw, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(raw, f, indent=2)
     return cfg

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._fs import atomic_dir, discard, kill_point
+from ._fs import atomic_dir, atomic_file, discard, kill_point
 from .checkpoint import fill_converted, load_dar
 from .config import DarConfig, DarConfigError
 from .hf import dar_attention_enabled
@@ -414,10 +414,9 @@ def _save_state(path: str, state: dict) -> None:
         with atomic_dir(folder, prefix=".heal-state-") as new:
             torch.save(state, os.path.join(new, os.path.basename(path)))
         return
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    kill_point("heal:state-written")
-    os.replace(tmp, path)  # a crash mid-save keeps the previous state
+    with atomic_file(path, tmp=path + ".tmp") as tmp:  # a crash mid-save keeps the previous state
+        torch.save(state, tmp)
+        kill_point("heal:state-written")
 
 
 def load_state(path: str) -> dict:

@@ -418,3 +418,21 @@ def test_longcontext_report_cells_table_bytes_and_plot(tmp_path):
         pytest.skip("matplotlib is not installed")
     assert longcontext.plot(result, str(tmp_path / "l.png"))
     assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kernels_tune_dry_run_checks_every_variant(tmp_path):
+    """benchmarks/kernels_tune.py --dry (tiny shapes, Triton's interpreter): every part runs through the real
+    launcher with its overrides, and each swept variant computes what the default launch does."""
+    import subprocess
+
+    out = tmp_path / "tune.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "kernels_tune.py"), "--dry", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["variant"] for r in rows if r.get("part") == "split"} == {
+        "whole", "without_dar_query_project_kernel", "without_dar_far_kernel", "without_dar_full_kernel"}
+    swept = [r for r in rows if r.get("part") in ("far", "full")]
+    assert {r["part"] for r in swept} == {"far", "full"}
+    assert all("error" not in r and r["err"] < 1e-5 for r in swept), swept

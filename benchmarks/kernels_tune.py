@@ -8,8 +8,8 @@ Three parts, each on ``benchmarks/kernels.py``'s inputs (shapes, tables, bf16 ca
   (synchronised), whose excess over the replay is the launchers' host time.
 * ``far``: the far pass's launch parameters (``num_warps``, ``num_stages``, its key step, key splits: what
   ``triton_ops._far_plan`` returns, and ``splits``) on the decode rows; the whole call is timed (splits also cost the merge in the full-width pass).
-* ``full``: the full-width pass's (``num_warps``, ``num_stages``, ``FULL_BLOCK_N``, ``PREFILL_ROWS``) on a
-  512-token prefill chunk from scratch and after 4096 cached tokens.
+* ``full``: the full-width pass's (``num_warps``, ``num_stages``, ``FULL_BLOCK_N``) and ``PREFILL_ROWS``, which
+  sets both passes' prefill tiles, on a 512-token prefill chunk from scratch and after 4096 cached tokens.
 
 Every variant's output is compared with the default launch's (max relative error, bf16 rounding: < 2e-2) so a
 fast wrong variant shows. ``--budget`` seconds caps each row of a sweep (variants past it are skipped and say so). One JSON line

@@ -157,13 +157,14 @@ def num_splits(far_capacity: int, tokens: int, heads: int, rv_pad: int) -> int:
 def _far_plan(rows: int, rk_pad: int, rv_pad: int) -> tuple[int, dict]:
     """(BLOCK_N, launch options) of the far pass. A decode tile (``DECODE_ROWS``, mostly padding: one token's
     heads) does little arithmetic per key, so the pass is bound by how many key loads are in flight: fewer warps per
-    program (more programs per SM) and, for wide reduced rows, longer key steps. Chosen by an H200 sweep
-    (``benchmarks/kernels_tune.py``; README, "GPU"); prefill tiles keep Triton's defaults."""
-    if rows != DECODE_ROWS:
-        return FAR_BLOCK_N, {}
-    if rk_pad + rv_pad >= 64:
+    program (more programs per SM) and, for wider reduced rows, longer key steps. Chosen by an H200 sweep
+    (``benchmarks/kernels_tune.py``; README, "GPU") for the padded widths it measured, rk + rv = 32 and 64; other
+    widths (the recipe's joint layers reach 256) and prefill tiles keep Triton's defaults until measured."""
+    if rows == DECODE_ROWS and rk_pad + rv_pad == 64:
         return 128, {"num_warps": 4, "num_stages": 2}
-    return 64, {"num_warps": 2, "num_stages": 2}
+    if rows == DECODE_ROWS and rk_pad + rv_pad <= 32:
+        return 64, {"num_warps": 2, "num_stages": 2}
+    return FAR_BLOCK_N, {}
 
 
 def _rows_plan(heads: int, rows: int) -> tuple[int, int]:

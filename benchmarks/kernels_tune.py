@@ -4,17 +4,18 @@ Three parts, each on ``benchmarks/kernels.py``'s inputs (shapes, tables, bf16 ca
 (``kernels.bench``: median, L2 cleared), so host launch overhead is left out except where a row names it:
 
 * ``split``: the call with one kernel replaced by nothing (query projection, far pass, full-width pass); the
-  differences from the whole call are each kernel's time. Plus ``eager_us``: the same call launched from Python
-  (synchronised), whose excess over the replay is the launchers' host time.
-* ``far``: the far pass's launch parameters (``num_warps``, ``num_stages``, its key step, key splits: what
-  ``triton_ops._far_plan`` returns, and ``splits``) on the decode rows; the whole call is timed (splits also cost the merge in the full-width pass).
+  differences from the whole call are each kernel's time. Plus ``eager_synchronised``: the same call launched from
+  Python (synchronised), whose excess over the replay is the launchers' host time.
+* ``far``: the far pass's launch parameters (``num_warps``, ``num_stages`` and its key step: what
+  ``triton_ops._far_plan`` returns; and the key splits) on the decode rows; the whole call is timed (splits also
+  cost the merge in the full-width pass).
 * ``full``: the full-width pass's (``num_warps``, ``num_stages``, ``FULL_BLOCK_N``) and ``PREFILL_ROWS``, which
   sets both passes' prefill tiles, on a 512-token prefill chunk from scratch and after 4096 cached tokens.
 
 Every variant's output is compared with the default launch's (max relative error, bf16 rounding: < 2e-2) so a
-fast wrong variant shows. ``--budget`` seconds caps each row of a sweep (variants past it are skipped and say so). One JSON line
-per variant on stdout and in ``--out``. ``--dry``: tiny shapes in Triton's interpreter on the CPU, no timing (checks
-the plumbing before device time is spent).
+fast wrong variant shows. ``--budget`` seconds caps each row of a sweep (variants past it are skipped and say so).
+One JSON line per variant on stdout and in ``--out``. ``--dry``: tiny shapes in Triton's interpreter on the CPU,
+no timing (checks the plumbing before device time is spent).
 
     python benchmarks/kernels_tune.py --out tune.jsonl --budget 60
 """
@@ -145,9 +146,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
     emit({"gpu": gpu, "torch": torch.__version__})
     for part in a.parts:
-        rows = decode_rows if part in ("split", "far") else prefill_rows
-        if part == "split":
-            rows = decode_rows + prefill_rows
+        rows = {"split": decode_rows + prefill_rows, "far": decode_rows, "full": prefill_rows}[part]
         for row in rows:
             name, batch, ctx = row[:3]
             q_len = row[3] if len(row) > 3 else 1

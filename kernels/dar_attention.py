@@ -224,8 +224,8 @@ def project_up(acc_r, v_up_ptr, head, kv_head, HEADS: tl.constexpr, HEAD_DIM: tl
     """acc_r [ROWS, RV_PAD] -> [ROWS, D_PAD]: each row times v_up of its head, once per (token, head). One
     [ROWS, RV] x [RV, D] dot per query head of this KV head, the other heads' rows zeroed (v_up: [H, RV, D]).
     ``PRECISION``: ``tl.dot``'s input precision. The launcher passes ``tf32`` for 16-bit caches (both operands, the
-    fp32 value sums and v_up, rounded to a 10-bit mantissa: fp16's, finer than bf16's) and ``ieee`` for fp32 ones: the ieee dot runs on the FMA units and, at
-    64 rows x D=128, made ptxas spill (sm_90; tf32: none)."""
+    fp32 value sums and v_up, rounded to a 10-bit mantissa: fp16's, finer than bf16's) and ``ieee`` for fp32 ones:
+    the ieee dot runs on the FMA units and, at 64 rows x D=128, made ptxas spill (sm_90; tf32: none)."""
     rv = tl.arange(0, RV_PAD)
     d = tl.arange(0, D_PAD)
     hh = head - kv_head * HEADS  # [ROWS] head within this KV head

@@ -30,7 +30,7 @@ SCENARIOS = {
     "decode_batch": ([(37, 1), (5, 1), (64, 1), (129, 1)], Shape(8, 1, 16, 16, 8), 16, 4, torch.int32),  # GQA 8
     "mixed_batch": ([(70, 70), (33, 1), (25, 0), (90, 17), (5, 1)], Shape(9, 3, 16, 8, 8), 16, 4, torch.int32),
     "decode_wide_ranks": ([(400, 1), (77, 1), (12, 1)], Shape(8, 2, 16, 32, 32), 16, 2, torch.int32, (16, 64)),  # far
-    # key steps of 128 (triton_ops._far_plan: decode with rk + rv >= 64), spanning pages; a request with no far keys
+    # key steps of 128 (triton_ops._far_plan: decode with rk + rv == 64), spanning pages; a request with no far keys
     "long_history": ([(600, 1), (300, 3)], Shape(8, 1, 16, 32, 16), 32, 4, torch.int64, (16, 64)),  # far splits
     "window_larger_than_history": ([(20, 1), (12, 12), (40, 3)], Shape(6, 2, 16, 16, 32), 64, 0, torch.int32),
     "window_zero": ([(30, 5), (9, 1)], Shape(8, 1, 16, 16, 16), 0, 3, torch.int64),

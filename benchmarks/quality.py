@@ -11,7 +11,8 @@ Learned rows: ``fit``-suffixed rows refine a row's projections layer-wise (``--m
 from a row's conversion and run ``vllm_dar.heal`` (distillation from the full model, projections only) within
 ``--heal-minutes``/``--heal-tokens``; both keep the bytes of the row they start from and record their cost.
 ``heal-qkvo-*`` rows also train every layer's q/k/v/o attention weights (``--heal-weight-lr``); their perplexity
-is the trained model's, still compared with the original full model. ``delta_by_half``: each row against the
+is the trained model's, still compared with the original full model, and their ``full_attention`` scores the
+trained weights with full attention (does the heal move the model away from the full one?). ``delta_by_half``: each row against the
 full model over the first and the second half of the window's positions.
 ``--merge`` puts the rows into an existing results JSON (same model and held-out text), replacing same-named rows.
 
@@ -233,8 +234,11 @@ def main() -> int:
                                          prefix=a.prefix)
             res["domains"] = {d: perplexity(model, w, cfg=cfg, projections=proj, kv_dtype=kv_dtype,
                                             far_only=far_only, prefix=a.prefix) for d, w in domain_windows.items()}
-            if restore is not None:  # later rows start from the source weights
-                model.load_state_dict(restore)
+            if restore is not None:  # drift: the trained weights under full attention (issue 22)
+                res["full_attention"] = perplexity(model, windows, prefix=a.prefix)
+                res["full_attention_domains"] = {d: perplexity(model, w, prefix=a.prefix)
+                                                 for d, w in domain_windows.items()}
+                model.load_state_dict(restore)  # later rows start from the source weights
         row = {"row": name, "setting": desc, "perplexity": round(res["perplexity"], 3),
                "delta_vs_full": round(res["perplexity"] / full["perplexity"] - 1, 4),
                "kv_fraction": round(frac, 4), "top1_agreement": round(res.get("top1_agreement", 1.0), 4),
@@ -255,6 +259,12 @@ def main() -> int:
                               for d, r in scored.items()}
             row["domains_mean_delta"] = round(sum(v["delta_vs_full"] for v in row["domains"].values())
                                               / len(row["domains"]), 4)
+        if "full_attention" in res:  # did the healed attention weights drift as a full-attention model?
+            fa = res["full_attention"]
+            row["full_attention"] = {"perplexity": round(fa["perplexity"], 3),
+                                     "delta_vs_full": round(fa["perplexity"] / full["perplexity"] - 1, 4),
+                                     "domains": {d: round(r["perplexity"] / domain_full[d]["perplexity"] - 1, 4)
+                                                 for d, r in res["full_attention_domains"].items()}}
         if cost is not None and (start is not None or kw.get("method") == "fit"):
             row["cost"] = cost
         if kw is not None:

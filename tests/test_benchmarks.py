@@ -1,7 +1,8 @@
 """The pure parts of the benchmarks (``benchmarks/harness.py`` and the scripts over it): the max_tokens
 stagger, the decode-step filter, workers in subprocesses, weight bytes, tables, default paths, the K/V
 byte counts, which must be ``vllm_dar.config``'s byte model, ``serve.py``'s workloads, metrics, summary and
-process handling (against a fake ``vllm``), and ``longcontext.py``'s prompts, scoring and report."""
+process handling (against a fake ``vllm``), ``longcontext.py``'s prompts, scoring and report, and
+``fp8_scales.py``'s rounding modes."""
 from __future__ import annotations
 
 import json
@@ -436,3 +437,37 @@ def test_kernels_tune_dry_run_checks_every_variant(tmp_path):
     swept = [r for r in rows if r.get("part") in ("far", "full")]
     assert {r["part"] for r in swept} == {"far", "full"}
     assert all("error" not in r and r["err"] < 1e-5 for r in swept), swept
+
+
+def test_fp8_scales_modes_round_as_stated_and_restore_the_reference(tiny_dar):
+    """``fp8_scales.py``: mode ``one`` is exactly the reference's own FP8 rounding (scale 1), the other modes
+    change what is rounded, ``token`` keeps each row's largest element, and the reference is restored after."""
+    import fp8_scales
+
+    from vllm_dar import hf, reference
+    from vllm_dar.evaluate import load_for_eval, perplexity
+
+    model, _, cfg, proj = load_for_eval(tiny_dar, "float32")
+    torch.manual_seed(0)
+    windows = torch.randint(0, 49152, (2, 48)).tolist()  # past window 8 + 2 sinks: far and window caches both used
+    amax = fp8_scales.calibration_amax(model, proj, windows[:1])
+    assert sorted(amax) == sorted((i, k) for i in range(2) for k in ("k", "v", "kr", "vr"))
+    assert all(v > 0 for v in amax.values())
+    e4 = fp8_scales.E4M3
+
+    def ppl(**kw):
+        return perplexity(model, windows, cfg=cfg, projections=proj, kv_dtype=e4, **kw)["perplexity"]
+
+    plain, plain_far = ppl(), ppl(far_only=True)
+    fns = hf._dar_layer_fn, reference.round_trip
+    with fp8_scales.scaled("one", amax):
+        assert (ppl(), ppl(far_only=True)) == (plain, plain_far)
+    for mode in ("static", "shared", "tensor", "token"):
+        with fp8_scales.scaled(mode, amax):
+            assert ppl() != plain, mode
+    assert (hf._dar_layer_fn, reference.round_trip) == fns
+    x = torch.randn(1, 2, 5, 16) * torch.logspace(-3, 1, 5).view(1, 1, 5, 1)
+    kept = fp8_scales.round_fp8(x, fp8_scales.mode_scale("token", x, 0, "k", amax))
+    torch.testing.assert_close(kept.abs().amax(-1), x.abs().amax(-1), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="unknown mode"):
+        fp8_scales.mode_scale("block", x, 0, "k", amax)

@@ -20,10 +20,29 @@ def _cmd_convert(a) -> dict:
     from .convert.recipe import FIELDS
 
     budget = _budget_from_args(a, ModelShape.from_hf_config(read_config(a.src)).num_layers)  # refused before work
-    cfg = convert(a.src, a.out, **{f: getattr(a, f) for f in FIELDS}, calib_files=a.calib, force=a.force,
+    text = _text_files(a)
+    cfg = convert(a.src, a.out, **{f: getattr(a, f) for f in FIELDS}, calib_files=text, force=a.force,
                   progress=not a.quiet, device=a.device, budget=budget)
     return {"out": a.out, "dar": cfg.describe(), "kv_fraction": round(cfg.kv_fraction(a.context), 4),
             "kv_fraction_reserved": round(cfg.reserved_fraction(a.context), 4)}
+
+
+def _add_domains_option(s, what: str) -> None:
+    from .data import DOMAINS
+
+    trained = [n for n, d in DOMAINS.items() if d.trained]
+    s.add_argument("--train-domains", nargs="+", metavar="DOMAIN", choices=trained,
+                   help=f"{what} text: the training parts of these Debian text domains, interleaved file by file "
+                        f"({', '.join(trained)}; vllm_dar.data), instead of --calib")
+
+
+def _text_files(a) -> list[str] | None:
+    """``--calib``'s files, or those of ``--train-domains`` (not both); None: the default text."""
+    from .data import mixed_train_files
+
+    if a.calib and a.train_domains:
+        raise ValueError("give --calib FILE... or --train-domains DOMAIN..., not both")
+    return mixed_train_files(a.train_domains) if a.train_domains else a.calib
 
 
 def _budget_from_args(a, num_layers: int):
@@ -91,8 +110,8 @@ def _cmd_heal(a) -> dict:
                             kl_weight=a.kl_weight, lm_weight=a.lm_weight, seed=a.seed, save_every=a.save_every,
                             weights=a.weights, weight_lr=a.weight_lr, precision=a.precision,
                             average_tail=a.average_tail)
-    return heal(a.dar_dir, a.out, settings=settings, resume=a.resume, force=a.force, calib_files=a.calib,
-                progress=not a.quiet, device=a.device)
+    return heal(a.dar_dir, a.out, settings=settings, resume=a.resume, force=a.force,
+                calib_files=_text_files(a), progress=not a.quiet, device=a.device)
 
 
 def _device(name: str) -> str:
@@ -184,6 +203,7 @@ def _add_convert(sub) -> None:
     s.add_argument("--qk-reg", type=float, default=R.qk_reg, help="qk method: covariance ridge (larger -> PCA)")
     s.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files "
                    "(default: the calibration part of python3.11-doc's sources)")
+    _add_domains_option(s, "calibration")
     s.add_argument("--calib-tokens", type=int, default=R.calib_tokens)
     s.add_argument("--context", type=int, default=R.context, help="calibration window and budget context")
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -274,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-every", type=int, default=10, help="steps between OUT/heal_state.pt saves")
     s.add_argument("--calib", nargs="+", metavar="FILE", help="training text (default: the calibration part "
                    "of python3.11-doc's sources)")
+    _add_domains_option(s, "training")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     s.add_argument("--resume", action="store_true", help="continue the run saved in OUT")
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")

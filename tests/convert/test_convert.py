@@ -248,3 +248,25 @@ def test_kv_budget_alone_gives_a_calibrated_joint_model(tiny_llama, calib_text, 
     assert 0.5 < cfg.reserved_fraction(512) <= 0.6 and cfg.kv_fraction(512) < cfg.reserved_fraction(512)
     assert cfg.extra["reserved_fraction_at_context"] == round(cfg.reserved_fraction(512), 4)
     assert load_dar(str(tmp_path / "dar"))[0].kv_fraction(512) == cfg.kv_fraction(512)
+
+
+def test_cli_train_domains_pick_the_calibration_text(tiny_llama, tmp_path, capsys):
+    """``--train-domains`` calibrates on the training parts of those text domains, interleaved file by file
+    (``vllm_dar.data.mixed_train_files``); with ``--calib`` too it is refused before any work."""
+    from vllm_dar.checkpoint import read_config
+    from vllm_dar.data import domain_split, mixed_train_files
+
+    out = tmp_path / "o"
+    flags = ["--window", "8", "--key-rank", "4", "--value-rank", "4", "--schedule", "uniform", "--calib-tokens",
+             "512", "--context", "256", "--quiet"]
+    assert cli(["convert", tiny_llama, str(out), "--train-domains", "code", "release-notes", *flags]) == 0
+    files = read_config(str(out))["dar"]["extra"]["calib_files"]
+    want = [os.path.basename(f) for f in mixed_train_files(["code", "release-notes"])]
+    assert files == want[:len(files)] and files[:2] == [os.path.basename(domain_split(d)[0][0])
+                                                        for d in ("code", "release-notes")]
+    assert cli(["convert", tiny_llama, str(tmp_path / "p"), "--train-domains", "code", "--calib", files[0],
+                *flags]) == 2
+    assert "not both" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    with pytest.raises(SystemExit):  # never trained on: not a choice
+        cli(["heal", str(out), str(tmp_path / "h"), "--max-tokens", "512", "--train-domains", "licenses"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -10,10 +10,11 @@ agreement with the full model, and the KV bytes each setting keeps. Run:
 Learned rows: ``fit``-suffixed rows refine a row's projections layer-wise (``--method fit``); ``heal`` rows start
 from a row's conversion and run ``vllm_dar.heal`` (distillation from the full model, projections only) within
 ``--heal-minutes``/``--heal-tokens``; both keep the bytes of the row they start from and record their cost.
-``heal-qkvo-*`` rows also train every layer's q/k/v/o attention weights (``--heal-weight-lr``); their perplexity
-is the trained model's, still compared with the original full model, and their ``full_attention`` scores the
-trained weights with full attention (does the heal move the model away from the full one?). ``delta_by_half``: each row against the
-full model over the first and the second half of the window's positions.
+``heal-qkvo-*`` rows also train every layer's q/k/v/o attention weights (``--heal-weight-lr``), ``heal-qk-*`` its
+q/k weights only; their perplexity is the trained model's, still compared with the original full model, and their
+``full_attention`` scores the trained weights with full attention (does the heal move the model away from the
+full one?). ``delta_by_half``: each row against the full model over the first and the second half of the
+window's positions.
 ``--merge`` puts the rows into an existing results JSON (same model and held-out text), replacing same-named rows.
 
 Token budgets (``vllm_dar.config.BudgetConfig``): ``--prefix P`` scores every row on each window's continuation
@@ -104,9 +105,10 @@ BUDGET_ROWS = {"budget-pyramid-0.1": ("calibrated-joint", "pyramid", 0.1),
 # Healed rows: name -> the row whose conversion they start from (same schedule, so the same KV bytes).
 HEAL_ROWS = {"heal": "dar", "heal-calibrated-joint": "calibrated-joint", "heal-uniform": "uniform",
              "heal-calibrated-joint-fit": "calibrated-joint-fit",
-             "heal-qkvo-calibrated-joint-fit": "calibrated-joint-fit"}
+             "heal-qkvo-calibrated-joint-fit": "calibrated-joint-fit",
+             "heal-qk-calibrated-joint-fit": "calibrated-joint-fit"}
 # Healed rows that also train attention weights (vllm_dar.heal's ``weights``): name -> letters of "qkvo".
-HEAL_WEIGHTS = {"heal-qkvo-calibrated-joint-fit": "qkvo"}
+HEAL_WEIGHTS = {"heal-qkvo-calibrated-joint-fit": "qkvo", "heal-qk-calibrated-joint-fit": "qk"}
 
 
 def main() -> int:
@@ -136,6 +138,8 @@ def main() -> int:
     ap.add_argument("--heal-tokens", type=int, default=None, help="training-token budget of each heal row")
     ap.add_argument("--heal-context", type=int, default=None, help="tokens per training sequence (default: --context)")
     ap.add_argument("--heal-lr", type=float, default=3e-3)
+    ap.add_argument("--heal-lm-weight", type=float, default=0.0,
+                    help="weight of the next-token loss on the training text beside the KL (vllm_dar.heal's lm_weight)")
     ap.add_argument("--heal-weight-lr", type=float, default=2e-4, help="learning rate of trained attention weights")
     ap.add_argument("--heal-average-tail", type=float, default=0.0,
                     help="fraction of the budget whose steps' parameters are averaged (vllm_dar.heal's average_tail)")
@@ -303,8 +307,8 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
     from vllm_dar.heal import HealSettings, averaged_steps, heal_projections
 
     settings = HealSettings(context=a.heal_context or a.context, max_tokens=a.heal_tokens, max_minutes=a.heal_minutes,
-                            lr=a.heal_lr, weights=weights, weight_lr=a.heal_weight_lr, precision=a.heal_precision,
-                            seed=a.heal_seed, average_tail=a.heal_average_tail)
+                            lr=a.heal_lr, lm_weight=a.heal_lm_weight, weights=weights, weight_lr=a.heal_weight_lr,
+                            precision=a.heal_precision, seed=a.heal_seed, average_tail=a.heal_average_tail)
     train = token_windows(tok, train_files(a) or split_files()[0], context=settings.context,
                           max_tokens=settings.data_tokens)
     loads = []
@@ -318,6 +322,7 @@ def heal_rows(model, tok, cfg, proj, a, weights: str = "") -> tuple[list, dict]:
         "bf16_steps": settings.bf16_steps(), "average_tail": settings.average_tail,
         "averaged_steps": averaged_steps(state),
         **({"weights": weights, "weight_lr": settings.weight_lr} if weights else {}),
+        **({"lm_weight": settings.lm_weight} if settings.lm_weight else {}),
         "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
         "kl_last10": round(sum(h["kl"] for h in hist[-10:]) / len(hist[-10:]), 5),
         "threads": a.threads, "load_avg_1min": round(sum(loads) / len(loads), 2)}

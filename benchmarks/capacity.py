@@ -179,6 +179,23 @@ def spawn(args: argparse.Namespace, engine: str) -> dict:
     return harness.run_worker(__file__, argv, env=env, show_output=not args.json)[0]
 
 
+def theory_table(stock: str, dar: str, tokens: int) -> dict:
+    """Bytes per token of a ``tokens``-token request by the byte model (``layout_bytes_per_token``) for stock,
+    stock FP8 and DAR with no, its far or both caches in FP8, served in fp32 and in bf16, and the capacity
+    ratios that follow (issue 19's targets compare ``dar-fp8`` with ``dar`` and ``stock-fp8``)."""
+    out = {}
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        b = {"stock": layout_bytes_per_token(stock, tokens, (size, size)),
+             "stock-fp8": layout_bytes_per_token(stock, tokens, (1, 1)),
+             "dar": layout_bytes_per_token(dar, tokens, (size, size)),
+             "dar-fp8": layout_bytes_per_token(dar, tokens, (size, 1)),
+             "dar-fp8-window": layout_bytes_per_token(dar, tokens, (1, 1))}
+        out[dtype] = {"bytes_per_token": {k: round(v, 1) for k, v in b.items()},
+                      "capacity_ratios": {f"{a}/{o}": round(b[o] / b[a], 3) for a in ("dar-fp8", "dar-fp8-window")
+                                          for o in ("dar", "stock-fp8")}}
+    return {"tokens": tokens, **out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     harness.add_model_args(p)
@@ -194,8 +211,14 @@ def main() -> None:
                    help="dar-budget: distant prompt tokens kept (vllm-dar budget --token-budget) (%(default)s)")
     p.add_argument("--budget-schedule", default="pyramid", choices=["pyramid", "uniform"])
     p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--theory", action="store_true",
+                   help="print only the byte model's bytes per token of every layout at --prompt-len + "
+                        "--max-tokens tokens, fp32 and bf16 (theory_table), and run no engine")
     harness.add_worker_args(p)
     args = p.parse_args()
+    if args.theory:
+        print(json.dumps(theory_table(args.stock, args.dar, args.prompt_len + args.max_tokens), indent=1))
+        return
     if args.quick:
         args.prompt_len, args.requests = 1024, 8
     if args.prompt_len + args.max_tokens > MAX_MODEL_LEN:

@@ -157,6 +157,25 @@ def test_capacity_itemsizes_follow_the_fp8_layout(tmp_path, monkeypatch):
     assert capacity.cache_itemsizes(path, "fp8", 4) == (1, 1)
 
 
+def test_capacity_theory_table_prices_each_layout_by_hand(tmp_path):
+    """``capacity.py --theory``: per token of a 100-token request, stock 2 layers x K+V x 2 KV heads x 8 dims;
+    DAR reduced K/V (2 + 3 per KV head) of every token plus full width of window 4 + 1 sink, each cache at its
+    own element size; the ratios are capacities (bytes inverted)."""
+    path, _ = dar_dir(tmp_path)
+    stock = tmp_path / "stock"
+    stock.mkdir()
+    (stock / "config.json").write_text(json.dumps({**SHAPE, "dtype": "float32"}))
+    t = capacity.theory_table(str(stock), path, 100)
+    full, far, window = 2 * 2 * 2 * 8, 2 * 2 * 5, 2 * 5 * 2 * 2 * 8  # per token; window: elements per request
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        b = t[dtype]["bytes_per_token"]
+        assert b["stock"] == full * size and b["stock-fp8"] == full
+        assert b["dar-fp8-window"] == pytest.approx(far + window / 100)
+        assert b["dar"] == pytest.approx((far + window / 100) * size)
+        assert b["dar-fp8"] == pytest.approx(far + window / 100 * size)
+        assert t[dtype]["capacity_ratios"]["dar-fp8/dar"] == pytest.approx(b["dar"] / b["dar-fp8"], abs=1e-3)
+
+
 def test_capacity_held_reads_the_most_running_pure_decode_steps():
     """Blocks per request come from pure decode steps (no prefill) at the most requests running; a step
     that also prefills, or runs fewer requests, does not count."""

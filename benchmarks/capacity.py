@@ -216,11 +216,11 @@ def main() -> None:
                         "--max-tokens tokens, fp32 and bf16 (theory_table), and run no engine")
     harness.add_worker_args(p)
     args = p.parse_args()
+    if args.quick:
+        args.prompt_len, args.requests = 1024, 8
     if args.theory:
         print(json.dumps(theory_table(args.stock, args.dar, args.prompt_len + args.max_tokens), indent=1))
         return
-    if args.quick:
-        args.prompt_len, args.requests = 1024, 8
     if args.prompt_len + args.max_tokens > MAX_MODEL_LEN:
         p.error(f"--prompt-len + --max-tokens = {args.prompt_len + args.max_tokens} > max_model_len {MAX_MODEL_LEN}")
     if args.worker:

@@ -7,16 +7,18 @@ to store it in FP8 too. Each mode rounds every cached tensor of the Hugging Face
 reduced K~ and V~; ``vllm_dar.reference.dar_attention_sdpa``'s ``kv_dtype`` path) with its own scale:
 
 ``one``     1.0 (what vLLM and vllm-dar serve today);
-``static``  per layer and kind (K, V, K~, V~): amax over ``--calib-windows`` calibration windows / 448, what a
-            converter could ship (values past it saturate);
-``shared``  per layer, one for K and K~ and one for V and V~ (what the served ops' one ``k_scale`` / ``v_scale``
-            per layer could carry without a change of signature);
-``tensor``  per call: the scored window's own amax per layer and kind (dynamic; an upper bound on ``static``);
-``token``   per token and head (the finest: each cached row's amax maps to 448).
+``static``  per layer and kind (K, V, K~, V~): amax over ``--calib-windows`` calibration windows / 448 (values past
+            it saturate), taken from the full-attention model's K/V (the DAR model's deeper layers see slightly
+            different ones); shipping these needs separate window and far scales in the served ops;
+``shared``  as ``static``, but where a call rounds both caches (DAR, both in FP8) K and K~ share one scale and V
+            and V~ another: what the served ops' one ``k_scale`` / ``v_scale`` per layer could carry as they are;
+``tensor``  per call: the scored window's own amax per layer and kind (dynamic);
+``token``   per cached row: each row's amax maps to 448 (a token and KV head at full width; a token and projection
+            group at reduced width, the whole layer for joint projections).
 
 Rows per mode: the full model with its whole cache in FP8 (stock FP8), DAR with both caches in FP8
 (``VLLM_DAR_FP8_WINDOW=1``) and DAR with the far cache only (``--kv-cache-dtype fp8``'s default), each against the
-same model unrounded on the same held-out documentation windows. Run (about 10 minutes here)::
+same model unrounded on the same held-out documentation windows. Run (about 20 minutes here)::
 
     python benchmarks/fp8_scales.py --json > benchmarks/results/fp8_scales.json
 
@@ -50,13 +52,14 @@ def round_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = E4M3) -
     return ((x.float() / scale).clamp(-top, top).to(dtype).float() * scale).to(x.dtype)
 
 
-def mode_scale(mode: str, x: torch.Tensor, layer: int, kind: str, amax: dict) -> torch.Tensor:
+def mode_scale(mode: str, x: torch.Tensor, layer: int, kind: str, amax: dict, both: bool = True) -> torch.Tensor:
     """The scale ``mode`` stores tensor ``x`` (of ``kind`` k, v, kr, vr in ``layer``) with; ``amax``: the
-    calibration's per (layer, kind) maxima."""
+    calibration's per (layer, kind) maxima; ``both``: the call rounds full-width and reduced K/V alike (so
+    ``shared`` shares)."""
     top = torch.finfo(E4M3).max
     if mode == "one":
         return torch.tensor(1.0)
-    if mode == "static":
+    if mode == "static" or (mode == "shared" and not both):
         return torch.tensor(amax[layer, kind] / top)
     if mode == "shared":
         return torch.tensor(max(amax[layer, kind[0]], amax[layer, kind[0] + "r"]) / top)
@@ -80,16 +83,22 @@ def scaled(mode: str, amax: dict):
         kinds = (["kr", "vr"] if proj is not None else []) + ([] if far_only else ["k", "v"])
 
         def call(module, q, k, v, scaling):
-            state.update(layer=module.layer_idx, kinds=kinds, n=0)
-            return fn(module, q, k, v, scaling)
+            state.update(layer=module.layer_idx, kinds=kinds, n=0, head_dim=k.shape[-1])
+            out = fn(module, q, k, v, scaling)
+            if kv_dtype is not None and state["n"] != len(kinds):  # the reference rounds in another order now
+                raise RuntimeError(f"fp8_scales: expected to round {kinds}, rounded {state['n']} tensors")
+            return out
         return call
 
     def rounded(x, dtype, scale=1.0):
         if dtype is None:
             return x
         kind = state["kinds"][state["n"]]
+        if kind in ("k", "v") and x.shape[-1] != state["head_dim"]:
+            raise RuntimeError(f"fp8_scales: call {state['n']} rounds a [..., {x.shape[-1]}] tensor as {kind}")
         state["n"] += 1
-        return round_fp8(x, mode_scale(mode, x, state["layer"], kind, amax), dtype)
+        both = "kr" in state["kinds"] and "k" in state["kinds"]
+        return round_fp8(x, mode_scale(mode, x, state["layer"], kind, amax, both), dtype)
 
     hf._dar_layer_fn, ref.round_trip = tracked_layer_fn, rounded
     try:
@@ -138,6 +147,7 @@ def main() -> int:
     full = perplexity(model, windows)["perplexity"]
     dar = perplexity(model, windows, cfg=cfg, projections=proj)["perplexity"]
     out = {"model": a.stock, "dar": a.dar, "context": a.context, "eval_windows": len(windows),
+           "calib_windows": a.calib_windows, "threads": a.threads,
            "full_perplexity": round(full, 4), "dar_perplexity": round(dar, 4), "modes": {}}
     for mode in a.modes:
         t = time.time()

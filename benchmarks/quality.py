@@ -8,13 +8,13 @@ agreement with the full model, and the KV bytes each setting keeps. Run:
     python benchmarks/quality.py --rows heal --threads 1 --json --merge benchmarks/results/quality.json
 
 Learned rows: ``fit``-suffixed rows refine a row's projections layer-wise (``--method fit``); ``heal`` rows start
-from a row's conversion and run ``vllm_dar.heal`` (distillation from the full model, projections only) within
-``--heal-minutes``/``--heal-tokens``; both keep the bytes of the row they start from and record their cost.
-``heal-qkvo-*`` rows also train every layer's q/k/v/o attention weights (``--heal-weight-lr``), ``heal-qk-*`` its
-q/k weights only; their perplexity is the trained model's, still compared with the original full model, and their
-``full_attention`` scores the trained weights with full attention (does the heal move the model away from the
-full one?). ``delta_by_half``: each row against the full model over the first and the second half of the
-window's positions.
+from a row's conversion and run ``vllm_dar.heal`` (distillation from the full model, plus ``--heal-lm-weight``
+times the next-token loss if given; projections only) within ``--heal-minutes``/``--heal-tokens``; both keep the
+bytes of the row they start from and record their cost. ``heal-qkvo-*`` rows also train every layer's q/k/v/o
+attention weights (``--heal-weight-lr``), ``heal-qk-*`` its q/k weights only; their perplexity is the trained
+model's, still compared with the original full model, and their ``full_attention`` scores the trained weights with
+full attention (is the healed model still as good a full-attention model? perplexity, not a distance).
+``delta_by_half``: each row against the full model over the first and the second half of the window's positions.
 ``--merge`` puts the rows into an existing results JSON (same model and held-out text), replacing same-named rows.
 
 Token budgets (``vllm_dar.config.BudgetConfig``): ``--prefix P`` scores every row on each window's continuation
@@ -221,7 +221,8 @@ def main() -> int:
             if start is not None:
                 letters = HEAL_WEIGHTS.get(name, "")
                 trained = "projections" + (f" and {'/'.join(letters)} attention weights" if letters else "")
-                desc = f"{start} healed: {desc}; {trained} trained, KL to the full model"
+                loss = "KL to the full model" + (f" + {a.heal_lm_weight} x LM loss" if a.heal_lm_weight else "")
+                desc = f"{start} healed: {desc}; {trained} trained, {loss}"
                 restore = {k: v.detach().clone() for k, v in model.state_dict().items()} if letters else None
                 proj, heal_cost = heal_rows(model, tok, cfg, proj, a, weights=letters)
                 cost.update(heal_cost, starts_from=start)

@@ -477,13 +477,32 @@ def test_fp8_scales_modes_round_as_stated_and_restore_the_reference(tiny_dar):
     def ppl(**kw):
         return perplexity(model, windows, cfg=cfg, projections=proj, kv_dtype=e4, **kw)["perplexity"]
 
-    plain, plain_far = ppl(), ppl(far_only=True)
+    def stock():
+        return perplexity(model, windows, kv_dtype=e4)["perplexity"]
+
+    plain, plain_far, plain_stock = ppl(), ppl(far_only=True), stock()
     fns = hf._dar_layer_fn, reference.round_trip
     with fp8_scales.scaled("one", amax):
-        assert (ppl(), ppl(far_only=True)) == (plain, plain_far)
-    for mode in ("static", "shared", "tensor", "token"):
-        with fp8_scales.scaled(mode, amax):
-            assert ppl() != plain, mode
+        assert (ppl(), ppl(far_only=True), stock()) == (plain, plain_far, plain_stock)
+    seen = []
+    scale_of = fp8_scales.mode_scale
+
+    def recorded(mode, x, layer, kind, amax, both=True):
+        seen.append((layer, kind, x.shape[-1]))
+        return scale_of(mode, x, layer, kind, amax, both)
+
+    fp8_scales.mode_scale = recorded
+    try:
+        for mode in ("static", "shared", "tensor", "token"):
+            with fp8_scales.scaled(mode, amax):
+                seen.clear()
+                assert ppl() != plain, mode
+                # per layer call: K~, V~ (ranks 8) then K, V (head_dim 16), over 2 layers, once per window
+                assert seen == [(i, k, d) for _ in windows for i in range(2)
+                                for k, d in (("kr", 8), ("vr", 8), ("k", 16), ("v", 16))], mode
+                assert ppl(far_only=True) != plain_far and stock() != plain_stock, mode
+    finally:
+        fp8_scales.mode_scale = scale_of
     assert (hf._dar_layer_fn, reference.round_trip) == fns
     x = torch.randn(1, 2, 5, 16) * torch.logspace(-3, 1, 5).view(1, 1, 5, 1)
     kept = fp8_scales.round_fp8(x, fp8_scales.mode_scale("token", x, 0, "k", amax))

@@ -250,9 +250,10 @@ def test_kv_budget_alone_gives_a_calibrated_joint_model(tiny_llama, calib_text, 
     assert load_dar(str(tmp_path / "dar"))[0].kv_fraction(512) == cfg.kv_fraction(512)
 
 
-def test_cli_train_domains_pick_the_calibration_text(tiny_llama, tmp_path, capsys):
-    """``--train-domains`` calibrates on the training parts of those text domains, interleaved file by file
-    (``vllm_dar.data.mixed_train_files``); with ``--calib`` too it is refused before any work."""
+def test_cli_train_domains_pick_the_calibration_text(tiny_llama, tmp_path, capsys, monkeypatch):
+    """``--train-domains`` calibrates (convert) and trains (heal) on the training parts of those text domains,
+    interleaved file by file (``vllm_dar.data.mixed_train_files``); with ``--calib`` too it is refused before any
+    work."""
     from vllm_dar.checkpoint import read_config
     from vllm_dar.data import domain_split, mixed_train_files
 
@@ -267,6 +268,16 @@ def test_cli_train_domains_pick_the_calibration_text(tiny_llama, tmp_path, capsy
     assert cli(["convert", tiny_llama, str(tmp_path / "p"), "--train-domains", "code", "--calib", files[0],
                 *flags]) == 2
     assert "not both" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    import vllm_dar.heal
+
+    got = {}
+    monkeypatch.setattr(vllm_dar.heal, "heal", lambda *a, calib_files=None, **kw: got.update(files=calib_files) or {})
+    assert cli(["heal", str(out), str(tmp_path / "h"), "--max-tokens", "4096", "--train-domains", "code",
+                "release-notes"]) == 0
+    assert got["files"] == mixed_train_files(["code", "release-notes"])
+    assert cli(["heal", str(out), str(tmp_path / "h"), "--max-tokens", "4096", "--train-domains", "code", "--calib",
+                files[0]]) == 2
+    assert "not both" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # never trained on: not a choice
         cli(["heal", str(out), str(tmp_path / "h"), "--max-tokens", "512", "--train-domains", "licenses"])
     assert "invalid choice" in capsys.readouterr().err

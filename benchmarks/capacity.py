@@ -35,6 +35,8 @@ Run (a few minutes per model on 2 cores; ``--quick``: 1024-token prompts, 8 requ
         [--max-num-batched-tokens N] [--engines stock,dar,stock-fp8,dar-fp8]
     # FP8 next to the others: a cache that four 4K requests of dar-fp8 fill, for 24 requests
     python benchmarks/capacity.py --engines stock,stock-fp8,dar,dar-fp8 --kv-gib 0.25 --requests 24 --json
+    # the byte model only (every layout, fp32 and bf16; no engine): seconds
+    python benchmarks/capacity.py --theory
 """
 from __future__ import annotations
 

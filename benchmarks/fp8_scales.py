@@ -23,7 +23,8 @@ same model unrounded on the same held-out documentation windows. Run (about 20 m
     python benchmarks/fp8_scales.py --json > benchmarks/results/fp8_scales.json
 
 The modes are installed by replacing the reference's rounding function (``vllm_dar.reference.round_trip``) for the
-duration of a mode; nothing here changes what vllm-dar serves.
+duration of a mode with one that stores as ``vllm_dar.kv_dtype.round_trip`` does, at the mode's scale; nothing here
+changes what vllm-dar serves.
 """
 from __future__ import annotations
 
@@ -41,15 +42,10 @@ from vllm_dar import reference as ref
 from vllm_dar.checkpoint import load_dar
 from vllm_dar.data import split_files, token_windows
 from vllm_dar.evaluate import load_for_eval, perplexity
+from vllm_dar.kv_dtype import round_trip
 
 MODES = ("one", "static", "shared", "tensor", "token")
 E4M3 = torch.float8_e4m3fn
-
-
-def round_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
-    """``x`` stored as ``dtype`` with ``scale`` (broadcast against ``x``) and read back, in ``x``'s dtype."""
-    top = torch.finfo(dtype).max
-    return ((x.float() / scale).clamp(-top, top).to(dtype).float() * scale).to(x.dtype)
 
 
 def mode_scale(mode: str, x: torch.Tensor, layer: int, kind: str, amax: dict, both: bool = True) -> torch.Tensor:
@@ -76,14 +72,15 @@ def scaled(mode: str, amax: dict):
     rounds follows ``dar_attention_sdpa``'s order per layer call: K~, V~ (DAR layers), then K, V (unless far
     only); the layer is the attention module's ``layer_idx``."""
     state = {"layer": 0, "kinds": [], "n": 0}
-    layer_fn, round_trip = hf._dar_layer_fn, ref.round_trip
+    layer_fn, saved = hf._dar_layer_fn, ref.round_trip
 
     def tracked_layer_fn(window, sink_tokens, proj, kv_dtype=None, far_only=False, *a, **kw):
         fn = layer_fn(window, sink_tokens, proj, kv_dtype, far_only, *a, **kw)
         kinds = (["kr", "vr"] if proj is not None else []) + ([] if far_only else ["k", "v"])
+        both = proj is not None and not far_only  # full-width and reduced K/V both rounded: ``shared`` shares
 
         def call(module, q, k, v, scaling):
-            state.update(layer=module.layer_idx, kinds=kinds, n=0, head_dim=k.shape[-1])
+            state.update(layer=module.layer_idx, kinds=kinds, both=both, n=0, head_dim=k.shape[-1])
             out = fn(module, q, k, v, scaling)
             if kv_dtype is not None and state["n"] != len(kinds):  # the reference rounds in another order now
                 raise RuntimeError(f"fp8_scales: expected to round {kinds}, rounded {state['n']} tensors")
@@ -97,14 +94,13 @@ def scaled(mode: str, amax: dict):
         if kind in ("k", "v") and x.shape[-1] != state["head_dim"]:
             raise RuntimeError(f"fp8_scales: call {state['n']} rounds a [..., {x.shape[-1]}] tensor as {kind}")
         state["n"] += 1
-        both = "kr" in state["kinds"] and "k" in state["kinds"]
-        return round_fp8(x, mode_scale(mode, x, state["layer"], kind, amax, both), dtype)
+        return round_trip(x, dtype, mode_scale(mode, x, state["layer"], kind, amax, state["both"]))
 
     hf._dar_layer_fn, ref.round_trip = tracked_layer_fn, rounded
     try:
         yield
     finally:
-        hf._dar_layer_fn, ref.round_trip = layer_fn, round_trip
+        hf._dar_layer_fn, ref.round_trip = layer_fn, saved
 
 
 def calibration_amax(model, proj, windows) -> dict:

@@ -463,7 +463,7 @@ def test_fp8_scales_modes_round_as_stated_and_restore_the_reference(tiny_dar):
     change what is rounded, ``token`` keeps each row's largest element, and the reference is restored after."""
     import fp8_scales
 
-    from vllm_dar import hf, reference
+    from vllm_dar import hf, kv_dtype, reference
     from vllm_dar.evaluate import load_for_eval, perplexity
 
     model, _, cfg, proj = load_for_eval(tiny_dar, "float32")
@@ -505,7 +505,7 @@ def test_fp8_scales_modes_round_as_stated_and_restore_the_reference(tiny_dar):
         fp8_scales.mode_scale = scale_of
     assert (hf._dar_layer_fn, reference.round_trip) == fns
     x = torch.randn(1, 2, 5, 16) * torch.logspace(-3, 1, 5).view(1, 1, 5, 1)
-    kept = fp8_scales.round_fp8(x, fp8_scales.mode_scale("token", x, 0, "k", amax))
+    kept = kv_dtype.round_trip(x, e4, fp8_scales.mode_scale("token", x, 0, "k", amax))
     torch.testing.assert_close(kept.abs().amax(-1), x.abs().amax(-1), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="unknown mode"):
         fp8_scales.mode_scale("block", x, 0, "k", amax)

@@ -35,8 +35,9 @@ Run (a few minutes per model on 2 cores; ``--quick``: 1024-token prompts, 8 requ
         [--max-num-batched-tokens N] [--engines stock,dar,stock-fp8,dar-fp8]
     # FP8 next to the others: a cache that four 4K requests of dar-fp8 fill, for 24 requests
     python benchmarks/capacity.py --engines stock,stock-fp8,dar,dar-fp8 --kv-gib 0.25 --requests 24 --json
-    # the byte model only (every layout, fp32 and bf16; no engine): seconds
-    python benchmarks/capacity.py --theory
+    # the byte model only (every layout, fp32 and bf16; no engine): seconds; --dar-fp8: a conversion priced
+    # for an FP8 far cache (vllm-dar convert --kv-cache-dtype fp8) in the FP8 rows
+    python benchmarks/capacity.py --theory [--dar-fp8 models/smollm2-135m-dar-fp8]
 """
 from __future__ import annotations
 
@@ -170,6 +171,8 @@ def budget_copy(dar: str, folder: str, budget: str, schedule: str) -> str:
 def spawn(args: argparse.Namespace, engine: str) -> dict:
     """One engine of ``ENGINES`` (``measure``) in a fresh interpreter; its log is shown unless ``--json``."""
     model = args.dar if engine.startswith("dar") else args.stock
+    if engine.startswith("dar-fp8"):
+        model = args.dar_fp8 or args.dar
     if engine == "dar-budget":
         model = budget_copy(args.dar, args.tmp, args.budget, args.budget_schedule)
     argv = ["--worker", model, "--kv-gib", str(args.kv_gib), "--requests", str(args.requests),
@@ -181,21 +184,23 @@ def spawn(args: argparse.Namespace, engine: str) -> dict:
     return harness.run_worker(__file__, argv, env=env, show_output=not args.json)[0]
 
 
-def theory_table(stock: str, dar: str, tokens: int) -> dict:
+def theory_table(stock: str, dar: str, tokens: int, dar_fp8: str | None = None) -> dict:
     """Bytes per token of a ``tokens``-token request by the byte model (``layout_bytes_per_token``) for stock,
-    stock FP8 and DAR with no, its far or both caches in FP8, served in fp32 and in bf16, and the capacity
-    ratios that follow (issue 19's targets compare ``dar-fp8`` with ``dar`` and ``stock-fp8``)."""
+    stock FP8 and DAR with no, its far or both caches in FP8 (the FP8 rows of ``dar_fp8``, default ``dar``),
+    served in fp32 and in bf16, and the capacity ratios that follow (issue 19's targets compare ``dar-fp8`` with
+    ``dar`` and ``stock-fp8``)."""
     out = {}
+    dar_fp8 = dar_fp8 or dar
     for dtype, size in (("float32", 4), ("bfloat16", 2)):
         b = {"stock": layout_bytes_per_token(stock, tokens, (size, size)),
              "stock-fp8": layout_bytes_per_token(stock, tokens, (1, 1)),
              "dar": layout_bytes_per_token(dar, tokens, (size, size)),
-             "dar-fp8": layout_bytes_per_token(dar, tokens, (size, 1)),
-             "dar-fp8-window": layout_bytes_per_token(dar, tokens, (1, 1))}
+             "dar-fp8": layout_bytes_per_token(dar_fp8, tokens, (size, 1)),
+             "dar-fp8-window": layout_bytes_per_token(dar_fp8, tokens, (1, 1))}
         out[dtype] = {"bytes_per_token": {k: round(v, 1) for k, v in b.items()},
                       "capacity_ratios": {f"{a}/{o}": round(b[o] / b[a], 3) for a in ("dar-fp8", "dar-fp8-window")
                                           for o in ("dar", "stock-fp8")}}
-    return {"tokens": tokens, **out}
+    return {"tokens": tokens, "dar": dar, "dar_fp8": dar_fp8, **out}
 
 
 def main() -> None:
@@ -203,6 +208,9 @@ def main() -> None:
     harness.add_model_args(p)
     p.add_argument("--kv-gib", type=float, default=1, help="KV cache memory (GiB) of every engine")
     p.add_argument("--engines", default="stock,dar", help=f"comma-separated, of {', '.join(ENGINES)}")
+    p.add_argument("--dar-fp8", default=None, metavar="DIR",
+                   help="the DAR checkpoint the dar-fp8 engines (and --theory's FP8 rows) serve, e.g. one converted "
+                        "with `vllm-dar convert --kv-cache-dtype fp8` (default: --dar)")
     p.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)  # set per engine by spawn
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=4096)
@@ -221,7 +229,8 @@ def main() -> None:
     if args.quick:
         args.prompt_len, args.requests = 1024, 8
     if args.theory:
-        print(json.dumps(theory_table(args.stock, args.dar, args.prompt_len + args.max_tokens), indent=1))
+        print(json.dumps(theory_table(args.stock, args.dar, args.prompt_len + args.max_tokens, args.dar_fp8),
+                         indent=1))
         return
     if args.prompt_len + args.max_tokens > MAX_MODEL_LEN:
         p.error(f"--prompt-len + --max-tokens = {args.prompt_len + args.max_tokens} > max_model_len {MAX_MODEL_LEN}")
@@ -245,7 +254,8 @@ def main() -> None:
     ratios = {f"{a}/{b}": {k: models[a][k] / models[b][k] for k in keys} for a, b in pairs
               if a in models and b in models}
     result = {
-        "settings": {k: getattr(args, k) for k in ("stock", "dar", "engines", "kv_gib", "requests", "prompt_len",
+        "settings": {k: getattr(args, k) for k in ("stock", "dar", "dar_fp8", "engines", "kv_gib", "requests",
+                                                    "prompt_len",
                                                     "max_tokens", "max_num_batched_tokens", "budget",
                                                     "budget_schedule")},
         **models,

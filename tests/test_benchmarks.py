@@ -174,6 +174,16 @@ def test_capacity_theory_table_prices_each_layout_by_hand(tmp_path):
         assert b["dar"] == pytest.approx((far + window / 100) * size)
         assert b["dar-fp8"] == pytest.approx(far + window / 100 * size)
         assert t[dtype]["capacity_ratios"]["dar-fp8/dar"] == pytest.approx(b["dar"] / b["dar-fp8"], abs=1e-3)
+    # --dar-fp8: the FP8 rows price another conversion (one priced for an FP8 far cache), DAR's stays --dar's
+    other = tmp_path / "fp8"
+    other.mkdir()
+    cfg8 = DarConfig.uniform(ModelShape.from_hf_config(SHAPE), window=2, key_rank=4, value_rank=4, sink_tokens=1)
+    (other / "config.json").write_text(json.dumps({**SHAPE, "dtype": "float32", "dar": cfg8.to_json()}))
+    t8 = capacity.theory_table(str(stock), path, 100, dar_fp8=str(other))
+    b8 = t8["bfloat16"]["bytes_per_token"]
+    assert b8["dar"] == t["bfloat16"]["bytes_per_token"]["dar"]
+    assert b8["dar-fp8"] == pytest.approx(cfg8.kv_bytes_per_token(100, 2, 1), abs=0.1) != t["bfloat16"][
+        "bytes_per_token"]["dar-fp8"]
 
 
 def test_capacity_held_reads_the_most_running_pure_decode_steps():

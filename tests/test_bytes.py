@@ -87,6 +87,36 @@ def test_reserved_fraction_counts_padded_far_pages():
         assert cfg.reserved_fraction(2048) == pytest.approx((pages * 16 * 384 + 11 * 16 * 384) / full), (rk, rv)
 
 
+def test_reserved_fraction_prices_an_fp8_far_cache():
+    """Served with ``--kv-cache-dtype fp8``, a far page (a window page's bytes) holds 2x (bf16 window) or 4x
+    (fp32) the tokens of one in the model dtype: 96 reduced elements per token take 128- or 256-token pages,
+    and the fraction counts bytes against full attention's in the window's dtype."""
+    cfg = DarConfig.uniform(SMOLLM2, window=64, key_rank=48, value_rank=48, sink_tokens=4, head_sharing="joint")
+    full, window = 2048 * 384, 11 * 16 * 384
+    for itemsizes, far_block in (((1, 1), 64), ((2, 2), 64), ((2, 1), 128), ((4, 1), 256)):
+        pages = -(-2048 // far_block)
+        assert cfg.reserved_fraction(2048, 16, *itemsizes) == pytest.approx((pages * 16 * 384 + window) / full)
+        assert cfg.far_block_tokens(16, *itemsizes)[0] == far_block
+    assert cfg.reserved_fraction(2048, 16, 2, 1) < cfg.reserved_fraction(2048)
+
+
+def test_calibrated_schedule_buys_rank_when_far_elements_are_cheap():
+    """One layer, two windows, two ranks: priced in the model dtype the budget buys window 128 at ranks 16/16
+    (error 3); priced for an FP8 far cache beside a bf16 window the same budget buys window 32 at ranks 48/48
+    (error 2), which costs 0.305 of the full bytes in the model dtype and 0.18 with far elements at half price."""
+    from vllm_dar.convert.schedule import calibrated
+
+    ek = torch.tensor([[3.0, 1.0], [1.5, 0.6]])  # [window 32, 128] x [rank 16, 48]
+    ev = torch.tensor([[3.0, 1.0], [1.5, 0.5]])
+    for itemsizes, expected in (((1, 1), (128, 16, 16)), ((2, 1), (32, 48, 48))):
+        s = calibrated([(ek, ev)], windows=(32, 128), ranks=(16, 48), groups=1, full_per_token=384, context=2048,
+                       sink_tokens=4, budget=0.24, block_size=16, itemsizes=itemsizes)[0]
+        assert (s.window, s.key_rank, s.value_rank) == expected, itemsizes
+        cfg = DarConfig.uniform(SMOLLM2, window=s.window, key_rank=s.key_rank, value_rank=s.value_rank,
+                                sink_tokens=4, head_sharing="joint")
+        assert cfg.reserved_fraction(2048, 16, *itemsizes) <= 0.24
+
+
 def test_calibrated_schedule_pays_for_page_padding():
     """Key and value ranks are chosen as a pair: with the other pairs' errors equal, 48/32 (80 per token, paged
     as 96) loses to 48/48 (96, paged as 96), which the separate choice of each rank could not see."""
@@ -126,10 +156,11 @@ def test_kv_report_is_the_byte_model():
     assert kv_report(None, stock, 2048, torch.float32)["kv_bytes_per_token"] == 46080
 
 
+@pytest.mark.parametrize("itemsizes", [(1, 1), (2, 1)])
 @pytest.mark.parametrize("budget", [0.15, 0.2, 0.283, 0.4])
-def test_calibrated_schedule_stays_within_the_budget(budget):
+def test_calibrated_schedule_stays_within_the_budget(budget, itemsizes):
     """convert's calibrated schedule counts bytes in its own vectorised form: its picks must fit ``budget``
-    under the byte model."""
+    under the byte model, in the model dtype and priced for an FP8 far cache beside a bf16 window."""
     from vllm_dar.convert.schedule import calibrated
 
     shape = ModelShape(num_layers=6, num_heads=9, num_kv_heads=3, head_dim=64)
@@ -139,19 +170,27 @@ def test_calibrated_schedule_stays_within_the_budget(budget):
         return torch.rand(len(windows), len(ranks), generator=g)
 
     errors = [(rand(), rand()) for _ in range(shape.num_layers)]
-    for block_size, spent in ((None, DarConfig.kv_fraction), (16, DarConfig.reserved_fraction)):
-        if block_size and budget < 0.18:  # below window 32 reserved (7 blocks) at ranks 8/8: refused (next test)
+    w_size, f_size = itemsizes
+    held = lambda cfg, n: (cfg.kv_fraction(n) - (1 - f_size / w_size) * cfg.far_elems_per_token()
+                           / cfg.shape.kv_elems(1))  # far elements at their price
+    for block_size, spent in ((None, held), (16, lambda cfg, n: cfg.reserved_fraction(n, 16, *itemsizes))):
+        least = 0.18 if itemsizes == (1, 1) else 0.12  # window 32 reserved (7 blocks) at ranks 8/8
+        if block_size and budget < least:  # below it: refused (next test)
             with pytest.raises(ValueError, match="below the smallest setting"):
                 calibrated(errors, windows=windows, ranks=ranks, groups=3, full_per_token=shape.slot_elems,
-                           context=2048, sink_tokens=4, budget=budget, block_size=block_size)
+                           context=2048, sink_tokens=4, budget=budget, block_size=block_size, itemsizes=itemsizes)
             continue
-        s = calibrated(errors, windows=windows, ranks=ranks, groups=3, full_per_token=shape.slot_elems,
-                       context=2048, sink_tokens=4, budget=budget, block_size=block_size)
-        cfg = DarConfig(shape=shape, window=tuple(x.window for x in s), key_rank=tuple(x.key_rank for x in s),
-                        value_rank=tuple(x.value_rank for x in s), sink_tokens=4)
-        fraction = spent(cfg, 2048)
+        def spend(b, block_size=block_size, spent=spent):
+            s = calibrated(errors, windows=windows, ranks=ranks, groups=3, full_per_token=shape.slot_elems,
+                           context=2048, sink_tokens=4, budget=b, block_size=block_size, itemsizes=itemsizes)
+            return spent(DarConfig(shape=shape, window=tuple(x.window for x in s), sink_tokens=4,
+                                   key_rank=tuple(x.key_rank for x in s), value_rank=tuple(x.value_rank for x in s)),
+                         2048)
+
+        fraction = spend(budget)
         assert fraction <= budget + 1e-9, block_size
-        assert fraction > budget - 0.05, block_size  # it spends the budget, by the same count
+        least_error = spend(1.0)  # each layer's lowest error, whatever it costs (the errors are random)
+        assert fraction > min(budget, least_error) - 0.05, block_size  # it spends the budget, by the same count
 
 
 @pytest.mark.parametrize("head_sharing", ["per_head", "joint"])

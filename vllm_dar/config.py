@@ -114,11 +114,13 @@ def far_block_sizes(window_block: int, slot_elems: int, far_slot_elems: list[int
     return out
 
 
-def reserved_far_elems(context: int, window_block: int, slot_elems: int, far_slot_elems: int) -> int:
-    """Elements one layer's far cache reserves for a ``context``-token request: whole pages of
-    ``far_block_sizes`` tokens, each the bytes of a window page (``window_block`` slots of ``slot_elems``; one
-    process: ``far_slot_elems <= slot_elems``)."""
-    far_block = far_block_sizes(window_block, slot_elems, [far_slot_elems])[0]
+def reserved_far_elems(context: int, window_block: int, slot_elems: int, far_slot_elems: int,
+                       window_itemsize: int = 1, far_itemsize: int = 1) -> int:
+    """What one layer's far cache reserves for a ``context``-token request, in window-cache elements: whole pages
+    of ``far_block_sizes`` tokens, each the bytes of a window page (``window_block`` slots of ``slot_elems``; one
+    process: ``far_slot_elems * far_itemsize <= slot_elems * window_itemsize``). The caches' element sizes
+    matter only where they differ (an FP8 far cache beside a window in the model dtype: ``vllm_dar.kv_dtype``)."""
+    far_block = far_block_sizes(window_block, slot_elems * window_itemsize, [far_slot_elems * far_itemsize])[0]
     return -(-context // far_block) * window_block * slot_elems
 
 
@@ -536,11 +538,14 @@ class DarConfig:
         far_itemsize = itemsize if far_itemsize is None else far_itemsize
         return (window * itemsize / tp_size + far * far_itemsize / self.far_shards(tp_size)) / context
 
-    def reserved_fraction(self, context: int, block_size: int = PRICED_BLOCK_SIZE) -> float:
+    def reserved_fraction(self, context: int, block_size: int = PRICED_BLOCK_SIZE, window_itemsize: int = 1,
+                          far_itemsize: int = 1) -> float:
         """What the caches reserve for one ``context``-token request at ``block_size``-token window blocks, over
-        what full attention holds: windows as the window cache reserves them (``LayerDar.reserved_full_slots``),
-        far caches in whole padded pages (``reserved_far_elems``). What the calibrated schedule's budget counts."""
-        elems = sum(reserved_far_elems(context, block_size, lay.slot_elems, lay.reduced_elems())
+        what full attention holds in the window cache's dtype: windows as the window cache reserves them
+        (``LayerDar.reserved_full_slots``), far caches in whole padded pages (``reserved_far_elems``), at the
+        caches' element sizes (only their ratio matters). What the calibrated schedule's budget counts."""
+        elems = sum(reserved_far_elems(context, block_size, lay.slot_elems, lay.reduced_elems(), window_itemsize,
+                                       far_itemsize)
                     + lay.reserved_full_slots(context, block_size) * lay.slot_elems
                     for lay in map(self.layer, range(self.shape.num_layers)))
         return elems / self.shape.kv_elems(context)

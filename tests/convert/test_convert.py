@@ -240,6 +240,33 @@ def test_calibrated_budget_is_the_given_budget_setting_or_default():
     assert given.calibrated_budget(shape) == pytest.approx(expected) and expected != DEFAULT_KV_BUDGET
 
 
+def test_plan_prices_the_served_cache_dtypes(tiny_llama, calib_text):
+    """``plan(kv_cache_dtype="fp8", dtype=D)`` spends the budget on the bytes ``vllm serve --kv-cache-dtype fp8
+    --dtype D`` stores (far elements at one byte beside D's window elements; ``benchmarks/fp8_recipe.py``),
+    records that in ``extra``, and refuses dtypes it cannot price."""
+    from vllm_dar.config import PRICED_BLOCK_SIZE
+    from vllm_dar.convert import calibrate_model, plan, priced_itemsizes
+
+    assert priced_itemsizes("auto", "float32") == (1, 1) and priced_itemsizes("fp8", "bfloat16") == (2, 1)
+    assert priced_itemsizes("fp8_e5m2", "float32") == (4, 1)
+    for args, message in ((("int8", "bfloat16"), "kv_cache_dtype: 'int8' is not one of"),
+                          (("fp8", "half"), "dtype: 'half' is not one of")):
+        with pytest.raises(DarConfigError, match=message):
+            priced_itemsizes(*args)
+    model, stats, _ = calibrate_model(tiny_llama, calib_files=calib_text, calib_tokens=512, context=512,
+                                      sink_tokens=4, progress=False)
+    shape = ModelShape.from_hf_config(model.config)
+    kw = {"window": 64, "key_rank": 16, "value_rank": 16, "sink_tokens": 4, "schedule": "calibrated",
+          "head_sharing": "joint", "kv_budget": 0.6, "context": 512, "progress": False}
+    plain, _ = plan(shape, stats, **kw)
+    fp8, proj = plan(shape, stats, kv_cache_dtype="fp8", dtype="float32", **kw)
+    spent = fp8.reserved_fraction(512, PRICED_BLOCK_SIZE, 4, 1)
+    assert 0.5 < spent <= 0.6 and fp8.extra["priced_for"] == {"kv_cache_dtype": "fp8", "dtype": "float32"}
+    assert "priced_for" not in plain.extra and 0.5 < plain.reserved_fraction(512) <= 0.6
+    assert fp8.far_elems_per_token() >= plain.far_elems_per_token()  # cheaper far elements: no less rank
+    assert len(proj) == shape.num_layers
+
+
 def test_kv_budget_alone_gives_a_calibrated_joint_model(tiny_llama, calib_text, tmp_path):
     cfg = convert(tiny_llama, str(tmp_path / "dar"), kv_budget=0.6, calib_files=calib_text, calib_tokens=512,
                   context=512, progress=False)

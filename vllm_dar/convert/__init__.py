@@ -15,6 +15,7 @@ from ..checkpoint import write_converted
 from ..config import PRICED_BLOCK_SIZE, BudgetConfig, DarConfig, DarConfigError, ModelShape
 from ..data import split_files, token_windows
 from ..hf import load_model
+from ..kv_dtype import KV_CACHE_DTYPES, cache_itemsizes
 from .calibrate import LayerStats, calibrate
 from .fit import METHODS, LayerFit, fit_layer, refine_layer
 from .recipe import DEFAULT, Recipe
@@ -37,6 +38,20 @@ def calibrate_model(src: str, *, calib_files: list[str] | None, calib_tokens: in
     return model, stats, record
 
 
+def priced_itemsizes(kv_cache_dtype: str, dtype: str) -> tuple[int, int]:
+    """Bytes per element of (the window cache, the far cache) of a model served with ``vllm serve
+    --kv-cache-dtype KV_CACHE_DTYPE --dtype DTYPE`` (``kv_dtype.cache_itemsizes``; the window in the model dtype,
+    as served by default): the calibrated schedule's prices. Only their ratio matters: ``auto`` is (1, 1)."""
+    sizes = {"bfloat16": 2, "float16": 2, "float32": 4}
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise DarConfigError(f"kv_cache_dtype: {kv_cache_dtype!r} is not one of {tuple(KV_CACHE_DTYPES)}")
+    if dtype not in sizes:
+        raise DarConfigError(f"dtype: {dtype!r} is not one of {tuple(sizes)}")
+    if kv_cache_dtype == "auto":
+        return 1, 1
+    return cache_itemsizes(kv_cache_dtype, sizes[dtype], fp8_window=False)
+
+
 def plan(
     shape: ModelShape,
     stats: list[LayerStats],
@@ -52,6 +67,8 @@ def plan(
     context: int = 2048,
     qk_reg: float = 0.1,
     fit_steps: int = 200,
+    kv_cache_dtype: str = "auto",
+    dtype: str = "bfloat16",
     progress: bool = True,
 ) -> tuple[DarConfig, list]:
     """Fit and schedule projections from calibration ``stats``. Returns (config, per-layer projections).
@@ -60,11 +77,15 @@ def plan(
     sinks), which experiments vary one setting at a time; ``convert()``'s are the recommended ``Recipe()``.
     ``window``, ``key_rank`` and ``value_rank`` are the uniform setting: every layer's (``uniform``), the ramp's
     mean (``pyramid``); for ``calibrated`` with ``kv_budget`` None, ``Recipe.calibrated_budget`` reads them.
+    ``kv_cache_dtype`` and ``dtype``: the served layout whose bytes the calibrated schedule prices
+    (``priced_itemsizes``; ``benchmarks/fp8_recipe.py`` compares conversions priced for an FP8 far cache with
+    plain ones, which did better at the same served bytes: not a ``convert`` option).
     """
     if schedule not in SCHEDULES:
         raise DarConfigError(f"--schedule: {schedule!r} is not one of {SCHEDULES}")
     if kv_budget is not None and schedule != "calibrated":
         raise DarConfigError(f"--kv-budget: applies to --schedule calibrated only, not {schedule!r}")
+    itemsizes = priced_itemsizes(kv_cache_dtype, dtype)
     # The projection groups (validates head_sharing and sinks), then the uniform setting where it is read.
     layout = DarConfig.uniform(shape, window=0, key_rank=1, value_rank=1, sink_tokens=sink_tokens,
                                head_sharing=head_sharing, method=method)
@@ -82,17 +103,19 @@ def plan(
     else:
         budget = kv_budget if kv_budget is not None else Recipe(
             window=window, key_rank=key_rank, value_rank=value_rank, sink_tokens=sink_tokens,
-            head_sharing=head_sharing, method=method, context=context).calibrated_budget(shape)
+            head_sharing=head_sharing, method=method, context=context).calibrated_budget(shape, itemsizes)
         ranks = rank_grid(layout.group_dim)
         errors = measure_all(stats, fits, windows=WINDOWS, ranks=ranks, sink_tokens=sink_tokens,
                              progress=progress)
         settings = calibrated(errors, windows=WINDOWS, ranks=ranks, groups=groups,
                               full_per_token=shape.slot_elems, context=context, sink_tokens=sink_tokens,
-                              budget=budget, block_size=PRICED_BLOCK_SIZE)
+                              budget=budget, block_size=PRICED_BLOCK_SIZE, itemsizes=itemsizes)
+    extra = {"schedule": schedule}
+    if kv_cache_dtype != "auto":  # informational: what the bytes were priced for (serving reads nothing here)
+        extra["priced_for"] = {"kv_cache_dtype": kv_cache_dtype, "dtype": dtype}
     cfg = DarConfig(shape=shape, window=tuple(s.window for s in settings),
                     key_rank=tuple(s.key_rank for s in settings), value_rank=tuple(s.value_rank for s in settings),
-                    sink_tokens=sink_tokens, head_sharing=head_sharing, method=method,
-                    extra={"schedule": schedule})
+                    sink_tokens=sink_tokens, head_sharing=head_sharing, method=method, extra=extra)
     projections = [f.at(s.key_rank, s.value_rank) for f, s in zip(fits, settings)]
     if method == "fit":
         projections = _refine(projections, stats, settings, sink_tokens=sink_tokens, steps=fit_steps,

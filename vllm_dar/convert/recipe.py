@@ -68,17 +68,18 @@ class Recipe:
         defaults = {f.name: f.default for f in fields(Recipe)}
         return {f: getattr(self, f) for f in UNIFORM_FIELDS if getattr(self, f) != defaults[f]}
 
-    def calibrated_budget(self, shape: ModelShape) -> float:
+    def calibrated_budget(self, shape: ModelShape, itemsizes: tuple[int, int] = (1, 1)) -> float:
         """The fraction of the stock KV bytes at ``context`` the calibrated schedule spends, counted as
-        ``DarConfig.reserved_fraction``: ``kv_budget``; else the bytes of the uniform setting, if one was given;
-        else ``DEFAULT_KV_BUDGET``."""
+        ``DarConfig.reserved_fraction`` (at the caches' element sizes ``itemsizes``, ``plan``'s prices):
+        ``kv_budget``; else the bytes of the uniform setting, if one was given; else ``DEFAULT_KV_BUDGET``."""
         if self.kv_budget is not None:
             return self.kv_budget
         if not self.given_uniform():
             return DEFAULT_KV_BUDGET
         return DarConfig.uniform(shape, window=self.window, key_rank=self.key_rank, value_rank=self.value_rank,
                                  sink_tokens=self.sink_tokens, head_sharing=self.head_sharing,
-                                 method=self.method).reserved_fraction(self.context, PRICED_BLOCK_SIZE)
+                                 method=self.method).reserved_fraction(self.context, PRICED_BLOCK_SIZE,
+                                                                       *itemsizes)
 
     def check(self, shape: ModelShape) -> None:
         """Validate against the model before any work (errors name the field): the uniform setting where it is

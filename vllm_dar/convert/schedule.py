@@ -5,7 +5,8 @@
   from ``(1 + slope) r`` at the bottom to ``(1 - slope) r`` at the top, same total bytes as uniform.
 * ``calibrated``: choose each layer's (window, rk, rv) to minimise the summed, measured error of the layers'
   attention outputs (after ``o_proj``) under a KV byte budget (convert prices windows as vLLM reserves them:
-  ``DarConfig.reserved_fraction``; ranks from ``rank_grid``, kernel-friendly). A multiple-choice knapsack solved
+  ``DarConfig.reserved_fraction``, at the caches' element sizes as served; ranks from ``rank_grid``,
+  kernel-friendly). A multiple-choice knapsack solved
   by its Lagrangian: for a price ``lam`` per byte each layer picks ``argmin err + lam * bytes`` and ``lam`` is
   bisected to the budget.
   Key and value errors are measured separately (the other side at full width) and added, which keeps the search
@@ -114,22 +115,28 @@ def layer_errors(sample: tuple[Tensor, Tensor, Tensor], wo: Tensor, fit: LayerFi
 
 
 def calibrated(errors: list[tuple[Tensor, Tensor]], *, windows, ranks, groups: int, full_per_token: int,
-               context: int, sink_tokens: int, budget: float, block_size: int | None = None) -> list[Setting]:
-    """Lagrangian allocation under ``budget`` (fraction of the full KV bytes at ``context``).
+               context: int, sink_tokens: int, budget: float, block_size: int | None = None,
+               itemsizes: tuple[int, int] = (1, 1)) -> list[Setting]:
+    """Lagrangian allocation under ``budget`` (fraction of the full KV bytes at ``context``, full attention's
+    cache in the window cache's dtype).
 
     Bytes are counted as the caches hold them (``kv_fraction``: reduced K/V for every token, full-width window
     and sinks) or, with ``block_size``, as they reserve them at that window block size (``reserved_fraction``):
     each window block-rounded with two tails, each layer's far cache in whole pages of a window page's bytes, so a
-    rank pair whose ``groups * (rk + rv)`` pads its pages costs the padding.
+    rank pair whose ``groups * (rk + rv)`` pads its pages costs the padding. ``itemsizes``: bytes per element of
+    (the window cache, the far cache) as served (``Recipe.itemsizes``): an FP8 far cache beside a 16-bit window
+    makes a far element cost half a window element, so the search buys rank where it would buy window.
     """
     r = torch.tensor(ranks, dtype=torch.int64)
+    w_size, f_size = itemsizes
     if block_size is None:
         slots = [min(context, w + sink_tokens) for w in windows]
-        pair_cost = (groups * (r[:, None] + r[None, :])).double()  # [R, R] elems per token
+        pair_cost = (groups * (r[:, None] + r[None, :])).double() * f_size / w_size  # [R, R] elems per token
     else:
         slots = [min(context, block_size * window_cache_blocks(w, sink_tokens, block_size, RESERVED_TAILS))
                  for w in windows]
-        pair_cost = torch.tensor([[reserved_far_elems(context, block_size, full_per_token, groups * (a + b)) / context
+        pair_cost = torch.tensor([[reserved_far_elems(context, block_size, full_per_token, groups * (a + b),
+                                                      w_size, f_size) / context
                                    for b in ranks] for a in ranks], dtype=torch.float64)
     win_cost = torch.tensor(slots, dtype=torch.float64) * full_per_token / context  # [W] per-token elems
     num_ranks = len(ranks)

@@ -35,9 +35,9 @@ Run (a few minutes per model on 2 cores; ``--quick``: 1024-token prompts, 8 requ
         [--max-num-batched-tokens N] [--engines stock,dar,stock-fp8,dar-fp8]
     # FP8 next to the others: a cache that four 4K requests of dar-fp8 fill, for 24 requests
     python benchmarks/capacity.py --engines stock,stock-fp8,dar,dar-fp8 --kv-gib 0.25 --requests 24 --json
-    # the byte model only (every layout, fp32 and bf16; no engine): seconds; --dar-fp8: a conversion priced
-    # for an FP8 far cache (vllm-dar convert --kv-cache-dtype fp8) in the FP8 rows
-    python benchmarks/capacity.py --theory [--dar-fp8 models/smollm2-135m-dar-fp8]
+    # the byte model only (every layout, fp32 and bf16; no engine): seconds; --dar-fp8: another conversion in
+    # the FP8 rows (the README's 4K conversion: vllm-dar convert ... --context 4096 --kv-budget 0.295)
+    python benchmarks/capacity.py --theory [--dar-fp8 models/smollm2-135m-dar-4k]
 """
 from __future__ import annotations
 
@@ -210,7 +210,8 @@ def main() -> None:
     p.add_argument("--engines", default="stock,dar", help=f"comma-separated, of {', '.join(ENGINES)}")
     p.add_argument("--dar-fp8", default=None, metavar="DIR",
                    help="the DAR checkpoint the dar-fp8 engines (and --theory's FP8 rows) serve, e.g. one converted "
-                        "with `vllm-dar convert --kv-cache-dtype fp8` (default: --dar)")
+                        "for 4K FP8 serving (README, FP8 KV caches); ratios to dar then compare two conversions "
+                        "(default: --dar)")
     p.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)  # set per engine by spawn
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=4096)

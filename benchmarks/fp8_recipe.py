@@ -11,16 +11,18 @@ windows of ``--eval-context`` tokens, with its bytes per token at ``--eval-conte
 
 ``recipe``           ``vllm-dar convert``'s defaults (calibrated and priced at 2048 tokens), also scored without
                      FP8: the "DAR alone" of the targets;
-``fp8-bf16``         ``--context 4096 --kv-cache-dtype fp8 --kv-budget 0.185``: calibrated at 4096 tokens and
-                     priced for an FP8 far cache beside a bf16 window;
-``plain-4096``       ``--context 4096 --kv-budget 0.295``: the same context, far elements priced as window ones;
-``fp8-fp32``         ``--context 4096 --kv-cache-dtype fp8 --dtype float32 --kv-budget 0.11``: priced for an fp32
-                     window.
+``plain-4096``       ``vllm-dar convert --context 4096 --kv-budget 0.295``: calibrated and priced at 4096 tokens;
+``fp8-bf16``         the same context, budget 0.185, priced for an FP8 far cache beside a bf16 window
+                     (``plan(kv_cache_dtype="fp8", dtype="bfloat16")``, ``vllm_dar.convert.priced_itemsizes``;
+                     not a ``convert`` option);
+``fp8-fp32``         the same, budget 0.11, priced beside an fp32 window (``dtype="float32"``).
+
+The model is the fp32 source (``VLLM_DAR_MODEL``): window and arithmetic in fp32, only the far cache rounded.
 
 The budgets were chosen on the byte model to land a little under 3,300 bytes per token in bf16 (1.8x fewer than
-the recipe's 5,958) or 3,800 in fp32 (3x fewer than stock FP8's 11,520). Run (about 20 minutes here)::
+the recipe's 5,958) or 3,800 in fp32 (3x fewer than stock FP8's 11,520). Run::
 
-    python benchmarks/fp8_recipe.py --json > benchmarks/results/fp8_recipe.json
+    python benchmarks/fp8_recipe.py --json > benchmarks/results/fp8_recipe.json   # about 17 minutes here
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from vllm_dar.evaluate import perplexity
 from vllm_dar.hf import model_shape
 from vllm_dar.kv_dtype import KV_CACHE_DTYPES
 
-# name -> (calibration and budget context, convert's --kv-cache-dtype, --dtype, --kv-budget (None: default))
+# name -> (calibration and budget context, plan's kv_cache_dtype and dtype (the prices), kv_budget (None: default))
 ROWS = {"recipe": (2048, "auto", "bfloat16", None),
         "fp8-bf16": (4096, "fp8", "bfloat16", 0.185),
         "plain-4096": (4096, "auto", "bfloat16", 0.295),

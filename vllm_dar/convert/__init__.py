@@ -79,7 +79,7 @@ def plan(
     mean (``pyramid``); for ``calibrated`` with ``kv_budget`` None, ``Recipe.calibrated_budget`` reads them.
     ``kv_cache_dtype`` and ``dtype``: the served layout whose bytes the calibrated schedule prices
     (``priced_itemsizes``; ``benchmarks/fp8_recipe.py`` compares conversions priced for an FP8 far cache with
-    plain ones, which did better at the same served bytes: not a ``convert`` option).
+    plainly priced ones; plain pricing did better at the same served bytes, so ``convert`` has no such option).
     """
     if schedule not in SCHEDULES:
         raise DarConfigError(f"--schedule: {schedule!r} is not one of {SCHEDULES}")
@@ -111,7 +111,7 @@ def plan(
                               full_per_token=shape.slot_elems, context=context, sink_tokens=sink_tokens,
                               budget=budget, block_size=PRICED_BLOCK_SIZE, itemsizes=itemsizes)
     extra = {"schedule": schedule}
-    if kv_cache_dtype != "auto":  # informational: what the bytes were priced for (serving reads nothing here)
+    if kv_cache_dtype != "auto" and schedule == "calibrated":  # informational (serving reads nothing here)
         extra["priced_for"] = {"kv_cache_dtype": kv_cache_dtype, "dtype": dtype}
     cfg = DarConfig(shape=shape, window=tuple(s.window for s in settings),
                     key_rank=tuple(s.key_rank for s in settings), value_rank=tuple(s.value_rank for s in settings),

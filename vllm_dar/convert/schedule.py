@@ -49,7 +49,8 @@ def rank_grid(group_dim: int) -> list[int]:
 
 def cheapest(shape: ModelShape, *, sink_tokens: int, head_sharing: str) -> DarConfig:
     """The smallest setting the calibrated search can reach: its narrowest window and lowest ranks in every layer.
-    Its ``reserved_fraction`` is the lowest budget the search accepts."""
+    Its ``reserved_fraction`` (at the prices used, the model dtype's for ``convert``) is the lowest budget the
+    search accepts."""
     width = DarConfig.uniform(shape, window=0, key_rank=1, value_rank=1, head_sharing=head_sharing).group_dim
     r = rank_grid(width)[0]
     return DarConfig.uniform(shape, window=min(WINDOWS), key_rank=r, value_rank=r, sink_tokens=sink_tokens,
@@ -124,8 +125,9 @@ def calibrated(errors: list[tuple[Tensor, Tensor]], *, windows, ranks, groups: i
     and sinks) or, with ``block_size``, as they reserve them at that window block size (``reserved_fraction``):
     each window block-rounded with two tails, each layer's far cache in whole pages of a window page's bytes, so a
     rank pair whose ``groups * (rk + rv)`` pads its pages costs the padding. ``itemsizes``: bytes per element of
-    (the window cache, the far cache) as served (``Recipe.itemsizes``): an FP8 far cache beside a 16-bit window
-    makes a far element cost half a window element, so the search buys rank where it would buy window.
+    (the window cache, the far cache) as served (``vllm_dar.convert.priced_itemsizes``; (1, 1): the model dtype
+    for both): an FP8 far cache beside a 16-bit window makes a far element cost half a window element (held or
+    reserved), so the search buys rank where it would buy window.
     """
     r = torch.tensor(ranks, dtype=torch.int64)
     w_size, f_size = itemsizes
